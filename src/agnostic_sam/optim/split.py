@@ -1,0 +1,42 @@
+"""Splitting a mini-batch B into B^t and B^v on the fly (Algorithm 1, Sec. 5.1)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["split_batch", "split_sizes"]
+
+
+def split_sizes(batch_size: int, ratio: float) -> tuple[int, int]:
+    """(|B^t|, |B^v|) with |B^t| = round(ratio * |B|); ValueError when either would be empty."""
+    if not isinstance(ratio, (int, float)) or not 0.0 < ratio < 1.0:
+        raise ValueError(f"invalid split ratio {ratio!r}: must be in (0, 1)")
+    n_t = round(ratio * batch_size)
+    if n_t < 1 or n_t > batch_size - 1:
+        raise ValueError(
+            f"a batch of {batch_size} is too small to split with ratio {ratio}: "
+            f"|B^t|={n_t}, |B^v|={batch_size - n_t}; both must be >= 1"
+        )
+    return n_t, batch_size - n_t
+
+
+def split_batch(
+    inputs: Tensor,
+    targets: Tensor,
+    ratio: float = 0.7,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Randomly split a mini-batch into (x_t, y_t, x_v, y_v), |B^t| = round(ratio * |B|).
+
+    The permutation is drawn from `generator` (on its device; CPU by default), so a seeded
+    generator makes the split reproducible and its state can be checkpointed.
+    """
+    n = inputs.shape[0]
+    if targets.shape[0] != n:
+        raise ValueError(f"inputs and targets differ in batch size: {n} vs {targets.shape[0]}")
+    n_t, _ = split_sizes(n, ratio)
+    device = generator.device if generator is not None else torch.device("cpu")
+    perm = torch.randperm(n, generator=generator, device=device).to(inputs.device)
+    idx_t, idx_v = perm[:n_t], perm[n_t:]
+    return inputs[idx_t], targets[idx_t.to(targets.device)], inputs[idx_v], targets[idx_v.to(targets.device)]
