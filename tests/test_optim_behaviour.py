@@ -10,7 +10,6 @@ from torch import nn
 
 from agnostic_sam import SAM, AgnosticSAM, LossScaler, split_batch, split_sizes
 
-
 # ---- closed form on a quadratic ---------------------------------------------------------------
 
 class Quadratic(nn.Module):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from typing import NoReturn
 
 from agnostic_sam.errors import UsageError
 
@@ -15,12 +16,22 @@ __all__ = ["main"]
 COMMANDS = ["train", "compare", "reproduce", "analysis", "bench"]
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (`prog: error: ...`) and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="agnostic-sam",
         description="Agnostic Sharpness-Aware Minimization: train, compare, reproduce, analyse.",
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = parser.add_subparsers(
+        dest="command", metavar="COMMAND", required=True, parser_class=OneLineParser
+    )
     for name in COMMANDS:
         try:
             module = importlib.import_module(f"agnostic_sam.cli.{name}")

@@ -1,0 +1,58 @@
+"""`agnostic-sam reproduce TABLE`: train a paper table's runs and report them next to the paper."""
+
+from __future__ import annotations
+
+import argparse
+
+from agnostic_sam.reproduce.tables import TABLES
+
+__all__ = ["register", "run"]
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seeds takes comma-separated integers, got {text!r}") from None
+    if not seeds:
+        raise argparse.ArgumentTypeError("--seeds needs at least one seed")
+    return seeds
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "reproduce",
+        help="reproduce a table or figure of the paper and report ours next to the paper's",
+        description=(
+            "Train every run of a paper table (configs shipped in agnostic_sam/reproduce/configs), "
+            "skipping finished runs and resuming partial ones, then write report.md and report.json "
+            "with the paper's number, ours (mean ± std, n), the difference and seconds per epoch."
+        ),
+    )
+    p.add_argument("table", choices=(*TABLES, "all"), help="which table or figure (all: every one)")
+    p.add_argument("--out", default="runs/reproduce", help="output folder (default: runs/reproduce)")
+    p.add_argument("--data-dir", default=None, help="folder holding the data sets")
+    p.add_argument("--download", action="store_true", help="let torchvision fetch missing data sets")
+    p.add_argument("--seeds", type=_seeds, default=None, metavar="S1,S2,..",
+                   help="replace every config's seeds (e.g. 0 for a single-seed pass)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--dry-run", action="store_true",
+                      help="list the runs with epochs, steps per epoch and total steps; train nothing")
+    mode.add_argument("--report-only", action="store_true",
+                      help="write the report from the runs already in --out; train nothing")
+    p.add_argument("--smoke", action="store_true",
+                   help="every run for 2 steps: *_mini models on synthetic data of the real shapes")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from agnostic_sam.reproduce import reproduce
+
+    reproduce(
+        args.table, out=args.out, data_dir=args.data_dir, download=args.download, seeds=args.seeds,
+        smoke=args.smoke, device=args.device, dry_run=args.dry_run, report_only=args.report_only,
+        progress=args.progress and not args.smoke,
+    )
+    return 0

@@ -1,0 +1,133 @@
+"""`agnostic-sam train [--config FILE.yaml] [flags]`: one training run (see agnostic_sam.train).
+
+Precedence: TrainConfig defaults < the YAML file < flags given on the command line. Flags that
+are not given leave the YAML value alone (every flag defaults to argparse.SUPPRESS). With
+`--resume`, the run directory's saved config.yaml is the base under the YAML file and the flags,
+so `agnostic-sam train --out DIR --resume` continues a run as it was started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from agnostic_sam.errors import UsageError
+from agnostic_sam.train.config import TrainConfig, load_config
+
+__all__ = ["register", "run", "add_train_arguments", "config_from_args", "overrides_from_args"]
+
+_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add every TrainConfig flag (plus --config) to `parser`; none sets a default."""
+    S = argparse.SUPPRESS
+    d = TrainConfig()
+    add = parser.add_argument
+    on_off = argparse.BooleanOptionalAction
+    add("--config", default=None, metavar="FILE.yaml", help="YAML file of TrainConfig keys")
+    g = parser.add_argument_group("data")
+    g.add_argument("--dataset", default=S, help=f"data set name (default {d.dataset})")
+    g.add_argument("--data-dir", default=S, help="folder holding the data sets")
+    g.add_argument("--download", action=on_off, default=S, help="fetch missing data (needs a network)")
+    g.add_argument("--noise-rate", type=float, default=S, help="symmetric label noise in [0, 1)")
+    g.add_argument("--val-fraction", type=float, default=S,
+                   help="evaluate on this held-out fraction of the training set instead of test")
+    g.add_argument("--image-size", type=int, default=S, help="image side in pixels")
+    g.add_argument("--num-classes", type=int, default=S, help="synthetic data only: class count")
+    g.add_argument("--train-size", type=int, default=S, help="synthetic data only: training examples")
+    g.add_argument("--test-size", type=int, default=S, help="synthetic data only: test examples")
+    g = parser.add_argument_group("model")
+    g.add_argument("--model", default=S, help=f"model name (default {d.model})")
+    g.add_argument("--weights", default=S, help="pretrained weights file")
+    g = parser.add_argument_group("optimizer")
+    g.add_argument("--optimizer", default=S,
+                   help=f"sgd, sam, agnostic-sam or agnostic-sam-simpler (default {d.optimizer})")
+    g.add_argument("--epochs", type=int, default=S, help=f"default {d.epochs}")
+    g.add_argument("--batch-size", type=int, default=S, help=f"|B| (default {d.batch_size})")
+    g.add_argument("--lr", type=float, default=S, help=f"peak lr of the cosine schedule (default {d.lr})")
+    g.add_argument("--momentum", type=float, default=S, help=f"default {d.momentum}")
+    g.add_argument("--weight-decay", type=float, default=S, help=f"default {d.weight_decay}")
+    g.add_argument("--nesterov", action=on_off, default=S)
+    g.add_argument("--label-smoothing", type=float, default=S, help=f"default {d.label_smoothing}")
+    g.add_argument("--rho", type=float, default=S, help=f"SAM radius (default {d.rho})")
+    g.add_argument("--rho1", type=float, default=S, help=f"Agnostic-SAM B^t radius (default {d.rho1})")
+    g.add_argument("--rho2", type=float, default=S, help=f"Agnostic-SAM B^v radius (default {d.rho2})")
+    g.add_argument("--adaptive", action=on_off, default=S, help="ASAM scale-invariant radius")
+    g.add_argument("--split-ratio", type=float, default=S, help=f"r = |B^t|/|B| (default {d.split_ratio})")
+    g.add_argument("--split", default=S, help="batch (split each batch) or fixed (split the data once)")
+    g.add_argument("--perturbation", default=S, help="local or synced (DDP ascent passes)")
+    g = parser.add_argument_group("run")
+    g.add_argument("--seed", type=int, default=S, help=f"default {d.seed}")
+    g.add_argument("--device", default=S, help="auto, cpu, cuda, cuda:N or mps")
+    g.add_argument("--workers", type=int, default=S, help="DataLoader worker processes")
+    g.add_argument("--threads", type=int, default=S, help="torch CPU threads")
+    g.add_argument("--out", default=S, help="run directory (default runs/<dataset>-<model>-<optimizer>-seed<seed>)")
+    g.add_argument("--resume", action="store_true", default=S, help="continue from --out/checkpoint.pt")
+    g.add_argument("--amp", default=S, help="none, bf16 or fp16")
+    g.add_argument("--compile", action=on_off, default=S, help="torch.compile the model")
+    g.add_argument("--channels-last", action=on_off, default=S)
+    g.add_argument("--no-check-finite", dest="check_finite", action="store_false", default=S,
+                   help="do not skip steps with non-finite gradients (a diverged epoch then stops the run)")
+    g.add_argument("--sync-bn", action=on_off, default=S, help="SyncBatchNorm under DDP")
+    g.add_argument("--accumulate", type=int, default=S, help="micro-batches per closure pass")
+    g.add_argument("--max-steps", type=int, default=S, help="stop after this many optimizer steps")
+    g.add_argument("--no-progress", dest="progress", action="store_false", default=S)
+
+
+def _saved_config(out: str | None) -> dict[str, Any] | None:
+    path = Path(out) / "config.yaml" if out else None
+    if path is None or not path.is_file():
+        return None
+    try:
+        saved = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        raise UsageError(f"--resume: cannot read {path}") from None
+    if not isinstance(saved, dict):
+        raise UsageError(f"--resume: {path} is not a config mapping")
+    return saved
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The TrainConfig keys given on the command line (flags not given are absent)."""
+    return {key: value for key, value in vars(args).items() if key in _FIELDS}
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """TrainConfig from defaults < (saved config.yaml when resuming) < --config < given flags."""
+    overrides = overrides_from_args(args)
+    config_file = getattr(args, "config", None)
+    cfg = load_config(config_file, overrides)
+    if cfg.resume:
+        saved = _saved_config(cfg.out)
+        if saved is not None:
+            cfg = load_config(config_file, overrides, base=saved)
+            cfg.resume = True
+    return cfg
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "train",
+        help="train one model (SGD, SAM or Agnostic-SAM)",
+        description="Train one run; writes config.yaml, metrics.jsonl, checkpoint.pt and "
+        "result.json to --out. Flags override --config; --resume continues a run exactly.",
+    )
+    add_train_arguments(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from agnostic_sam.train.loop import train
+
+    cfg = config_from_args(args)
+    result = train(cfg)
+    print(
+        f"{cfg.out}: final {result['eval_split']} acc {result['final_test_acc']:.2f}%  "
+        f"best {result['best_test_acc']:.2f}%  ({result['steps']} steps, {result['total_seconds']:.1f}s)"
+    )
+    return 0

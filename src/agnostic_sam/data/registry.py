@@ -1,0 +1,197 @@
+"""Dataset registry and ``build_data``: one entry per data set, a uniform builder signature.
+
+A builder receives a ``DataRequest`` and returns a ``Source``: the training split *without*
+transforms, its clean labels, the transforms, and a callable that opens the test split. The
+common steps (held-out validation part, label noise, views) live here, once, so every data set
+gets them the same way.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from agnostic_sam.data.noise import symmetric_label_noise
+from agnostic_sam.data.split import stratified_holdout
+from agnostic_sam.data.views import make_view
+from agnostic_sam.errors import UsageError
+
+__all__ = [
+    "DATASETS",
+    "DataBundle",
+    "DataRequest",
+    "DatasetSpec",
+    "Source",
+    "build_data",
+    "default_data_dir",
+    "list_datasets",
+    "register_dataset",
+]
+
+# The held-out validation part is the same for every method and run seed.
+HOLDOUT_SEED = 0
+
+
+def default_data_dir() -> Path:
+    """``$AGNOSTIC_SAM_DATA`` if set, else ``~/.cache/agnostic-sam/data``."""
+    env = os.environ.get("AGNOSTIC_SAM_DATA")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "agnostic-sam" / "data"
+
+
+@dataclass(frozen=True)
+class DataRequest:
+    """What ``build_data`` passes to a builder. ``None`` means "the data set's default"."""
+
+    root: Path
+    download: bool = False
+    seed: int = 0
+    image_size: int | None = None
+    num_classes: int | None = None
+    in_channels: int | None = None
+    train_size: int | None = None
+    test_size: int | None = None
+
+
+@dataclass
+class Source:
+    """A builder's answer. ``load_test`` is only called when the real test split is wanted."""
+
+    train: Dataset  # training split, samples untransformed (PIL images or tensors)
+    train_targets: torch.Tensor  # LongTensor (N,), clean labels of ``train``
+    load_test: Callable[[], Dataset]  # opens the test split, samples untransformed
+    num_classes: int
+    in_channels: int
+    image_size: int  # side of the (square) tensors the transforms produce
+    train_transform: Callable[[Any], Any] | None = None
+    eval_transform: Callable[[Any], Any] | None = None
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A registry entry. ``files`` names the on-disk layout for the "data not found" message."""
+
+    name: str
+    builder: Callable[[DataRequest], Source]
+    description: str = ""
+    files: str = ""
+    # Options of DataRequest this builder reads besides root/download/seed/image_size.
+    options: tuple[str, ...] = ()
+
+
+@dataclass
+class DataBundle:
+    """The data of one run.
+
+    ``train`` yields ``(float tensor (C, H, W), int label)`` with training augmentation and the
+    (possibly noisy) labels ``train_targets``; ``test`` yields eval-transformed samples with
+    clean labels (the real test split, or the held-out part when ``val_fraction > 0``).
+    """
+
+    name: str
+    train: Dataset
+    test: Dataset
+    num_classes: int
+    in_channels: int
+    image_size: int
+    train_targets: torch.Tensor  # LongTensor (len(train),), labels used for training
+    clean_train_targets: torch.Tensor  # LongTensor (len(train),), before label noise
+    noise_rate_realized: float = 0.0
+    holdout: bool = False  # True: ``test`` is the held-out part of the training split
+
+
+DATASETS: dict[str, DatasetSpec] = {}
+
+
+def register_dataset(
+    name: str, *, description: str = "", files: str = "", options: tuple[str, ...] = ()
+) -> Callable[[Callable[[DataRequest], Source]], Callable[[DataRequest], Source]]:
+    """Decorator adding ``builder(request) -> Source`` to ``DATASETS`` under ``name``."""
+
+    def add(builder: Callable[[DataRequest], Source]) -> Callable[[DataRequest], Source]:
+        if name in DATASETS:
+            raise ValueError(f"dataset {name!r} is already registered")
+        DATASETS[name] = DatasetSpec(name, builder, description, files, options)
+        return builder
+
+    return add
+
+
+def list_datasets() -> list[str]:
+    """Registered data set names, sorted."""
+    return sorted(DATASETS)
+
+
+def _check_positive(name: str, value: int | None) -> None:
+    if value is not None and (int(value) != value or value < 1):
+        raise UsageError(f"{name} must be a positive integer, got {value!r}")
+
+
+def build_data(
+    name: str,
+    *,
+    data_dir: str | os.PathLike[str] | None = None,
+    download: bool = False,
+    noise_rate: float = 0.0,
+    seed: int = 0,
+    val_fraction: float = 0.0,
+    image_size: int | None = None,
+    num_classes: int | None = None,
+    in_channels: int | None = None,
+    train_size: int | None = None,
+    test_size: int | None = None,
+) -> DataBundle:
+    """Build the train/test data of data set ``name``.
+
+    Args:
+        data_dir: root folder holding the data sets (None: ``default_data_dir()``).
+        download: let torchvision fetch missing files (needs a network).
+        noise_rate: symmetric label noise p in [0, 1) on the training labels, seeded by ``seed``.
+        seed: seeds the label noise and the synthetic data.
+        val_fraction: in [0, 1). When > 0, a class-stratified part of the training split chosen
+            with seed 0 (the same for every method and seed) becomes ``test`` with eval
+            transforms and clean labels; the rest is ``train``, and the real test split is never
+            opened. Label noise is applied after this split, to the remaining training part only.
+        image_size: side of the produced images (None: the data set's native/paper size).
+        num_classes, in_channels, train_size, test_size: shape of the ``synthetic`` data set;
+            other data sets reject them.
+    """
+    if name not in DATASETS:
+        raise UsageError(f"unknown dataset {name!r}; choose one of: {', '.join(list_datasets())}")
+    spec = DATASETS[name]
+    if not 0.0 <= float(noise_rate) < 1.0:
+        raise ValueError(f"noise_rate must be in [0, 1), got {noise_rate!r}")
+    if not 0.0 <= float(val_fraction) < 1.0:
+        raise UsageError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
+    extra = {"num_classes": num_classes, "in_channels": in_channels,
+             "train_size": train_size, "test_size": test_size, "image_size": image_size}
+    for key, value in extra.items():
+        _check_positive(key, value)
+        if key != "image_size" and value is not None and key not in spec.options:
+            raise UsageError(f"option {key}={value} is not used by dataset {name!r}")
+    root = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
+    request = DataRequest(root, bool(download), int(seed), image_size, num_classes,
+                          in_channels, train_size, test_size)
+    source = spec.builder(request)
+    clean = torch.as_tensor(source.train_targets, dtype=torch.long)
+
+    if val_fraction > 0:
+        keep, held = stratified_holdout(clean, val_fraction, seed=HOLDOUT_SEED)
+        test = make_view(source.train, held, source.eval_transform, clean[held])
+        clean = clean[keep]
+    else:
+        keep = None
+        test = make_view(source.load_test(), None, source.eval_transform, None)
+
+    noisy, realized = symmetric_label_noise(clean, noise_rate, source.num_classes, seed=seed)
+    train = make_view(source.train, keep, source.train_transform, noisy)
+    return DataBundle(
+        name=name, train=train, test=test, num_classes=source.num_classes,
+        in_channels=source.in_channels, image_size=source.image_size, train_targets=noisy,
+        clean_train_targets=clean, noise_rate_realized=realized, holdout=val_fraction > 0,
+    )

@@ -1,0 +1,180 @@
+r"""The reproduction report: per table cell, the paper's number next to ours.
+
+For each cell the report reads the runs that feed it (``result.json`` and ``metrics.jsonl`` in
+each run directory) and gives
+
+* ``paper``: the paper's mean (and std where the paper gives one), from ``paper_numbers.json``;
+* ``ours``: mean, sample standard deviation (ddof=1) and ``n`` over the cell's runs (seeds);
+* ``diff``: ours minus paper, in the table's unit (percentage points or minutes);
+* ``seconds_per_epoch``: mean wall-clock seconds per epoch from ``metrics.jsonl``, epochs after
+  the first when there are several (the first carries warm-up: cuDNN autotuning, data caching).
+
+A ``best_of`` cell (Table 2's SAM, best of three radii, as the paper did) groups its runs by
+method, takes each method's mean over seeds and keeps the method with the highest mean; the report
+names the chosen method. Table 6 (``metric: seconds_per_epoch``) is reported in minutes, like the
+paper; its std pools the per-epoch times of the cell's runs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from agnostic_sam.reproduce.tables import TABLES, Run
+from agnostic_sam.stats import summarize
+
+__all__ = [
+    "paper_numbers",
+    "run_values",
+    "seconds_per_epoch",
+    "build_report",
+    "render_markdown",
+    "write_report",
+]
+
+
+def paper_numbers() -> dict[str, Any]:
+    """``paper_numbers.json``: {"tables": {table: {"title", "unit", "cells": {key: {"mean", "std"?}}}}}."""
+    text = resources.files("agnostic_sam.reproduce").joinpath("paper_numbers.json").read_text()
+    return json.loads(text)
+
+
+def _read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _epoch_seconds(run_dir: Path) -> list[float]:
+    """Per-epoch seconds, dropping the first epoch when later ones exist (warm-up)."""
+    seconds = [float(row["epoch_seconds"]) for row in _read_metrics(run_dir) if "epoch_seconds" in row]
+    return seconds[1:] if len(seconds) > 1 else seconds
+
+
+def seconds_per_epoch(run_dir: str | Path) -> float | None:
+    """Mean seconds per epoch of one run (None without metrics)."""
+    seconds = _epoch_seconds(Path(run_dir))
+    return sum(seconds) / len(seconds) if seconds else None
+
+
+def run_values(run_dir: str | Path, metric: str) -> list[float]:
+    """The values one finished run contributes to its cell: ``[result[metric]]`` for a result.json
+    key, the per-epoch seconds for ``seconds_per_epoch``; ``[]`` while the run is unfinished."""
+    run_dir = Path(run_dir)
+    result_path = run_dir / "result.json"
+    if not result_path.exists():
+        return []
+    if metric == "seconds_per_epoch":
+        return _epoch_seconds(run_dir)
+    value = json.loads(result_path.read_text()).get(metric)
+    return [] if value is None else [float(value)]
+
+
+def _finite(x: float) -> float | None:
+    return None if x is None or not math.isfinite(x) else float(x)
+
+
+def _cell(runs: list[Run], runs_root: Path, paper: dict[str, Any] | None, to_unit: float) -> dict[str, Any]:
+    """Summarise the runs of one cell (all share table, cell key and metric)."""
+    metric = runs[0].metric
+    by_method: dict[str, list[Run]] = {}
+    for run in runs:
+        by_method.setdefault(run.method, []).append(run)
+    candidates = []
+    for method, members in by_method.items():
+        values, done = [], 0
+        for run in members:
+            v = run_values(runs_root / run.run_id, metric)
+            done += bool(v)
+            values.extend(x * to_unit for x in v)
+        candidates.append((method, members, values, done))
+    # best_of: the method with the highest mean (accuracy); a single method otherwise
+    scored = [c for c in candidates if c[2]]
+    if scored:
+        method, members, values, done = max(scored, key=lambda c: sum(c[2]) / len(c[2]))
+    else:
+        method, members, values, done = candidates[0]
+    summary = summarize(values) if values else None
+    spe = [s for s in (seconds_per_epoch(runs_root / r.run_id) for r in members) if s is not None]
+    paper_mean = paper.get("mean") if paper else None
+    ours_mean = _finite(summary.mean) if summary else None
+    return {
+        "cell": runs[0].cell,
+        "method": method if len(by_method) > 1 else None,
+        "paper": {"mean": paper_mean, "std": paper.get("std") if paper else None},
+        "ours": {
+            "mean": ours_mean,
+            "std": _finite(summary.std) if summary else None,
+            "n": done,
+            "expected": len(members),
+        },
+        "diff": None if paper_mean is None or ours_mean is None else ours_mean - paper_mean,
+        "seconds_per_epoch": sum(spe) / len(spe) if spe else None,
+        "runs": [r.run_id for r in members],
+    }
+
+
+def build_report(runs: list[Run], runs_root: str | Path, paper: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The report as a dict: {"tables": {table: {"title", "unit", "metric", "cells": [cell, ...]}}}.
+
+    ``runs`` are the planned runs (``plan``); ``runs_root`` holds their directories by run id.
+    Cells keep plan order; a cell whose runs have not finished has ``ours.mean = None``.
+    """
+    runs_root = Path(runs_root)
+    paper = paper if paper is not None else paper_numbers()
+    grouped: dict[str, dict[str, list[Run]]] = {}
+    for run in runs:
+        grouped.setdefault(run.table, {}).setdefault(run.cell, []).append(run)
+    tables: dict[str, Any] = {}
+    for table in sorted(grouped, key=TABLES.index):
+        info = paper["tables"].get(table, {})
+        unit = info.get("unit", "percent")
+        # Table 6: our seconds become minutes, the paper's unit
+        to_unit = 1 / 60 if unit == "minutes" else 1.0
+        cells = [
+            _cell(cell_runs, runs_root, info.get("cells", {}).get(key), to_unit)
+            for key, cell_runs in grouped[table].items()
+        ]
+        tables[table] = {"title": info.get("title", table), "unit": unit, "note": info.get("note"),
+                         "metric": next(iter(grouped[table].values()))[0].metric, "cells": cells}
+    return {"tables": tables}
+
+
+def _fmt(mean: float | None, std: float | None, digits: int = 2) -> str:
+    if mean is None:
+        return "n/a"
+    return f"{mean:.{digits}f}" if std is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """One Markdown table per paper table: cell | paper | ours (n) | diff | s/epoch."""
+    lines = ["# Agnostic-SAM reproduction report", ""]
+    for table in report["tables"].values():
+        unit = "minutes per epoch" if table["unit"] == "minutes" else "test accuracy, %"
+        lines += [f"## {table['title']}", "", f"Unit: {unit}; metric: `{table['metric']}`.", ""]
+        if table.get("note"):
+            lines += [f"Note: {table['note']}", ""]
+        lines += ["| cell | paper | ours | n | ours − paper | s/epoch |", "|---|---|---|---|---|---|"]
+        for c in table["cells"]:
+            name = c["cell"] + (f" (best: {c['method']})" if c["method"] else "")
+            n = f"{c['ours']['n']}/{c['ours']['expected']}"
+            diff = "n/a" if c["diff"] is None else f"{c['diff']:+.2f}"
+            spe = "n/a" if c["seconds_per_epoch"] is None else f"{c['seconds_per_epoch']:.1f}"
+            lines.append(f"| {name} | {_fmt(**c['paper'])} | {_fmt(c['ours']['mean'], c['ours']['std'])} "
+                         f"| {n} | {diff} | {spe} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_report(report: dict[str, Any], out_dir: str | Path) -> tuple[Path, Path]:
+    """Write ``report.md`` and ``report.json`` into ``out_dir``; return their paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md, js = out_dir / "report.md", out_dir / "report.json"
+    md.write_text(render_markdown(report))
+    js.write_text(json.dumps(report, indent=2) + "\n")
+    return md, js

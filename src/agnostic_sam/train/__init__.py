@@ -1,0 +1,44 @@
+"""Training: the typed run config, the loop, and atomic checkpoints.
+
+    from agnostic_sam.train import load_config, train
+    result = train(load_config("configs/demo.yaml", {"epochs": 5}))
+
+The loop (which imports the data, model and optimizer packages) loads on first use, so reading
+a config or a checkpoint stays light.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from agnostic_sam.train.checkpoint import load_checkpoint, save_checkpoint
+from agnostic_sam.train.config import (
+    OPTIMIZERS,
+    TrainConfig,
+    load_config,
+    save_config,
+    validate_config,
+)
+
+__all__ = [
+    "OPTIMIZERS",
+    "TrainConfig",
+    "load_checkpoint",
+    "load_config",
+    "load_trained",
+    "resolve_device",
+    "save_checkpoint",
+    "save_config",
+    "train",
+    "validate_config",
+]
+
+_LOOP_NAMES = ("train", "load_trained", "resolve_device")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LOOP_NAMES:
+        from agnostic_sam.train import loop
+
+        return getattr(loop, name)
+    raise AttributeError(f"module 'agnostic_sam.train' has no attribute {name!r}")
