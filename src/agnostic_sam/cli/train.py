@@ -122,10 +122,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from agnostic_sam.train.distributed import launch_rank
     from agnostic_sam.train.loop import train
 
     cfg = config_from_args(args)
     result = train(cfg)
+    if launch_rank() != 0:  # under torchrun, rank 0 reports for all
+        return 0
     print(
         f"{cfg.out}: final {result['eval_split']} acc {result['final_test_acc']:.2f}%  "
         f"best {result['best_test_acc']:.2f}%  ({result['steps']} steps, {result['total_seconds']:.1f}s)"

@@ -257,20 +257,27 @@ class SharpnessOptimizer(torch.optim.Optimizer):
         check_finite=False and there is no loss scaler).
         """
         F.copy_(params, theta, foreach)
+        if self.loss_scaler is None and not self.check_finite:
+            self.stats["skipped"] = torch.zeros((), device=check[0].device)
+            self.base_optimizer.step()
+            return
+        # 1.0 where a pass's gradient norm is inf/NaN. Under DDP with local perturbations the
+        # ranks still agree: a non-finite ascent gradient on one rank makes its perturbed
+        # weights, hence its final gradient, non-finite, and the all-reduce spreads that.
+        bad = (~torch.isfinite(torch.stack(check))).to(torch.float32)
         if self.loss_scaler is not None:
-            found_inf = F.any_nonfinite(check)
+            found_inf = bad.amax() > 0
             self.loss_scaler.update(found_inf)
             self.stats["skipped"] = found_inf.to(torch.float32)
             if not bool(found_inf):  # the one sync: GradScaler makes the same one
                 self.base_optimizer.step()
             return
         self.stats["skipped"] = torch.zeros((), device=check[0].device)
-        if self.check_finite:
-            finite = torch.isfinite(torch.stack(check)).tolist()  # the one sync
-            if not all(finite):
-                bad = pass_names[finite.index(False)]
-                raise FloatingPointError(
-                    f"non-finite gradient in the pass {bad}; the step was skipped, parameters are "
-                    f"back at theta and the base optimizer's state is untouched"
-                )
+        flags = bad.tolist()  # the one sync
+        if any(flags):
+            name = pass_names[next(i for i, f in enumerate(flags) if f)]
+            raise FloatingPointError(
+                f"non-finite gradient in the pass {name}; the step was skipped, parameters are "
+                f"back at theta and the base optimizer's state is untouched"
+            )
         self.base_optimizer.step()
