@@ -48,32 +48,39 @@ def _step(kind, model, opt, x, y):
         opt.step(_closure(model, opt, x[:11], y[:11]), _closure(model, opt, x[11:], y[11:]))
 
 
-def _syncs_in_one_step(kind: str, **kw) -> int:
+def _syncs_per_step(kind: str, **kw) -> int:
+    """Host syncs in one step, in the steady state: the fewest over three measured steps, so a
+    one-off lazy initialization in the process (seen once, in whichever test runs first) does
+    not count, while a sync in the step's own code shows in every step."""
     model = _model()
     opt = _optimizer(kind, model, **kw)
     x = torch.randn(16, 3, 8, 8, device="cuda")
     y = torch.randint(0, 5, (16,), device="cuda")
-    _step(kind, model, opt, x, y)  # warm-up: lazy state and allocations
+    for _ in range(2):  # warm-up: lazy state (momentum buffers), allocations, library handles
+        _step(kind, model, opt, x, y)
     torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            _step(kind, model, opt, x, y)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    return sum("synchroniz" in str(w.message) for w in caught)
+    counts = []
+    for _ in range(3):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                _step(kind, model, opt, x, y)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        counts.append(sum("synchroniz" in str(w.message) for w in caught))
+    return min(counts)
 
 
 @pytest.mark.parametrize("kind", ["full", "simpler", "sam"])
 def test_no_host_sync_inside_step_without_finite_check(kind: str) -> None:
-    assert _syncs_in_one_step(kind, check_finite=False) == 0
+    assert _syncs_per_step(kind, check_finite=False) == 0
 
 
 @pytest.mark.parametrize("kind", ["full", "simpler", "sam"])
 def test_one_host_sync_with_finite_check_or_loss_scaling(kind: str) -> None:
-    assert _syncs_in_one_step(kind, check_finite=True) == 1
-    assert _syncs_in_one_step(kind, check_finite=False, loss_scaler=LossScaler(device="cuda")) == 1
+    assert _syncs_per_step(kind, check_finite=True) == 1
+    assert _syncs_per_step(kind, check_finite=False, loss_scaler=LossScaler(device="cuda")) == 1
 
 
 @pytest.mark.parametrize("kind", ["full", "simpler"])
