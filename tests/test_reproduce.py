@@ -34,12 +34,6 @@ from agnostic_sam.reproduce.tables import _parse_spec
 CELLS = {"table1": 18, "table2": 36, "table3": 9, "table4": 24, "table5": 18, "table6": 24, "figure1": 18}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ---- closed forms -------------------------------------------------------------------------

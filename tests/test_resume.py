@@ -21,12 +21,6 @@ from agnostic_sam.train import loop as loop_module
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def metrics_without_time(run: Path) -> list[dict]:

@@ -18,12 +18,6 @@ RESULT_KEYS = {"final_test_acc", "best_test_acc", "total_seconds", "noise_rate_r
                "device", "git_commit", "num_params", "steps"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def cfg_for(tmp_path, **overrides):

@@ -196,7 +196,9 @@ class SharpnessOptimizer(torch.optim.Optimizer):
 
     @staticmethod
     def _zero_like_norm(params: list[Tensor]) -> Tensor:
-        return torch.zeros((), device=params[0].device if params else None)
+        if not params:
+            return torch.zeros(())
+        return torch.zeros((), device=params[0].device, dtype=params[0].dtype)
 
     def _norm(
         self, grads: list[Tensor | None], theta: list[Tensor], foreach: bool
@@ -242,6 +244,23 @@ class SharpnessOptimizer(torch.optim.Optimizer):
                 F.scale_adaptive_(gs, [theta[i] for i in idx], foreach)
             F.scale_(gs, (sign * group[key]) / denom, foreach)
             F.add_([params[i] for i in idx], gs, foreach)
+
+    @contextlib.contextmanager
+    def _restore_on_error(self, params: list[Tensor], theta: list[Tensor], foreach: bool) -> Iterator[None]:
+        """If a closure raises mid-step, put the parameters back at theta before re-raising."""
+        try:
+            yield
+        except BaseException:
+            F.copy_(params, theta, foreach)
+            raise
+
+    def _final_pass(self, closure: Closure, params: list[Tensor], check: list[Tensor], foreach: bool) -> None:
+        """The last pass, at the fully perturbed point: its gradient stays in p.grad for the base
+        optimizer (unscaled by `_grads` when loss scaling is on); its norm joins `check`."""
+        self._run(closure, params, at_theta=False, final=True)
+        if self.check_finite or self.loss_scaler is not None:
+            final = [g for g in self._grads(params, foreach, take=False) if g is not None]
+            check.append(F.global_norm(final, foreach) if final else torch.zeros_like(check[0]))
 
     def _finish(
         self,

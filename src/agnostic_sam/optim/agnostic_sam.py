@@ -131,12 +131,11 @@ class AgnosticSAM(SharpnessOptimizer):
             )
         params, groups = self._params()
         foreach = self._use_foreach(params)
-        theta: list[Tensor] | None = None
-        try:
+        theta = [p.detach().clone() for p in params]  # buffer 1: theta, restored bit for bit
+        with self._restore_on_error(params, theta, foreach):
             # Pass 1: B^v at theta.
             loss_val = self._run(val_closure, params, at_theta=True, final=False)
             gv = self._grads(params, foreach, take=True)
-            theta = [p.detach().clone() for p in params]  # buffer 1: theta, restored bit for bit
             norm_v = self._norm(gv, theta, foreach)
             check = [norm_v]
             if self.variant == "full":
@@ -166,15 +165,8 @@ class AgnosticSAM(SharpnessOptimizer):
             self._perturb(params, gv, theta, groups, "rho2", -1.0, norm_v, foreach)
             del gt, gv
 
-            # Pass 4: B^t at theta^t; its gradient stays in p.grad for the base optimizer (6).
-            self._run(train_closure, params, at_theta=False, final=True)
-            if self.check_finite or self.loss_scaler is not None:  # _grads also unscales
-                final = [g for g in self._grads(params, foreach, take=False) if g is not None]
-                check.append(F.global_norm(final, foreach) if final else norm_t * 0)
-        except BaseException:
-            if theta is not None:
-                F.copy_(params, theta, foreach)
-            raise
+            # Pass 4: B^t at theta^t; the base optimizer steps with g_t(theta^t)   (6)
+            self._final_pass(train_closure, params, check, foreach)
         self.stats = {
             "loss_train": loss_train,
             "loss_val": loss_val,

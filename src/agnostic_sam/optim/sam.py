@@ -8,7 +8,6 @@ import torch
 from torch import Tensor, nn
 
 from agnostic_sam.amp import LossScaler
-from agnostic_sam.optim import _functional as F
 from agnostic_sam.optim._base import Closure, SharpnessOptimizer
 
 __all__ = ["SAM"]
@@ -76,24 +75,17 @@ class SAM(SharpnessOptimizer):
             )
         params, groups = self._params()
         foreach = self._use_foreach(params)
-        theta: list[Tensor] | None = None
-        try:
+        theta = [p.detach().clone() for p in params]  # restored bit for bit
+        with self._restore_on_error(params, theta, foreach):
             loss = self._run(closure, params, at_theta=True, final=False)
             grads = self._grads(params, foreach, take=True)
-            theta = [p.detach().clone() for p in params]
             norm = self._norm(grads, theta, foreach)
             check = [norm]
             grad_norm = self._plain_norm(grads, norm, foreach)
+            # theta + e, e = rho g / ||g||; the base optimizer steps with g(theta + e).
             self._perturb(params, grads, theta, groups, "rho", 1.0, norm, foreach)
             del grads
-            self._run(closure, params, at_theta=False, final=True)
-            if self.check_finite or self.loss_scaler is not None:  # _grads also unscales
-                final = [g for g in self._grads(params, foreach, take=False) if g is not None]
-                check.append(F.global_norm(final, foreach) if final else norm * 0)
-        except BaseException:
-            if theta is not None:
-                F.copy_(params, theta, foreach)
-            raise
+            self._final_pass(closure, params, check, foreach)
         self.stats = {"loss_train": loss, "grad_norm_train": grad_norm}
         self._finish(params, theta, check, self._pass_names, foreach)
         return loss
