@@ -17,16 +17,18 @@ on the test set, so the reported test numbers played no part in choosing anythin
 
 Every run has a fixed thread count (``threads``, 1 unless set) and runs with its own progress
 bar off, so ``jobs=N`` worker processes give bit-identical numbers to ``jobs=1``.
+
+This module plans and runs the runs; `agnostic_sam.compare_report` summarizes them and writes
+the report files.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import multiprocessing
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,8 +36,9 @@ from typing import Any
 
 import yaml
 
+from agnostic_sam.compare_report import read_run, write_report
 from agnostic_sam.errors import UsageError
-from agnostic_sam.stats import Summary, format_mean_std, format_paired, paired_difference, summarize
+from agnostic_sam.stats import Summary, summarize
 from agnostic_sam.train import train
 from agnostic_sam.train.config import OPTIMIZERS, RESULT_FIELDS, TrainConfig, load_config
 
@@ -50,8 +53,6 @@ __all__ = [
 
 # Optimizers whose perturbation radius --tune searches; SGD has none.
 RADIUS_OPTIMIZERS = ("sam", "agnostic-sam", "agnostic-sam-simpler")
-# Reference methods every other method is paired against.
-REFERENCES = ("sgd", "sam")
 # Held-out share of the training set used for tuning when the config does not set one.
 DEFAULT_TUNE_VAL_FRACTION = 0.1
 # Mean accuracies closer than this (percentage points) count as a tie: they differ only by
@@ -167,7 +168,7 @@ def select_radius(grid: Mapping[float, Summary]) -> float:
     return min(r for r, s in grid.items() if s.mean >= best - _TIE)
 
 
-# ----------------------------------------------------------------------------- running
+# ----------------------------------------------------------------------------- planning and running
 
 
 @dataclass(frozen=True)
@@ -278,144 +279,10 @@ def _execute(runs: list[_Run], jobs: int, bar: Any) -> None:
             bar.update(1)
 
 
-def _read_run(run: _Run) -> dict:
-    run_dir = Path(run.cfg.out)
-    result = json.loads((run_dir / "result.json").read_text())
-    curve = []
-    metrics = run_dir / "metrics.jsonl"
-    if metrics.is_file():
-        curve = [
-            json.loads(line)["test_acc"]
-            for line in metrics.read_text().splitlines()
-            if line.strip()
-        ]
-    return {"result": result, "curve": curve}
-
-
-# ----------------------------------------------------------------------------- reporting
-
-
-def _radius_text(cfg: TrainConfig) -> str:
-    if cfg.optimizer == "sam":
-        return f"rho={cfg.rho:g}"
-    if cfg.optimizer in ("agnostic-sam", "agnostic-sam-simpler"):
-        return f"rho1={cfg.rho1:g}, rho2={cfg.rho2:g}"
-    return "-"
-
-
-def _summaries(
-    cc: CompareConfig, runs: list[_Run], eigen: Callable[[str], float] | None
-) -> dict[str, dict]:
-    out: dict[str, dict] = {}
-    for optimizer in cc.optimizers:
-        mine = [r for r in runs if r.optimizer == optimizer]
-        read = {r.seed: _read_run(r) for r in mine}
-        final = {s: float(v["result"]["final_test_acc"]) for s, v in read.items()}
-        entry = {
-            "radius": _radius_text(mine[0].cfg),
-            "final_test_acc": summarize(list(final.values())),
-            "best_test_acc": summarize(
-                [float(v["result"]["best_test_acc"]) for v in read.values()]
-            ),
-            "seconds_per_run": summarize(
-                [float(v["result"]["total_seconds"]) for v in read.values()]
-            ),
-            "per_seed": final,
-            "curves": [v["curve"] for v in read.values()],
-        }
-        if eigen is not None:
-            entry["top_eigenvalue"] = summarize([eigen(r.cfg.out) for r in mine])
-        out[optimizer] = entry
-    return out
-
-
-def _paired(summaries: Mapping[str, dict]) -> list[dict]:
-    """Every method against SGD, then against SAM; each unordered pair once (``sam - sgd``)."""
-    rows, done = [], set()
-    for ref in REFERENCES:
-        if ref not in summaries:
-            continue
-        for name, entry in summaries.items():
-            if name == ref or frozenset((name, ref)) in done:
-                continue
-            done.add(frozenset((name, ref)))
-            diff = paired_difference(entry["per_seed"], summaries[ref]["per_seed"])
-            rows.append(
-                {"a": name, "b": ref, **diff.to_dict(), "statement": format_paired(diff, name, ref)}
-            )
-    return rows
-
-
-def _markdown(
-    cc: CompareConfig,
-    summaries: Mapping[str, dict],
-    paired: list[dict],
-    tuning: dict | None,
-    metric: str,
-) -> str:
-    t = cc.train
-    lines = [
-        f"# Optimizer comparison: {t.dataset} / {t.model}",
-        "",
-        f"noise rate {t.noise_rate:g}, {t.epochs} epochs, batch {t.batch_size}, lr {t.lr:g}; "
-        f"seeds {', '.join(map(str, cc.seeds))}. Accuracies in percent, mean ± sample std over seeds.",
-        "",
-        f"| optimizer | radius | final {metric} acc | best {metric} acc | n | seconds/run |"
-        + (" top Hessian eigenvalue |" if cc.hessian else ""),
-        "|---|---|---|---|---|---|" + ("---|" if cc.hessian else ""),
-    ]
-    for name, e in summaries.items():
-        row = (
-            f"| {name} | {e['radius']} | {format_mean_std(e['final_test_acc'])} | "
-            f"{format_mean_std(e['best_test_acc'])} | {e['final_test_acc'].n} | "
-            f"{e['seconds_per_run'].mean:.2f} |"
-        )
-        if cc.hessian:
-            row += f" {format_mean_std(e['top_eigenvalue'], digits=3)} |"
-        lines.append(row)
-    lines += [
-        "",
-        f"## Paired differences of final {metric} accuracy (same seeds, 95% Student-t CI)",
-        "",
-    ]
-    lines += [f"- {p['statement']}" for p in paired] or [
-        "- (nothing to pair: needs sgd or sam and at least one other optimizer)"
-    ]
-    if tuning is not None:
-        cands = tuning["candidates"]
-        lines += [
-            "",
-            f"## Radius tuning on a held-out {tuning['val_fraction']:g} of the training set (test set unused)",
-            "",
-            f"Mean final validation accuracy per candidate radius (Agnostic-SAM: rho1 = r, rho2 = "
-            f"{cc.rho2_ratio:g} r); the best mean wins, ties go to the smaller radius.",
-            "",
-            "| optimizer | " + " | ".join(f"r={r:g}" for r in cands) + " | chosen |",
-            "|---|" + "---|" * (len(cands) + 1),
-        ]
-        for name, grid in tuning["grid"].items():
-            cells = " | ".join(format_mean_std(grid[r]) for r in cands)
-            lines.append(f"| {name} | {cells} | {tuning['chosen'][name]:g} |")
-    return "\n".join(lines) + "\n"
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, Summary):
-        return value.to_dict()
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return _jsonable(dataclasses.asdict(value))
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
-
-
 def compare(cc: CompareConfig, *, print_report: bool = True) -> dict:
     """Run (or reuse) every run of the comparison and write the report; returns comparison.json's content."""
     from tqdm.auto import tqdm
 
-    root = Path(cc.train.out)
     eval_fraction = cc.train.val_fraction
     tuning = None
     final_radii: dict[str, list[float | None]] = {o: [None] for o in cc.optimizers}
@@ -432,7 +299,7 @@ def compare(cc: CompareConfig, *, print_report: bool = True) -> dict:
                 o: {
                     r: summarize(
                         [
-                            _read_run(x)["result"]["final_test_acc"]
+                            read_run(x)["result"]["final_test_acc"]
                             for x in tune_runs
                             if x.optimizer == o and x.radius == r
                         ]
@@ -454,40 +321,7 @@ def compare(cc: CompareConfig, *, print_report: bool = True) -> dict:
         final_runs = _plan(cc, "final", final_radii, eval_fraction)
         _execute(final_runs, cc.jobs, bar)
 
-    eigen = None
-    if cc.hessian:
-        from agnostic_sam.analysis import top_eigenvalue_of_run
-
-        def eigen(run_dir: str) -> float:
-            return float(top_eigenvalue_of_run(run_dir, device=cc.train.device))
-
-    summaries = _summaries(cc, final_runs, eigen)
-    paired = _paired(summaries)
     metric = "validation" if eval_fraction > 0 else "test"
-    markdown = _markdown(cc, summaries, paired, tuning, metric)
+    settings = {**{k: getattr(cc, k) for k in COMPARE_KEYS}, "train": cc.train}
+    return write_report(cc, final_runs, tuning, metric, settings, print_report=print_report)
 
-    from agnostic_sam.analysis.plots import plot_accuracy_curves
-
-    png = plot_accuracy_curves(
-        {o: e["curves"] for o, e in summaries.items()},
-        root / "accuracy_curves.png",
-        title=f"{cc.train.dataset} / {cc.train.model}: {metric} accuracy (mean ± std over seeds)",
-        ylabel=f"{metric} accuracy (%)",
-    )
-    report = {
-        "metric": f"final_{metric}_acc",
-        "config": _jsonable({**{k: getattr(cc, k) for k in COMPARE_KEYS}, "train": cc.train}),
-        "summary": _jsonable(
-            {o: {k: v for k, v in e.items() if k != "curves"} for o, e in summaries.items()}
-        ),
-        "paired": paired,
-        "tuning": _jsonable(tuning),
-        "files": {"markdown": str(root / "comparison.md"), "curves": str(png)},
-    }
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "comparison.json").write_text(json.dumps(report, indent=2) + "\n")
-    (root / "comparison.md").write_text(markdown)
-    if print_report:
-        print(markdown, end="")
-        print(f"\nwrote {root / 'comparison.md'}, {root / 'comparison.json'}, {png}")
-    return report

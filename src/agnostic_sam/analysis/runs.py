@@ -29,7 +29,6 @@ __all__ = [
     "check_run_dir",
     "load_run",
     "read_metrics",
-    "resolve_device",
     "run_batches",
     "run_loss",
     "top_eigenvalue_of_run",
@@ -47,22 +46,9 @@ def check_run_dir(run_dir: str | Path, *, need: tuple[str, ...] = ("config.yaml"
     return path
 
 
-def resolve_device(device: str) -> torch.device:
-    """`auto` -> cuda when available, else cpu; anything else is passed to torch.device."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError as exc:
-        raise UsageError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from exc
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"device {device!r} requested but CUDA is not available here")
-    return resolved
-
-
 def load_run(run_dir: str | Path, device: str = "auto") -> tuple[nn.Module, Any]:
     """(model in its checkpointed state on `device`, TrainConfig) of a run directory."""
-    from agnostic_sam.train import load_trained
+    from agnostic_sam.train import load_trained, resolve_device
 
     path = check_run_dir(run_dir)
     return load_trained(path, device=str(resolve_device(device)))

@@ -1,45 +1,35 @@
-"""`train(cfg)`: the training loop, top to bottom, and `load_trained(run_dir)`.
+"""`train(cfg)`: the training loop, top to bottom.
 
 One run = data -> model -> optimizer -> per-step cosine schedule -> epochs of (steps, evaluation,
 metrics line, checkpoint) -> result.json. Under torchrun every process runs `train` and the model
 is wrapped in DDP (see `agnostic_sam.train.distributed` and docs/distributed.md): each rank takes
 its |B| / world columns of every batch, metrics are summed over ranks, only rank 0 writes files.
 
-Batches. Every epoch is an index matrix of shape (steps, |B|) drawn from a generator seeded by
-(seed, epoch), so an epoch's batches do not depend on what ran before it (exact resume):
-  * split="batch": a permutation of the training set, cut into full batches of |B|; the
-    Agnostic-SAM family splits each batch into B^t / B^v with `split_batch(ratio, generator)`.
-  * split="fixed" (Agnostic-SAM family): the training set is split once into S^t / S^v by
-    `fixed_split`; row k holds |B^t| = round(r |B|) indices of a pass over S^t, then
-    |B^v| = |B| - |B^t| indices cycling through permutations of S^v. An epoch is one pass over S^t.
-The last incomplete batch is dropped, so every step sees a full batch that can be split.
-Under DDP each rank splits its own columns, so |B^t| = world * round(r |B| / world).
+The loop's parts live next to it: `batches` (each epoch's index matrix and its (x, y) batches),
+`evaluate` (test loss and accuracy), `setup` (device, seeds, checks before the first file) and
+`records` (the run directory's files, the progress line, `load_trained`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
-import random
-import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from agnostic_sam.amp import LossScaler
 from agnostic_sam.data import build_data, fixed_split
 from agnostic_sam.errors import UsageError
 from agnostic_sam.models import create_model, load_pretrained
 from agnostic_sam.optim import SAM, AgnosticSAM, split_batch
+from agnostic_sam.train.batches import RANK_SEED_STRIDE, batches, device_tensors
+from agnostic_sam.train.batches import epoch_index as _epoch_index
 from agnostic_sam.train.checkpoint import (
     CHECKPOINT_NAME,
     atomic_write_json,
@@ -51,11 +41,9 @@ from agnostic_sam.train.checkpoint import (
 )
 from agnostic_sam.train.config import (
     AGNOSTIC_OPTIMIZERS,
-    RESULT_FIELDS,
     TrainConfig,
     config_to_dict,
     default_out,
-    load_config,
     save_config,
     validate_config,
 )
@@ -67,182 +55,32 @@ from agnostic_sam.train.distributed import (
     distributed_session,
     gather_to_main,
     global_split_sizes,
-    local_batch_size,
     main_process_first,
-    shard_bounds,
     shard_columns,
     verify_replicas,
     wrap_model,
 )
+from agnostic_sam.train.evaluate import evaluate
+from agnostic_sam.train.records import (
+    CONFIG_NAME,
+    METRICS_NAME,
+    RESULT_NAME,
+    format_row,
+    git_commit,
+    load_trained,
+    metrics_text,
+    progress,
+)
+from agnostic_sam.train.setup import check_distributed as _check_distributed
+from agnostic_sam.train.setup import (
+    check_same_run,
+    resolve_device,
+    seed_everything,
+    synthetic_options,
+    unwrap,
+)
 
 __all__ = ["train", "load_trained", "resolve_device"]
-
-METRICS_NAME = "metrics.jsonl"
-RESULT_NAME = "result.json"
-CONFIG_NAME = "config.yaml"
-EVAL_BATCH = 512  # samples per evaluation forward pass
-# Ranks > 0 offset their seeds by this (dropout, augmentation): the same stream on every rank would
-# correlate them. Rank 0 keeps the single-process seeds.
-RANK_SEED_STRIDE = 100_003
-
-
-# ---- small helpers (process, device, randomness) --------------------------------------------
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The plain module under torch.compile / (Distributed)DataParallel wrappers."""
-    wrappers = (nn.DataParallel, nn.parallel.DistributedDataParallel)
-    while True:
-        if isinstance(model, wrappers):
-            model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile
-            model = model._orig_mod
-        else:
-            return model
-
-
-def resolve_device(name: str) -> torch.device:
-    """"auto" -> cuda when available, else cpu; an unavailable device is a UsageError."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UsageError(f"device '{name}' requested but CUDA is not available; use --device cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UsageError(f"device '{name}' does not exist ({torch.cuda.device_count()} CUDA devices)")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise UsageError(f"device '{name}' requested but MPS is not available; use --device cpu")
-    return device
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)  # also seeds every CUDA device
-
-
-def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
-    # A distinct, reproducible stream per (seed, epoch): epoch e's batches never depend on e-1.
-    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-
-
-def _seed_worker(worker_id: int) -> None:
-    # torch seeds python `random` and torch in each worker; numpy must be seeded by hand.
-    np.random.seed(torch.initial_seed() % 2**32)
-
-
-def _git_commit() -> str | None:
-    try:
-        done = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
-            capture_output=True, text=True, timeout=5,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if done.returncode != 0:
-        return None
-    return done.stdout.strip() or None
-
-
-def _check_same_run(saved: dict[str, Any], cfg: TrainConfig) -> None:
-    """A resumed run must agree with the checkpoint on every field that changes the numbers."""
-    now = config_to_dict(cfg)
-    for key in RESULT_FIELDS:
-        if key in saved and saved[key] != now[key]:
-            raise UsageError(
-                f"--resume: '{key}' is {now[key]!r} but the checkpoint was trained with {saved[key]!r}"
-            )
-
-
-# ---- batches ---------------------------------------------------------------------------------
-
-def _epoch_index(cfg: TrainConfig, n: int, fixed: tuple[Tensor, Tensor] | None, epoch: int,
-                 world: int = 1) -> Tensor:
-    """LongTensor (steps, |B|) of training-set indices for `epoch` (see the module docstring),
-    the same on every rank; `world` sets the global |B^t| / |B^v| of the fixed split."""
-    g = _epoch_generator(cfg.seed, epoch)
-    if fixed is None:
-        steps = n // cfg.batch_size
-        return torch.randperm(n, generator=g)[: steps * cfg.batch_size].view(steps, cfg.batch_size)
-    idx_t, idx_v = fixed
-    n_t, n_v = global_split_sizes(cfg.batch_size, cfg.split_ratio, world)
-    steps = len(idx_t) // n_t
-    rows_t = idx_t[torch.randperm(len(idx_t), generator=g)][: steps * n_t].view(steps, n_t)
-    cycles = math.ceil(steps * n_v / len(idx_v))
-    val = torch.cat([idx_v[torch.randperm(len(idx_v), generator=g)] for _ in range(cycles)])
-    return torch.cat([rows_t, val[: steps * n_v].view(steps, n_v)], dim=1)
-
-
-def _batches(train_set: Dataset, tensors: tuple[Tensor, Tensor] | None, index: Tensor,
-             cfg: TrainConfig, epoch: int, device: torch.device,
-             rank: int) -> Iterator[tuple[Tensor, Tensor]]:
-    """Yield (x, y) on `device` for each row of `index` (this rank's columns)."""
-    if tensors is not None:  # in-memory fast path: the whole training set already lives on device
-        x_all, y_all = tensors
-        rows = index.to(device)
-        for row in rows:
-            yield x_all[row], y_all[row]
-        return
-    loader = DataLoader(
-        train_set, batch_sampler=index.tolist(), num_workers=cfg.workers,
-        generator=_epoch_generator(cfg.seed + 1 + RANK_SEED_STRIDE * rank, epoch), worker_init_fn=_seed_worker,
-        pin_memory=device.type == "cuda",
-    )
-    for x, y in loader:
-        yield x.to(device, non_blocking=True), torch.as_tensor(y).to(device, non_blocking=True)
-
-
-@torch.no_grad()
-def _evaluate(fwd: nn.Module, test_set: Dataset, device: torch.device,
-              autocast: Callable[[], contextlib.AbstractContextManager[Any]],
-              channels_last: bool, info: DistInfo) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy in percent) on `test_set`; one host sync at the end.
-    Under DDP each rank evaluates its contiguous share and the sums are all-reduced."""
-    fwd.eval()
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.long)
-    count = 0
-    lo, hi = shard_bounds(len(test_set), info.rank, info.world_size)
-    if isinstance(test_set, TensorDataset):
-        x_all, y_all = (t[lo:hi] for t in test_set.tensors)
-        chunks: Any = zip(x_all.split(EVAL_BATCH), y_all.split(EVAL_BATCH))
-    else:
-        part = Subset(test_set, range(lo, hi)) if info.distributed else test_set
-        chunks = DataLoader(part, batch_size=EVAL_BATCH, shuffle=False)
-    for x, y in chunks:
-        x, y = x.to(device), torch.as_tensor(y).to(device)
-        if channels_last and x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with autocast():
-            logits = fwd(x).float()
-        loss_sum += F.cross_entropy(logits, y, reduction="sum")
-        correct += (logits.argmax(1) == y).sum()
-        count += len(y)
-    fwd.train()
-    sums = all_reduce_sum({"loss": loss_sum, "correct": correct.to(loss_sum.dtype),
-                           "count": torch.tensor(float(count), device=device)})
-    loss, acc, count = torch.stack(list(sums.values())).tolist()
-    return loss / max(count, 1), 100.0 * acc / max(count, 1)
-
-
-# ---- the loop --------------------------------------------------------------------------------
-
-def _synthetic_options(cfg: TrainConfig) -> dict[str, int]:
-    """The shape options only `synthetic` takes; other data sets reject them."""
-    keys = ("num_classes", "train_size", "test_size")
-    return {k: getattr(cfg, k) for k in keys if getattr(cfg, k) is not None}
-
-
-def _check_distributed(cfg: TrainConfig, world: int) -> None:
-    """What a run over `world` processes cannot honour -> UsageError before any file is written."""
-    local_batch_size(cfg.batch_size, world)
-    agnostic = cfg.optimizer in AGNOSTIC_OPTIMIZERS
-    parts = global_split_sizes(cfg.batch_size, cfg.split_ratio, world) if agnostic else (cfg.batch_size,)
-    if min(parts) // world < cfg.accumulate:
-        raise UsageError(
-            f"accumulate {cfg.accumulate} exceeds the {min(parts) // world} samples each of the {world} "
-            "processes holds of the smallest batch part"
-        )
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
@@ -277,18 +115,18 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
         if not ckpt_path.is_file():
             raise UsageError(f"--resume: no checkpoint at {ckpt_path}; run without --resume to start")
         ckpt = load_checkpoint(ckpt_path)
-        _check_same_run(ckpt["config"], cfg)
+        check_same_run(ckpt["config"], cfg)
         if int(ckpt.get("world_size", 1)) != world:  # the batches depend on the world size
             raise UsageError(f"--resume: the checkpoint was written by {ckpt.get('world_size', 1)} "
                              f"process(es), this run has {world}; resume with the same number")
     elif ckpt_path.exists():
         raise UsageError(f"{out} already holds a run ({CHECKPOINT_NAME}); pass --resume or choose another --out")
 
-    _seed_everything(cfg.seed)
+    seed_everything(cfg.seed)
     with main_process_first():  # under DDP rank 0 downloads / caches before the others read
         data = build_data(cfg.dataset, data_dir=cfg.data_dir, download=cfg.download,
                           noise_rate=cfg.noise_rate, seed=cfg.seed, val_fraction=cfg.val_fraction,
-                          image_size=cfg.image_size, **_synthetic_options(cfg))
+                          image_size=cfg.image_size, **synthetic_options(cfg))
     n_train = len(data.train)
     fixed = None
     if agnostic and cfg.split == "fixed":
@@ -311,14 +149,11 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
         model.to(memory_format=torch.channels_last)
     # DDP for several processes (replicas start from rank 0's weights), the model itself for one.
     ddp = wrap_model(model, info, sync_bn=cfg.sync_bn)
-    model = _unwrap(ddp)  # SyncBatchNorm conversion may replace the top module
+    model = unwrap(ddp)  # SyncBatchNorm conversion may replace the top module
     if rank > 0:
-        _seed_everything(cfg.seed + RANK_SEED_STRIDE * rank)
+        seed_everything(cfg.seed + RANK_SEED_STRIDE * rank)
     # TensorDatasets (no random augmentation) are indexed in memory on the device: no DataLoader.
-    tensors = None
-    if isinstance(data.train, TensorDataset):
-        x_all, y_all = data.train.tensors
-        tensors = (x_all.to(device), y_all.long().to(device))
+    tensors = device_tensors(data.train, device)
 
     # Optimizer: SGD settings shared by every method; the SAM family wraps SGD.
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
@@ -354,7 +189,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
     # State of a resumed run.
     start_epoch, step, elapsed, metrics = 0, 0, 0.0, []
     if ckpt is not None:
-        _unwrap(model).load_state_dict(ckpt["model"])
+        unwrap(model).load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         if loss_scaler is not None and ckpt.get("loss_scaler") is not None:
@@ -367,7 +202,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
     if is_main:
         save_config(cfg, out / CONFIG_NAME)
         # Rewritten from the checkpoint: a kill between metrics and checkpoint leaves no duplicate.
-        atomic_write_text(out / METRICS_NAME, "".join(json.dumps(m) + "\n" for m in metrics))
+        atomic_write_text(out / METRICS_NAME, metrics_text(metrics))
 
     def make_closure(x: Tensor, y: Tensor, meter: dict[str, Tensor]) -> Callable[[], Tensor]:
         """Forward + backward on (x, y) in `accumulate` micro-batches; the first call (at theta)
@@ -413,8 +248,8 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
         seen, epoch_steps = 0, 0
         index = _epoch_index(cfg, n_train, fixed, epoch, world)
         local = shard_columns(index, info, split_parts)  # (steps, |B| / world) for this rank
-        bar = _progress(cfg, is_main, len(index), epoch)
-        for x, y in _batches(data.train, tensors, local, cfg, epoch, device, rank):
+        bar = progress(cfg, is_main, len(index), epoch)
+        for x, y in batches(data.train, tensors, local, cfg, epoch, device, rank):
             if cfg.channels_last and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
             if cfg.optimizer == "sgd":
@@ -457,7 +292,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
                 + ("" if cfg.check_finite else " or drop --no-check-finite")
             )
         broadcast_buffers(ddp)  # every rank evaluates (and rank 0 saves) rank 0's BatchNorm stats
-        test_loss, test_acc = _evaluate(eval_fwd, data.test, device, autocast, cfg.channels_last, info)
+        test_loss, test_acc = evaluate(eval_fwd, data.test, device, autocast, cfg.channels_last, info)
         row: dict[str, Any] = {
             "epoch": epoch + 1, "lr": lr, "train_loss": train_loss, "train_acc": 100.0 * correct / max(seen, 1),
             "test_loss": test_loss, "test_acc": test_acc, "steps": step,
@@ -471,10 +306,10 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
         rng_ranks = gather_to_main(capture_rng(generators)) if info.distributed else None
         if is_main:
             if cfg.progress:
-                bar.write(_format_row(row, cfg.epochs))
-            atomic_write_text(out / METRICS_NAME, "".join(json.dumps(m) + "\n" for m in metrics))
+                bar.write(format_row(row, cfg.epochs))
+            atomic_write_text(out / METRICS_NAME, metrics_text(metrics))
             save_checkpoint(ckpt_path, {
-                "model": _unwrap(model).state_dict(),
+                "model": unwrap(model).state_dict(),
                 "optimizer": opt.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "loss_scaler": loss_scaler.state_dict() if loss_scaler is not None else None,
@@ -511,7 +346,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
         "device": str(device),
         "world_size": world,
         "torch_version": torch.__version__,
-        "git_commit": _git_commit(),
+        "git_commit": git_commit(),
         "config": config_to_dict(cfg),
     }
     if info.distributed:  # all ranks must hold bit-identical weights; RuntimeError otherwise
@@ -520,36 +355,3 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
     if is_main:
         atomic_write_json(out / RESULT_NAME, result)
     return result
-
-
-def _progress(cfg: TrainConfig, is_main: bool, total: int, epoch: int) -> Any:
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
-                disable=not (cfg.progress and is_main), dynamic_ncols=True)
-
-
-def _format_row(row: dict[str, Any], epochs: int) -> str:
-    text = (f"epoch {row['epoch']}/{epochs}  lr {row['lr']:.4g}  train {row['train_loss']:.4f} / "
-            f"{row['train_acc']:.2f}%  test {row['test_loss']:.4f} / {row['test_acc']:.2f}%  "
-            f"{row['epoch_seconds']:.1f}s")
-    if "cos_train_val" in row:
-        text += f"  cos {row['cos_train_val']:.3f}"
-    return text
-
-
-def load_trained(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, TrainConfig]:
-    """The model of a finished (or interrupted) run, rebuilt from config.yaml with the
-    checkpoint's weights, in eval mode on `device`; and its config."""
-    run_dir = Path(run_dir)
-    config_path = run_dir / CONFIG_NAME
-    if not config_path.is_file():
-        raise UsageError(f"{run_dir} is not a run directory (no {CONFIG_NAME})")
-    cfg = load_config(config_path, {})
-    ckpt = load_checkpoint(run_dir / CHECKPOINT_NAME)
-    meta = ckpt.get("model_meta")
-    if meta is None:
-        raise UsageError(f"checkpoint in {run_dir} lacks model_meta; it was not written by train()")
-    model = create_model(cfg.model, **meta)
-    model.load_state_dict(ckpt["model"])
-    return model.to(device).eval(), cfg

@@ -1,0 +1,288 @@
+"""The benchmark run: its config, the timing of interleaved rounds, memory and the ratios to SAM.
+
+The method (warm-up, rotated interleaved rounds, CUDA events vs ``perf_counter``, what the
+memory figures count) is described in :mod:`agnostic_sam.bench`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from agnostic_sam.bench.methods import METHODS, StepFn, make_loss
+from agnostic_sam.bench.report import current_command, hardware_info
+from agnostic_sam.errors import UsageError
+from agnostic_sam.train.setup import resolve_device
+
+__all__ = ["BenchConfig", "run_bench"]
+
+@dataclass
+class BenchConfig:
+    """Settings of one benchmark run (the CLI flags of ``agnostic-sam bench``)."""
+
+    model: str = "resnet18"
+    batch_size: int = 64
+    channels: int = 3
+    image_size: int = 32
+    num_classes: int = 10
+    device: str = "cpu"  # cpu | cuda | cuda:N | auto
+    threads: int | None = 1  # torch.set_num_threads on CPU; None leaves torch's default
+    amp: str = "none"  # none | bf16 | fp16 (autocast around the forward pass)
+    channels_last: bool = False
+    compile: bool = False
+    rounds: int = 5
+    steps: int = 10  # timed steps per method per round
+    warmup: int = 3  # untimed steps per method before the first round
+    methods: tuple[str, ...] = ("sgd", "sam", "agnostic-sam", "agnostic-sam-simpler")
+    split_ratio: float = 0.7
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    rho: float = 0.05
+    rho1: float = 0.1
+    rho2: float = 0.05
+    seed: int = 0
+    # Seconds from the start of warm-up: no round starts that would end past it (>= 1 round runs).
+    time_budget_s: float | None = None
+    cudnn_benchmark: bool = True  # CUDA only: autotune convolutions (warm-up covers every shape)
+
+    def validate(self) -> None:
+        for name in ("batch_size", "channels", "image_size", "num_classes", "rounds", "steps"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.batch_size < 2:
+            raise UsageError(f"--batch-size must be >= 2 to split a batch, got {self.batch_size}")
+        if self.warmup < 0:
+            raise UsageError(f"--warmup must be >= 0, got {self.warmup}")
+        if self.threads is not None and self.threads < 1:
+            raise UsageError(f"--threads must be >= 1, got {self.threads}")
+        if self.amp not in ("none", "bf16", "fp16"):
+            raise UsageError(f"--amp must be none, bf16 or fp16, got {self.amp!r}")
+        if not 0.0 < self.split_ratio < 1.0:
+            raise UsageError(f"--split-ratio must be in (0, 1), got {self.split_ratio}")
+        self.split_sizes()
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown or not self.methods:
+            raise UsageError(f"unknown method(s) {unknown or '[]'}; choose from {sorted(METHODS)}")
+
+    def split_sizes(self) -> tuple[int, int]:
+        """(|B^t|, |B^v|), exactly as `split_batch` cuts the batch."""
+        from agnostic_sam import split_sizes
+
+        try:
+            return split_sizes(self.batch_size, self.split_ratio)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from exc
+
+
+# --- measurement helpers ---------------------------------------------------------------------
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_steps(step: StepFn, x: Tensor, y: Tensor, steps: int, device: torch.device) -> list[float]:
+    """Milliseconds of each of ``steps`` consecutive steps."""
+    if device.type == "cuda":
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
+        _sync(device)
+        events[0].record()
+        for i in range(steps):
+            step(x, y)
+            events[i + 1].record()
+        _sync(device)
+        return [events[i].elapsed_time(events[i + 1]) for i in range(steps)]
+    times = []
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step(x, y)
+        t1 = time.perf_counter()
+        times.append((t1 - t0) * 1e3)
+        t0 = t1
+    return times
+
+
+def _iter_tensors(obj: Any) -> Iterator[Tensor]:
+    if isinstance(obj, Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _iter_tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _iter_tensors(v)
+
+
+def _state_bytes(opt: Any) -> int:
+    """Bytes of distinct tensors held in the optimizer's (and its base optimizer's) state."""
+    seen: set[int] = set()
+    total = 0
+    for o in (opt, getattr(opt, "base_optimizer", None)):
+        if o is None:
+            continue
+        for t in _iter_tensors(dict(o.state)):
+            key = t.untyped_storage().data_ptr()
+            if key not in seen:
+                seen.add(key)
+                total += t.untyped_storage().nbytes()
+    return total
+
+
+def _summary(values: list[float]) -> dict[str, float]:
+    q = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else [values[0]] * 3
+    return {"median": statistics.median(values), "q25": q[0], "q75": q[2],
+            "min": min(values), "max": max(values), "n": len(values)}
+
+
+def _resolve_device(name: str) -> torch.device:
+    device = resolve_device(name)
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {name}: only cpu and cuda are timed")
+    return device
+
+
+# --- the benchmark ---------------------------------------------------------------------------
+
+def run_bench(cfg: BenchConfig, command: str | None = None,
+              log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Time every method in ``cfg.methods``; return the result dict (see :func:`write_report`)."""
+    cfg.validate()
+    device = _resolve_device(cfg.device)
+    old_threads = torch.get_num_threads()
+    if device.type == "cpu" and cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
+    try:
+        return _run(cfg, device, command or current_command(), log or (lambda s: None))
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def _run(cfg: BenchConfig, device: torch.device, command: str, log) -> dict[str, Any]:
+    from agnostic_sam.models import create_model
+
+    torch.manual_seed(cfg.seed)
+    model = create_model(cfg.model, num_classes=cfg.num_classes, in_channels=cfg.channels,
+                         image_size=cfg.image_size)  # UsageError naming the choices if unknown
+    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model = model.to(device=device, memory_format=fmt).train()
+    net = torch.compile(model, dynamic=False) if cfg.compile else model
+
+    # One fixed synthetic batch, resident on the device: data loading is not timed.
+    gen = torch.Generator().manual_seed(cfg.seed)
+    x = torch.randn(cfg.batch_size, cfg.channels, cfg.image_size, cfg.image_size, generator=gen)
+    y = torch.randint(0, cfg.num_classes, (cfg.batch_size,), generator=gen)
+    x = x.to(device).contiguous(memory_format=fmt)
+    y = y.to(device)
+    n_t, n_v = cfg.split_sizes()
+
+    t_start = time.perf_counter()
+    loss_fn = make_loss(net, cfg, device)
+    for n in sorted({cfg.batch_size, n_t, n_v}):  # every sub-batch shape, once, before timing
+        loss_fn(x[:n], y[:n]).backward()
+    model.zero_grad(set_to_none=True)
+
+    built = {m: METHODS[m].build(model, net, cfg) for m in cfg.methods}
+    for _, step in built.values():
+        for _ in range(cfg.warmup):
+            step(x, y)
+    _sync(device)
+    warmup_s = time.perf_counter() - t_start
+    log(f"warm-up done in {warmup_s:.1f} s")
+
+    names = list(cfg.methods)
+    step_ms: dict[str, list[float]] = {m: [] for m in names}
+    round_median: dict[str, list[float]] = {m: [] for m in names}
+    peak: dict[str, int] = dict.fromkeys(names, 0)
+    peak_delta: dict[str, int] = dict.fromkeys(names, 0)
+    t_rounds = time.perf_counter()
+    rounds_done = 0
+    last_round_s = 0.0
+    for r in range(cfg.rounds):
+        # Start a round only if one more like the last still fits the budget (>= 1 round runs).
+        t_round = time.perf_counter()
+        if (r and cfg.time_budget_s is not None
+                and t_round - t_start + last_round_s > cfg.time_budget_s):
+            log(f"time budget reached after {r} round(s)")
+            break
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order:
+            _, step = built[name]
+            # Every step starts by dropping the gradients anyway; doing it here makes the memory
+            # baseline the same for all methods: parameters, optimizer states and the batch.
+            model.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                _sync(device)
+                torch.cuda.reset_peak_memory_stats(device)
+                base = torch.cuda.memory_allocated(device)
+            times = _time_steps(step, x, y, cfg.steps, device)
+            if device.type == "cuda":
+                top = torch.cuda.max_memory_allocated(device)
+                peak[name] = max(peak[name], top)
+                peak_delta[name] = max(peak_delta[name], top - base)
+            step_ms[name].extend(times)
+            round_median[name].append(statistics.median(times))
+        rounds_done += 1
+        last_round_s = time.perf_counter() - t_round
+        log(f"round {r + 1}/{cfg.rounds}: " + ", ".join(
+            f"{m} {round_median[m][-1]:.1f} ms" for m in names))
+    rounds_s = time.perf_counter() - t_rounds
+
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    methods: dict[str, Any] = {}
+    for name in names:
+        opt, _ = built[name]
+        summ = _summary(step_ms[name])
+        buffer_bytes = opt.buffer_bytes() if callable(getattr(opt, "buffer_bytes", None)) else None
+        stats = getattr(opt, "stats", {})
+        methods[name] = {
+            "ms_per_step": summ,
+            "round_median_ms": round_median[name],
+            "images_per_second": cfg.batch_size / (summ["median"] / 1e3),
+            "samples_per_step": METHODS[name].samples(cfg.batch_size, n_t),
+            "state_bytes": _state_bytes(opt),
+            "buffer_bytes": None if buffer_bytes is None else int(buffer_bytes),
+            "peak_bytes": peak[name] if device.type == "cuda" else None,
+            "peak_delta_bytes": peak_delta[name] if device.type == "cuda" else None,
+            "skipped_last_step": float(stats["skipped"]) if "skipped" in stats else None,
+        }
+    _add_ratios(methods)
+    return {
+        "command": command,
+        "config": dataclasses.asdict(cfg),
+        "hardware": hardware_info(device),
+        "model": {"name": cfg.model, "parameters": sum(p.numel() for p in model.parameters()),
+                  "param_bytes": param_bytes},
+        "split": {"batch": cfg.batch_size, "train": n_t, "val": n_v},
+        "rounds_completed": rounds_done,
+        "warmup_seconds": warmup_s,
+        "timed_seconds": rounds_s,
+        "methods": methods,
+    }
+
+
+def _add_ratios(methods: dict[str, Any]) -> None:
+    """Ratio of medians to SAM, paired per-round ratio, ratio of minima, sample-count ratio."""
+    sam = methods.get("sam")
+    for m in methods.values():
+        if sam is None:
+            m["ratio_to_sam"] = m["ratio_to_sam_paired"] = m["sample_ratio_to_sam"] = None
+            m["ratio_to_sam_min"] = None
+            continue
+        m["ratio_to_sam"] = m["ms_per_step"]["median"] / sam["ms_per_step"]["median"]
+        # Other processes only ever add time, so the ratio of fastest steps is the least noisy.
+        m["ratio_to_sam_min"] = m["ms_per_step"]["min"] / sam["ms_per_step"]["min"]
+        per_round = [a / b for a, b in zip(m["round_median_ms"], sam["round_median_ms"])]
+        m["ratio_to_sam_paired"] = {"median": statistics.median(per_round),
+                                    "min": min(per_round), "max": max(per_round)}
+        m["sample_ratio_to_sam"] = m["samples_per_step"] / sam["samples_per_step"]
+

@@ -1,0 +1,212 @@
+"""The report of a comparison: per-optimizer summaries over seeds, paired statistics against the
+reference methods, the markdown page, the accuracy-curve plot and ``comparison.json``.
+
+`agnostic_sam.compare` plans and runs the runs; this module only reads their run directories
+(``result.json``, ``metrics.jsonl``) and writes ``<out>/comparison.{json,md}`` and
+``<out>/accuracy_curves.png``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from agnostic_sam.stats import Summary, format_mean_std, format_paired, paired_difference, summarize
+
+if TYPE_CHECKING:
+    from agnostic_sam.compare import CompareConfig, _Run
+    from agnostic_sam.train.config import TrainConfig
+
+__all__ = ["REFERENCES", "jsonable", "markdown", "paired", "read_run", "summaries", "write_report"]
+
+# Reference methods every other method is paired against.
+REFERENCES = ("sgd", "sam")
+
+
+def read_run(run: _Run) -> dict:
+    """``{"result": result.json, "curve": test accuracy per epoch}`` of a finished run."""
+    run_dir = Path(run.cfg.out)
+    result = json.loads((run_dir / "result.json").read_text())
+    curve = []
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.is_file():
+        curve = [
+            json.loads(line)["test_acc"]
+            for line in metrics.read_text().splitlines()
+            if line.strip()
+        ]
+    return {"result": result, "curve": curve}
+
+
+def _radius_text(cfg: TrainConfig) -> str:
+    if cfg.optimizer == "sam":
+        return f"rho={cfg.rho:g}"
+    if cfg.optimizer in ("agnostic-sam", "agnostic-sam-simpler"):
+        return f"rho1={cfg.rho1:g}, rho2={cfg.rho2:g}"
+    return "-"
+
+
+def summaries(
+    cc: CompareConfig, runs: Sequence[_Run], eigen: Callable[[str], float] | None
+) -> dict[str, dict]:
+    """Per optimizer: its radius, final/best accuracy and seconds per run over the seeds, the
+    per-seed final accuracies (for pairing), the curves and, with ``eigen``, the top eigenvalue."""
+    out: dict[str, dict] = {}
+    for optimizer in cc.optimizers:
+        mine = [r for r in runs if r.optimizer == optimizer]
+        read = {r.seed: read_run(r) for r in mine}
+        final = {s: float(v["result"]["final_test_acc"]) for s, v in read.items()}
+        entry = {
+            "radius": _radius_text(mine[0].cfg),
+            "final_test_acc": summarize(list(final.values())),
+            "best_test_acc": summarize(
+                [float(v["result"]["best_test_acc"]) for v in read.values()]
+            ),
+            "seconds_per_run": summarize(
+                [float(v["result"]["total_seconds"]) for v in read.values()]
+            ),
+            "per_seed": final,
+            "curves": [v["curve"] for v in read.values()],
+        }
+        if eigen is not None:
+            entry["top_eigenvalue"] = summarize([eigen(r.cfg.out) for r in mine])
+        out[optimizer] = entry
+    return out
+
+
+def paired(summaries: Mapping[str, dict]) -> list[dict]:
+    """Every method against SGD, then against SAM; each unordered pair once (``sam - sgd``)."""
+    rows, done = [], set()
+    for ref in REFERENCES:
+        if ref not in summaries:
+            continue
+        for name, entry in summaries.items():
+            if name == ref or frozenset((name, ref)) in done:
+                continue
+            done.add(frozenset((name, ref)))
+            diff = paired_difference(entry["per_seed"], summaries[ref]["per_seed"])
+            rows.append(
+                {"a": name, "b": ref, **diff.to_dict(), "statement": format_paired(diff, name, ref)}
+            )
+    return rows
+
+
+def markdown(
+    cc: CompareConfig,
+    summaries: Mapping[str, dict],
+    paired: list[dict],
+    tuning: dict | None,
+    metric: str,
+) -> str:
+    """comparison.md: the summary table, the paired differences and the tuning grid."""
+    t = cc.train
+    lines = [
+        f"# Optimizer comparison: {t.dataset} / {t.model}",
+        "",
+        f"noise rate {t.noise_rate:g}, {t.epochs} epochs, batch {t.batch_size}, lr {t.lr:g}; "
+        f"seeds {', '.join(map(str, cc.seeds))}. Accuracies in percent, mean ± sample std over seeds.",
+        "",
+        f"| optimizer | radius | final {metric} acc | best {metric} acc | n | seconds/run |"
+        + (" top Hessian eigenvalue |" if cc.hessian else ""),
+        "|---|---|---|---|---|---|" + ("---|" if cc.hessian else ""),
+    ]
+    for name, e in summaries.items():
+        row = (
+            f"| {name} | {e['radius']} | {format_mean_std(e['final_test_acc'])} | "
+            f"{format_mean_std(e['best_test_acc'])} | {e['final_test_acc'].n} | "
+            f"{e['seconds_per_run'].mean:.2f} |"
+        )
+        if cc.hessian:
+            row += f" {format_mean_std(e['top_eigenvalue'], digits=3)} |"
+        lines.append(row)
+    lines += [
+        "",
+        f"## Paired differences of final {metric} accuracy (same seeds, 95% Student-t CI)",
+        "",
+    ]
+    lines += [f"- {p['statement']}" for p in paired] or [
+        "- (nothing to pair: needs sgd or sam and at least one other optimizer)"
+    ]
+    if tuning is not None:
+        cands = tuning["candidates"]
+        lines += [
+            "",
+            f"## Radius tuning on a held-out {tuning['val_fraction']:g} of the training set (test set unused)",
+            "",
+            f"Mean final validation accuracy per candidate radius (Agnostic-SAM: rho1 = r, rho2 = "
+            f"{cc.rho2_ratio:g} r); the best mean wins, ties go to the smaller radius.",
+            "",
+            "| optimizer | " + " | ".join(f"r={r:g}" for r in cands) + " | chosen |",
+            "|---|" + "---|" * (len(cands) + 1),
+        ]
+        for name, grid in tuning["grid"].items():
+            cells = " | ".join(format_mean_std(grid[r]) for r in cands)
+            lines.append(f"| {name} | {cells} | {tuning['chosen'][name]:g} |")
+    return "\n".join(lines) + "\n"
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` with Summaries and dataclasses turned into plain dicts, keys into strings."""
+    if isinstance(value, Summary):
+        return value.to_dict()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return jsonable(dataclasses.asdict(value))
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    return value
+
+
+def write_report(
+    cc: CompareConfig,
+    runs: Sequence[_Run],
+    tuning: dict | None,
+    metric: str,
+    settings: Mapping[str, Any],
+    *,
+    print_report: bool = True,
+) -> dict:
+    """Summarize the finished final ``runs``, write comparison.{json,md} and the curve plot
+    into ``cc.train.out``; returns comparison.json's content. ``metric`` is "test" or
+    "validation"; ``settings`` is the comparison's own config, saved in the JSON."""
+    root = Path(cc.train.out)
+    eigen = None
+    if cc.hessian:
+        from agnostic_sam.analysis import top_eigenvalue_of_run
+
+        def eigen(run_dir: str) -> float:
+            return float(top_eigenvalue_of_run(run_dir, device=cc.train.device))
+
+    per_optimizer = summaries(cc, runs, eigen)
+    pairs = paired(per_optimizer)
+    page = markdown(cc, per_optimizer, pairs, tuning, metric)
+
+    from agnostic_sam.analysis.plots import plot_accuracy_curves
+
+    png = plot_accuracy_curves(
+        {o: e["curves"] for o, e in per_optimizer.items()},
+        root / "accuracy_curves.png",
+        title=f"{cc.train.dataset} / {cc.train.model}: {metric} accuracy (mean ± std over seeds)",
+        ylabel=f"{metric} accuracy (%)",
+    )
+    report = {
+        "metric": f"final_{metric}_acc",
+        "config": jsonable(settings),
+        "summary": jsonable(
+            {o: {k: v for k, v in e.items() if k != "curves"} for o, e in per_optimizer.items()}
+        ),
+        "paired": pairs,
+        "tuning": jsonable(tuning),
+        "files": {"markdown": str(root / "comparison.md"), "curves": str(png)},
+    }
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "comparison.json").write_text(json.dumps(report, indent=2) + "\n")
+    (root / "comparison.md").write_text(page)
+    if print_report:
+        print(page, end="")
+        print(f"\nwrote {root / 'comparison.md'}, {root / 'comparison.json'}, {png}")
+    return report
