@@ -405,3 +405,29 @@ def test_loss_scaling_matches_unscaled_step() -> None:
     for a, b in zip(ref.parameters(), model.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert opt.loss_scaler.get_scale() == 2.0**14  # grew twice over 5 clean steps (interval 2)
+
+
+@pytest.mark.parametrize("which", ["full", "simpler", "sam"])
+def test_parameters_without_gradient_are_left_untouched(which: str) -> None:
+    """A parameter no closure uses gets no gradient: it is neither perturbed nor counted in the norm."""
+    model = mlp()
+    unused = nn.Parameter(torch.ones(3, dtype=torch.float64))
+    seen: list[torch.Tensor] = []
+
+    def closure(x, y):
+        def run():
+            seen.append(unused.detach().clone())
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+        return run
+
+    params = [*model.parameters(), unused]
+    x, y = torch.randn(10, 5, dtype=torch.float64), torch.randint(0, 3, (10,))
+    if which == "sam":
+        SAM(params, lr=0.1, rho=0.5).step(closure(x, y))
+    else:
+        AgnosticSAM(params, lr=0.1, rho1=0.5, rho2=0.5, variant=which).step(
+            closure(x[:7], y[:7]), closure(x[7:], y[7:]))
+    assert all(torch.equal(s, torch.ones(3, dtype=torch.float64)) for s in seen)
+    assert torch.equal(unused.detach(), torch.ones(3, dtype=torch.float64)) and unused.grad is None
