@@ -268,6 +268,7 @@ def test_smoke_one_table_then_skip_and_resume(tmp_path, monkeypatch):
         assert c["ours"]["n"] == 1 and 0.0 <= c["ours"]["mean"] <= 100.0
         assert c["paper"]["mean"] is not None and c["seconds_per_epoch"] > 0
     assert (tmp_path / "report.md").read_text().count("efficientnet_b4") >= 9
+    assert report["smoke"] is True and "Smoke run" in (tmp_path / "report.md").read_text()
     assert json.loads((tmp_path / "report.json").read_text()) == report
     assert list((tmp_path / "smoke_weights").glob("*.pt"))  # the weights path was exercised
     trained = [line for line in logs if "] train" in line]

@@ -153,6 +153,10 @@ def _fmt(mean: float | None, std: float | None, digits: int = 2) -> str:
 def render_markdown(report: dict[str, Any]) -> str:
     """One Markdown table per paper table: cell | paper | ours (n) | diff | s/epoch."""
     lines = ["# Agnostic-SAM reproduction report", ""]
+    if report.get("smoke"):
+        lines += ["**Smoke run** (`--smoke`): two steps of `*_mini` models on synthetic data of each "
+                  "data set's shape. It checks that every run goes through; its numbers are not "
+                  "results.", ""]
     for table in report["tables"].values():
         unit = "minutes per epoch" if table["unit"] == "minutes" else "test accuracy, %"
         lines += [f"## {table['title']}", "", f"Unit: {unit}; metric: `{table['metric']}`.", ""]

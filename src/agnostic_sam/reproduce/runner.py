@@ -145,6 +145,7 @@ def reproduce(
             })
             train(cfg)
     report = build_report(runs, runs_root)
+    report["smoke"] = smoke
     md, js = write_report(report, out)
     log(f"wrote {md} and {js}")
     return report
