@@ -9,6 +9,7 @@ that need the spawn are marked slow (about 8 s of CPU for the spawn); the rest r
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import signal
@@ -183,6 +184,9 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         results["reduced"] = all_reduce_sum({"loss": torch.tensor(1.5 * (rank + 1)),
                                              "count": torch.tensor(rank + 2)})
         torch.save(results, Path(out) / f"rank{rank}.pt")
+        # DDP reducers hold the process group: free them before it is destroyed.
+        ddp = opt = None
+        gc.collect()
     finally:
         cleanup()
 

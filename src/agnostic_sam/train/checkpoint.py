@@ -101,8 +101,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not path.is_file():
         raise UsageError(f"no checkpoint at {path}")
     try:
-        # weights_only=False: the checkpoint holds RNG states (numpy arrays, tuples) and the config.
-        obj = torch.load(path, map_location=map_location, weights_only=False)
+        # weights_only=True: tensors and plain containers only; a checkpoint cannot run code.
+        obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises RuntimeError/EOFError/UnpicklingError/... on bad files
         raise UsageError(
             f"checkpoint {path} is corrupt or unreadable ({type(exc).__name__}); delete it to start over"
@@ -115,11 +115,23 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return obj
 
 
+def _numpy_state_to_plain(state: tuple) -> tuple:
+    name, keys, pos, has_gauss, cached = state
+    return (str(name), torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(pos), int(has_gauss), float(cached))
+
+
+def _numpy_state_from_plain(state: tuple) -> tuple:
+    name, keys, pos, has_gauss, cached = state
+    return (name, np.asarray(keys, dtype=np.int64).astype(np.uint32), pos, has_gauss, cached)
+
+
 def capture_rng(generators: dict[str, torch.Generator] | None = None) -> dict[str, Any]:
     """Every random state a run consumes: python, numpy, torch CPU, all CUDA devices, and `generators`."""
     state: dict[str, Any] = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        # numpy's state as plain values (its key array as a tensor) so that checkpoints load
+        # with torch.load(weights_only=True): no pickled objects, no code run on load.
+        "numpy": _numpy_state_to_plain(np.random.get_state()),
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         "generators": {name: g.get_state() for name, g in (generators or {}).items()},
@@ -130,7 +142,7 @@ def capture_rng(generators: dict[str, torch.Generator] | None = None) -> dict[st
 def restore_rng(state: dict[str, Any], generators: dict[str, torch.Generator] | None = None) -> None:
     """Inverse of `capture_rng`; generator states are restored into the given generator objects."""
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    np.random.set_state(_numpy_state_from_plain(state["numpy"]))
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

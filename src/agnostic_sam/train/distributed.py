@@ -156,8 +156,11 @@ def init_distributed(device: str | torch.device = "auto") -> DistInfo:
 
 
 def cleanup() -> None:
-    """Leave the process group (idempotent)."""
+    """Leave the process group (idempotent). A barrier first, so that no rank tears its
+    communicator down while another still has collectives in flight (gloo aborts the process
+    with "terminate called without an active exception" when that happens)."""
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
