@@ -155,12 +155,15 @@ def init_distributed(device: str | torch.device = "auto") -> DistInfo:
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device, backend=backend)
 
 
-def cleanup() -> None:
-    """Leave the process group (idempotent). A barrier first, so that no rank tears its
-    communicator down while another still has collectives in flight (gloo aborts the process
-    with "terminate called without an active exception" when that happens)."""
+def cleanup(barrier: bool = True) -> None:
+    """Leave the process group (idempotent). After a normal end, a barrier first, so that no rank
+    tears its communicator down while another still has collectives in flight (gloo aborts the
+    process with "terminate called without an active exception" when that happens). After an
+    error, no barrier: the other ranks may never arrive, and the failing rank must exit so that
+    torchrun stops the rest."""
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        if barrier:
+            dist.barrier()
         dist.destroy_process_group()
 
 
@@ -171,9 +174,12 @@ def distributed_session(device: str | torch.device = "auto") -> Iterator[DistInf
     info = init_distributed(device)
     try:
         yield info
-    finally:
+    except BaseException:
         if owned:
-            cleanup()
+            cleanup(barrier=False)
+        raise
+    if owned:
+        cleanup()
 
 
 def _active() -> bool:
