@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["global_norm", "scale_", "scale_adaptive_", "add_", "copy_", "dot", "any_nonfinite"]
+__all__ = ["global_norm", "scale_", "scale_adaptive_", "add_", "copy_", "dot"]
 
 
 def global_norm(tensors: list[Tensor], foreach: bool, weights: list[Tensor] | None = None) -> Tensor:
@@ -82,8 +82,3 @@ def dot(a: list[Tensor], b: list[Tensor]) -> Tensor:
     device = a[0].device
     parts = [torch.dot(x.reshape(-1), y.reshape(-1)).to(device) for x, y in zip(a, b)]
     return torch.stack(parts).sum()
-
-
-def any_nonfinite(values: list[Tensor]) -> Tensor:
-    """A 0-d bool tensor: True when any of the 0-d `values` is inf or NaN (no host sync)."""
-    return ~torch.isfinite(torch.stack(values)).all()
