@@ -90,7 +90,7 @@ def test_foreach_equals_loop_on_cuda_float64(kind: str) -> None:
     y = torch.randint(0, 5, (16,), device="cuda")
     for foreach in (False, True):
         model = _model(torch.float64)
-        opt = _optimizer(kind, model, foreach=foreach, adaptive=True)
+        opt = _optimizer(kind, model, perturb_foreach=foreach, adaptive=True)
         for _ in range(5):
             _step(kind, model, opt, x, y)
         params.append([p.detach() for p in model.parameters()])

@@ -303,11 +303,11 @@ def test_nonfinite_gradient_raises_naming_the_pass(bad_pass: int) -> None:
     [
         (lambda p: AgnosticSAM(p, rho1=-0.1), "rho1=-0.1"),
         (lambda p: AgnosticSAM(p, rho2=-1), "rho2=-1"),
-        (lambda p: AgnosticSAM(p, eps=0.0), "eps=0.0"),
+        (lambda p: AgnosticSAM(p, perturb_eps=0.0), "eps=0.0"),
         (lambda p: AgnosticSAM(p, variant="fancy"), "variant='fancy'"),
         (lambda p: AgnosticSAM(p, perturbation="global"), "perturbation='global'"),
         (lambda p: SAM(p, rho=-0.05), "rho=-0.05"),
-        (lambda p: SAM(p, eps=-1.0), "eps=-1.0"),
+        (lambda p: SAM(p, perturb_eps=-1.0), "eps=-1.0"),
         (lambda p: AgnosticSAM([{"params": p, "rho1": -2.0}]), "rho1=-2.0"),
     ],
 )

@@ -96,7 +96,7 @@ def closure(model, opt, x, y):
 
 def package_run(method: str, adaptive: bool, rho1: float, rho2: float, foreach: bool) -> dict:
     model = make_model()
-    kw = dict(lr=LR, momentum=MOMENTUM, weight_decay=WD, adaptive=adaptive, foreach=foreach, model=model)
+    kw = dict(lr=LR, momentum=MOMENTUM, weight_decay=WD, adaptive=adaptive, perturb_foreach=foreach, model=model)
     if method == "sam":
         opt = SAM(model.parameters(), torch.optim.SGD, rho=rho1, **kw)
     else:
@@ -146,7 +146,7 @@ def test_per_group_radii_with_global_norm() -> None:
     first, rest = list(model.parameters())[:2], list(model.parameters())[2:]
     opt = AgnosticSAM(
         [{"params": first, "rho1": 0.4, "rho2": 0.1}, {"params": rest}],
-        torch.optim.SGD, rho1=0.2, rho2=0.3, variant="simpler", lr=LR, foreach=False,
+        torch.optim.SGD, rho1=0.2, rho2=0.3, variant="simpler", lr=LR, perturb_foreach=False,
     )
     names = [k for k, _ in model.named_parameters()]
     rho1 = {k: (0.4 if i < 2 else 0.2) for i, k in enumerate(names)}

@@ -4,8 +4,10 @@
 """
 
 from agnostic_sam.amp import LossScaler
-from agnostic_sam.optim import SAM, AgnosticSAM, split_batch, split_sizes
+from agnostic_sam.optim import SAM, AgnosticSAM, Plain, accumulate, split_batch, split_sizes
 
 __version__ = "0.1.0"
 
-__all__ = ["AgnosticSAM", "SAM", "LossScaler", "split_batch", "split_sizes", "__version__"]
+__all__ = [
+    "AgnosticSAM", "SAM", "Plain", "LossScaler", "accumulate", "split_batch", "split_sizes", "__version__",
+]

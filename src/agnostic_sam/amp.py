@@ -20,6 +20,11 @@ on overflow) while leaving unscaling and the skip decision to the optimizer::
     opt.stats["skipped"]  # 1 when the step was skipped for non-finite gradients
 
 The scale and the growth counter live on the device; `update` changes them without a host sync.
+The optimizer's `state_dict()` carries `LossScaler.state_dict()` under the key ``"loss_scaler"``.
+
+`torch.amp.GradScaler` works too, the standard way (``scaler.step(opt, closure)`` with closures
+calling ``scaler.scale(loss).backward()``, then ``scaler.update()``): the optimizers take part in
+its ``_step_supports_amp_scaling`` protocol and give the same steps as `LossScaler`.
 """
 
 from __future__ import annotations
@@ -58,6 +63,9 @@ class LossScaler:
         self._scale = torch.full((), float(init_scale), dtype=torch.float32, device=device)
         # Clean steps since the last change of scale.
         self._growth_tracker = torch.zeros((), dtype=torch.int32, device=device)
+        # Number of `scale` calls so far: the optimizer checks that every pass made one, so a
+        # closure calling `loss.backward()` instead of `opt.backward(loss)` is caught.
+        self.calls = 0
 
     def _to(self, device: torch.device) -> None:
         if self._scale.device != device:
@@ -67,6 +75,7 @@ class LossScaler:
     def scale(self, loss: Tensor) -> Tensor:
         """`loss * scale`, for `.backward()`; the scale follows the loss to its device."""
         self._to(loss.device)
+        self.calls += 1
         return loss * self._scale.to(loss.dtype)
 
     def inv_scale(self, dtype: torch.dtype = torch.float32) -> Tensor:

@@ -1,12 +1,15 @@
-"""Bookkeeping shared by SAM and AgnosticSAM: the wrapper around a base optimizer, closure passes,
-BatchNorm statistics, DDP synchronization, loss scaling and the one host sync per step.
+"""Bookkeeping shared by the optimizers: the wrapper around a base optimizer, closure passes,
+gradients present at step entry, BatchNorm statistics, DDP synchronization, loss scaling
+(`LossScaler` or `torch.amp.GradScaler`), clipping and the one host sync per step.
 
-The arithmetic lives in `_functional.py`; the update rules in `sam.py` and `agnostic_sam.py`.
+The arithmetic lives in `_functional.py`; the update rules in `plain.py`, `sam.py` and
+`agnostic_sam.py`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -23,23 +26,48 @@ Closure = Callable[[], Any]
 PERTURBATIONS = ("local", "synced")
 
 
+def _radius_error(name: str, value: Any) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return f"invalid perturbation radius {name}={value!r}: must be a finite number >= 0"
+    if not (math.isfinite(value) and value >= 0.0):
+        return f"invalid perturbation radius {name}={value!r}: must be a finite number >= 0"
+    return None
+
+
 def _check_radius(name: str, value: Any) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0.0:
-        raise ValueError(f"invalid perturbation radius {name}={value!r}: must be a number >= 0")
+    message = _radius_error(name, value)
+    if message is not None:
+        raise ValueError(message)
+
+
+def _count_accumulations(counts: dict[int, int]) -> Callable[[Tensor], None]:
+    """A post-accumulate-grad hook: counts the backward passes summed into p.grad. It holds the
+    counter, not the optimizer, so a parameter does not keep its optimizer alive."""
+
+    def hook(p: Tensor) -> None:
+        counts[id(p)] = counts.get(id(p), 0) + 1
+
+    return hook
 
 
 class SharpnessOptimizer(torch.optim.Optimizer):
-    """A `torch.optim.Optimizer` that perturbs the weights with closure passes, then lets a base
-    optimizer step with the gradient found at the perturbed point.
+    """A `torch.optim.Optimizer` that runs closure passes, possibly at perturbed weights, then
+    lets a base optimizer step with the gradient of the last pass.
 
     The wrapper shares `param_groups` (and `state`) with `base_optimizer`, so schedulers and
     per-group settings act on both, and `state_dict()` is the base optimizer's (momentum, Adam
-    moments, and the radii stored in the groups). It keeps no state of its own between steps.
+    moments, the radii stored in the groups) plus the `LossScaler` state under ``"loss_scaler"``.
+    Between steps it keeps no state of its own, and p.grad is left empty after every step.
     """
 
     _radius_keys: tuple[str, ...] = ()
     # Buffers of parameter size alive during a step, beyond the base optimizer's state.
     _num_buffers: int = 0
+    _pass_names: tuple[str, ...] = ()
+    _supports_sparse: bool = True
+    # torch.amp.GradScaler protocol: `scaler.step(opt, closure)` calls
+    # `opt.step(closure, grad_scaler=scaler)`; the step unscales every pass itself.
+    _step_supports_amp_scaling = True
 
     def __init__(
         self,
@@ -48,12 +76,13 @@ class SharpnessOptimizer(torch.optim.Optimizer):
         defaults: dict[str, Any],
         *,
         adaptive: bool,
-        eps: float,
+        perturb_eps: float,
         model: nn.Module | None,
         perturbation: str,
         loss_scaler: LossScaler | None,
         check_finite: bool,
-        foreach: bool | None,
+        perturb_foreach: bool | None,
+        max_grad_norm: float | None,
         base_kwargs: dict[str, Any],
     ) -> None:
         if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer)):
@@ -63,8 +92,14 @@ class SharpnessOptimizer(torch.optim.Optimizer):
             )
         for key in self._radius_keys:
             _check_radius(key, defaults[key])
-        if not isinstance(eps, (int, float)) or not eps > 0.0:
-            raise ValueError(f"invalid eps={eps!r}: must be > 0")
+        if isinstance(perturb_eps, bool) or not isinstance(perturb_eps, (int, float)) or not perturb_eps > 0.0:
+            raise ValueError(f"invalid perturb_eps={perturb_eps!r}: must be > 0")
+        if max_grad_norm is not None and (
+            isinstance(max_grad_norm, bool)
+            or not isinstance(max_grad_norm, (int, float))
+            or not (math.isfinite(max_grad_norm) and max_grad_norm > 0.0)
+        ):
+            raise ValueError(f"invalid max_grad_norm={max_grad_norm!r}: must be None or a finite number > 0")
         if perturbation not in PERTURBATIONS:
             raise ValueError(f"invalid perturbation={perturbation!r}: expected one of {PERTURBATIONS}")
         if model is not None and not isinstance(model, nn.Module):
@@ -72,23 +107,39 @@ class SharpnessOptimizer(torch.optim.Optimizer):
         if loss_scaler is not None and not isinstance(loss_scaler, LossScaler):
             raise TypeError(f"loss_scaler must be an agnostic_sam.LossScaler, got {type(loss_scaler).__name__}")
         self.adaptive = bool(adaptive)
-        self.eps = float(eps)
+        self.perturb_eps = float(perturb_eps)
         self.model = model
         self.perturbation = perturbation
         self.loss_scaler = loss_scaler
         self.check_finite = bool(check_finite)
-        self.foreach = foreach
+        self.perturb_foreach = perturb_foreach
+        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
         self.stats: dict[str, Tensor] = {}
+        # True exactly while a closure runs at the unperturbed weights theta.
+        self.at_theta = False
+        self._grad_scaler: Any = None  # the torch.amp.GradScaler driving the current step
+        self._grad_counts: dict[int, int] = {}  # id(p) -> backward passes summed into p.grad
+        self._hooked: set[int] = set()
+        self._grads_zeroed = False  # zero_grad(set_to_none=False) left zeros in p.grad
+        self._scale_calls = 0  # loss_scaler.calls when the optimizer last cleared p.grad
         super().__init__(params, defaults)
         self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
         self._share_base()
         self.defaults.update(self.base_optimizer.defaults)
+        self._hook_params()
 
     def _share_base(self) -> None:
         # One list of group dicts and one state for both: a scheduler attached to the wrapper
         # drives the base optimizer's lr, and opt.state[p] shows the momentum buffers.
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state
+
+    def _hook_params(self) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.requires_grad and id(p) not in self._hooked:
+                    p.register_post_accumulate_grad_hook(_count_accumulations(self._grad_counts))
+                    self._hooked.add(id(p))
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         for key in self._radius_keys:
@@ -100,14 +151,35 @@ class SharpnessOptimizer(torch.optim.Optimizer):
         for key in self._radius_keys:
             param_group.setdefault(key, self.defaults[key])
         self.base_optimizer.add_param_group(param_group)
+        self._hook_params()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none)
+        self._grad_counts.clear()
+        self._grads_zeroed = not set_to_none
 
     def state_dict(self) -> dict[str, Any]:
-        """The base optimizer's state dict (its param groups carry the radii too)."""
-        return self.base_optimizer.state_dict()
+        """The base optimizer's state dict (its param groups carry the radii too), plus
+        ``"loss_scaler"``: the `LossScaler` state when there is one."""
+        state = self.base_optimizer.state_dict()
+        if self.loss_scaler is not None:
+            state["loss_scaler"] = self.loss_scaler.state_dict()
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict of this wrapper or of a plain base optimizer: radii missing from the
+        saved groups keep this optimizer's values; a saved LossScaler state is restored when
+        this optimizer has a loss scaler (a state dict without one loads too)."""
+        state_dict = dict(state_dict)
+        scaler_state = state_dict.pop("loss_scaler", None)
+        radii = [{k: g[k] for k in self._radius_keys if k in g} for g in self.param_groups]
         self.base_optimizer.load_state_dict(state_dict)
         self._share_base()
+        for group, old in zip(self.param_groups, radii):
+            for key in self._radius_keys:
+                group.setdefault(key, old.get(key, self.defaults[key]))
+        if scaler_state is not None and self.loss_scaler is not None:
+            self.loss_scaler.load_state_dict(scaler_state)
 
     def backward(self, loss: Tensor) -> None:
         """`loss.backward()`, through the loss scaler when there is one: call it in closures."""
@@ -134,10 +206,87 @@ class SharpnessOptimizer(torch.optim.Optimizer):
         return params, groups
 
     def _use_foreach(self, params: list[Tensor]) -> bool:
-        if self.foreach is not None:
-            return bool(self.foreach)
+        if self.perturb_foreach is not None:
+            return bool(self.perturb_foreach)
         # As torch.optim does: the multi-tensor kernels pay off on accelerators.
         return bool(params) and all(p.device.type != "cpu" for p in params)
+
+    def _check_groups(self) -> None:
+        """Radii set in `param_groups` after construction are checked at every step."""
+        for i, group in enumerate(self.param_groups):
+            for key in self._radius_keys:
+                message = _radius_error(key, group.get(key))
+                if message is not None:
+                    raise ValueError(f"param group {i}: {message}")
+
+    def _begin(self, grad_scaler: Any) -> None:
+        self._check_groups()
+        if grad_scaler is not None:
+            if self.loss_scaler is not None:
+                raise ValueError(
+                    "a torch.amp.GradScaler drives this step but the optimizer also has "
+                    "loss_scaler=: use one of them (drop loss_scaler= or call opt.step(closure))"
+                )
+            from torch.amp.grad_scaler import OptState
+
+            state = getattr(grad_scaler, "_per_optimizer_states", {}).get(id(self))
+            if state is not None and state.get("stage") is OptState.UNSCALED:
+                raise RuntimeError(
+                    "scaler.unscale_(opt) was called before scaler.step(opt, closure): the "
+                    "optimizer unscales every pass itself; remove it (clip with max_grad_norm=)"
+                )
+            if getattr(grad_scaler, "_scale", None) is None:
+                raise RuntimeError(
+                    "scaler.step(opt, closure) before any scaler.scale(loss): closures must call "
+                    "scaler.scale(loss).backward()"
+                )
+        self._grad_scaler = grad_scaler
+        self._hook_params()
+
+    def _end(self) -> None:
+        """After every step (taken, skipped or failed): p.grad is left empty, so the next step
+        never mistakes this step's gradients for gradients present at its entry."""
+        self._grad_scaler = None
+        self.at_theta = False
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.grad = None
+        self._grad_counts.clear()
+        self._grads_zeroed = False
+        if self.loss_scaler is not None:
+            self._scale_calls = self.loss_scaler.calls
+
+    @contextlib.contextmanager
+    def _stepping(self, grad_scaler: Any) -> Iterator[None]:
+        self._begin(grad_scaler)
+        try:
+            yield
+        finally:
+            self._end()
+
+    def _present_gradients(self, params: list[Tensor]) -> int:
+        """The number of backward passes summed into the gradients found in p.grad at step entry
+        (0: none). Zeros left by `zero_grad(set_to_none=False)` count as none."""
+        present = [p for p in params if p.grad is not None]
+        if not present:
+            return 0
+        passes = max(self._grad_counts.get(id(p), 0) for p in present)
+        name = type(self).__name__
+        if passes == 0:
+            if self._grads_zeroed:
+                for p in present:
+                    p.grad = None
+                return 0
+            raise RuntimeError(
+                f"{name} found gradients in p.grad at step entry that no backward pass produced "
+                "(set by hand?): compute gradients inside the closure"
+            )
+        if self.loss_scaler is not None and self.loss_scaler.calls - self._scale_calls < passes:
+            raise RuntimeError(
+                f"{name} has loss_scaler= but the gradients in p.grad at step entry were not "
+                "scaled: call opt.backward(loss) instead of loss.backward()"
+            )
+        return passes
 
     @contextlib.contextmanager
     def _frozen_batchnorm(self, freeze: bool) -> Iterator[None]:
@@ -160,20 +309,56 @@ class SharpnessOptimizer(torch.optim.Optimizer):
             return contextlib.nullcontext()
         return self.model.no_sync()
 
-    def _run(self, closure: Closure, params: list[Tensor], *, at_theta: bool, final: bool) -> Tensor:
-        """One pass: zero the gradients, run the closure with grad enabled, return its loss.
+    @staticmethod
+    def _as_loss(loss: Any) -> Tensor:
+        if loss is None:
+            raise TypeError("the closure must return the loss (a tensor) after calling backward")
+        loss = torch.as_tensor(loss).detach()
+        if loss.numel() != 1:
+            raise ValueError(
+                f"the closure must return a scalar loss, got a tensor of shape {tuple(loss.shape)}: "
+                "reduce it (e.g. loss.mean()) before backward and return that"
+            )
+        return loss if loss.dim() == 0 else loss.reshape(())
+
+    def _run(
+        self, closure: Closure, params: list[Tensor], *, at_theta: bool, final: bool, keep: bool = False
+    ) -> Tensor:
+        """One pass: zero the gradients (unless `keep`), run the closure with grad enabled,
+        return its loss.
 
         BatchNorm statistics move only in passes at theta; under DDP, a `local` perturbation keeps
         every pass but the final one free of communication (forward and backward in no_sync).
         """
-        for p in params:
-            p.grad = None
+        if not keep:
+            for p in params:
+                p.grad = None
         sync = final or self.perturbation == "synced"
-        with self._frozen_batchnorm(not at_theta), self._sync_context(sync), torch.enable_grad():
-            loss = closure()
-        if loss is None:
-            raise TypeError("the closure must return the loss (a tensor) after calling backward")
-        return torch.as_tensor(loss).detach()
+        calls = self.loss_scaler.calls if self.loss_scaler is not None else 0
+        self.at_theta = at_theta
+        try:
+            with self._frozen_batchnorm(not at_theta), self._sync_context(sync), torch.enable_grad():
+                loss = closure()
+        finally:
+            self.at_theta = False
+        if self.loss_scaler is not None and self.loss_scaler.calls == calls:
+            raise RuntimeError(
+                "the optimizer has loss_scaler= but the closure did not scale its loss: call "
+                "opt.backward(loss) instead of loss.backward()"
+            )
+        return self._as_loss(loss)
+
+    @property
+    def _scaled(self) -> bool:
+        return self.loss_scaler is not None or self._grad_scaler is not None
+
+    def _inv_scale(self, dtype: torch.dtype) -> Tensor | None:
+        """1 / loss scale for this step (float64 reciprocal, then cast), None without scaling."""
+        if self.loss_scaler is not None:
+            return self.loss_scaler.inv_scale(dtype)
+        if self._grad_scaler is not None:
+            return self._grad_scaler._scale.double().reciprocal().to(dtype)
+        return None
 
     def _grads(self, params: list[Tensor], foreach: bool, *, take: bool) -> list[Tensor | None]:
         """The gradients of `params` (None where there is none), unscaled when loss scaling is on.
@@ -182,16 +367,22 @@ class SharpnessOptimizer(torch.optim.Optimizer):
         fresh one while this one is kept: the kept list is a buffer, not a copy.
         """
         grads: list[Tensor | None] = [p.grad for p in params]
+        if not self._supports_sparse:
+            for i, g in enumerate(grads):
+                if g is not None and g.is_sparse:
+                    raise ValueError(
+                        f"{type(self).__name__} does not support sparse gradients (parameter {i} "
+                        "has one): use dense gradients (e.g. nn.Embedding(sparse=False)) or SAM"
+                    )
         if take:
             alias = bool(getattr(self.model, "gradient_as_bucket_view", False))
             for p in params:
                 p.grad = None
             if alias:  # DDP would overwrite bucket views in the next pass
                 grads = [g.clone() if g is not None else None for g in grads]
-        if self.loss_scaler is not None:
-            present = [g for g in grads if g is not None]
-            if present:
-                F.scale_(present, self.loss_scaler.inv_scale(present[0].dtype), foreach)
+        present = [g for g in grads if g is not None]
+        if present and self._scaled:
+            F.scale_(present, self._inv_scale(present[0].dtype), foreach)
         return grads
 
     @staticmethod
@@ -232,7 +423,7 @@ class SharpnessOptimizer(torch.optim.Optimizer):
 
         Lists are aligned with `params`; parameters whose gradient is None are not touched.
         """
-        denom = norm + self.eps
+        denom = norm + self.perturb_eps
         # Group by group: the radius is a per-group hyper-parameter, the norm is global.
         by_group: dict[int, tuple[dict[str, Any], list[int]]] = {}
         for i, (g, group) in enumerate(zip(grads, groups)):
@@ -254,18 +445,46 @@ class SharpnessOptimizer(torch.optim.Optimizer):
             F.copy_(params, theta, foreach)
             raise
 
-    def _final_pass(self, closure: Closure, params: list[Tensor], check: list[Tensor], foreach: bool) -> None:
+    def _final_pass(self, closure: Closure, params: list[Tensor], check: list[Tensor], foreach: bool) -> Tensor:
         """The last pass, at the fully perturbed point: its gradient stays in p.grad for the base
-        optimizer (unscaled by `_grads` when loss scaling is on); its norm joins `check`."""
-        self._run(closure, params, at_theta=False, final=True)
-        if self.check_finite or self.loss_scaler is not None:
-            final = [g for g in self._grads(params, foreach, take=False) if g is not None]
-            check.append(F.global_norm(final, foreach) if final else torch.zeros_like(check[0]))
+        optimizer; see `_final_gradients`."""
+        loss = self._run(closure, params, at_theta=False, final=True)
+        self._final_gradients(params, check, foreach)
+        return loss
+
+    def _final_gradients(
+        self, params: list[Tensor], check: list[Tensor], foreach: bool, *, want_norm: bool = False
+    ) -> Tensor | None:
+        """Make p.grad the gradient the base optimizer steps with: unscaled (by a GradScaler's
+        `unscale_`, which records its inf check for `scaler.update()`), its norm appended to
+        `check`, then clipped to `max_grad_norm`. Returns the norm before clipping, if computed."""
+        norm = None
+        if self._grad_scaler is not None:
+            grads = [p.grad for p in params if p.grad is not None]
+            if check and grads:
+                # A non-finite earlier pass must reach the scaler's found_inf too, so that
+                # scaler.update() lowers the scale: poison the final gradient (the step is skipped).
+                bad = ~torch.isfinite(torch.stack(check)).all()
+                grads[0].mul_(torch.where(bad, float("nan"), 1.0).to(grads[0].device))
+            self._grad_scaler.unscale_(self)
+        if want_norm or self.check_finite or self._scaled:
+            if self._grad_scaler is not None:
+                final = [p.grad for p in params if p.grad is not None]
+            else:
+                final = [g for g in self._grads(params, foreach, take=False) if g is not None]
+            norm = F.global_norm(final, foreach) if final else self._zero_like_norm(params)
+            if self.check_finite or self._scaled:
+                check.append(norm)
+        if self.max_grad_norm is not None:
+            with_grad = [p for p in params if p.grad is not None]
+            if with_grad:
+                torch.nn.utils.clip_grad_norm_(with_grad, self.max_grad_norm)
+        return norm
 
     def _finish(
         self,
         params: list[Tensor],
-        theta: list[Tensor],
+        theta: list[Tensor] | None,
         check: list[Tensor],
         pass_names: tuple[str, ...],
         foreach: bool,
@@ -273,25 +492,29 @@ class SharpnessOptimizer(torch.optim.Optimizer):
         """Restore theta bit for bit, then step the base optimizer unless a gradient was non-finite.
 
         `check` holds one 0-d norm per pass. Exactly one host sync reads them all (none when
-        check_finite=False and there is no loss scaler).
+        check_finite=False and there is no loss scaling).
         """
-        F.copy_(params, theta, foreach)
-        if self.loss_scaler is None and not self.check_finite:
-            self.stats["skipped"] = torch.zeros((), device=check[0].device)
+        if theta is not None:
+            F.copy_(params, theta, foreach)
+        device = check[0].device if check else self._zero_like_norm(params).device
+        if not self._scaled and not self.check_finite:
+            self.stats["skipped"] = torch.zeros((), device=device)
             self.base_optimizer.step()
             return
         # 1.0 where a pass's gradient norm is inf/NaN. Under DDP with local perturbations the
         # ranks still agree: a non-finite ascent gradient on one rank makes its perturbed
         # weights, hence its final gradient, non-finite, and the all-reduce spreads that.
         bad = (~torch.isfinite(torch.stack(check))).to(torch.float32)
-        if self.loss_scaler is not None:
+        if self._scaled:
             found_inf = bad.amax() > 0
-            self.loss_scaler.update(found_inf)
+            if self.loss_scaler is not None:
+                self.loss_scaler.update(found_inf)
+            # A GradScaler lowers its scale in scaler.update(), from what unscale_ recorded.
             self.stats["skipped"] = found_inf.to(torch.float32)
             if not bool(found_inf):  # the one sync: GradScaler makes the same one
                 self.base_optimizer.step()
             return
-        self.stats["skipped"] = torch.zeros((), device=check[0].device)
+        self.stats["skipped"] = torch.zeros((), device=device)
         flags = bad.tolist()  # the one sync
         if any(flags):
             name = pass_names[next(i for i, f in enumerate(flags) if f)]

@@ -28,6 +28,7 @@ class AgnosticSAM(SharpnessOptimizer):
     3. B^t at theta:      g_t(theta)
     4. B^t at theta^t:    theta^t = theta + rho1 * g_t(theta) / (||g_t(theta)|| + eps)
                                         - rho2 * g_v(theta^v) / (||g_v(theta^v)|| + eps)    (5)
+    (``eps`` is the ``perturb_eps`` argument)
 
     then restores theta bit for bit and lets the base optimizer step with g_t(theta^t); for plain
     SGD that is theta <- theta - lr * g_t(theta^t) (6). ``variant="simpler"`` (Sec. 5.1) skips
@@ -49,7 +50,8 @@ class AgnosticSAM(SharpnessOptimizer):
         rho2: radius on B^v, used both for theta^v and for the descent term in theta^t (>= 0).
         variant: ``"full"`` (Algorithm 1) or ``"simpler"`` (Sec. 5.1).
         adaptive: Adaptive-SAM scaling, see above.
-        eps: added to every norm in a denominator (> 0), so a zero gradient perturbs by zero.
+        perturb_eps: added to every norm in a denominator (> 0), so a zero gradient perturbs
+            by zero. (``eps`` is the base optimizer's, e.g. Adam's, passed on unchanged.)
         model: the module the closures run (possibly DDP-wrapped). When given, BatchNorm running
             statistics are updated only by the passes at theta (B^v, then B^t), exactly as if the
             perturbed passes had not run, and every BatchNorm setting is restored even when a
@@ -59,14 +61,29 @@ class AgnosticSAM(SharpnessOptimizer):
             ``model.no_sync()`` (each rank perturbs with its own shard, as SAM's m-sharpness);
             only g_t(theta^t) is all-reduced. ``"synced"``: every pass is all-reduced, so the step
             equals the single-process step on the global batch.
-        loss_scaler: a `LossScaler` for float16: closures call ``opt.backward(loss)``; each pass's
-            gradients are unscaled before their norm; a step with a non-finite gradient in any
-            pass is skipped (``stats["skipped"] == 1``) and the scale lowered.
+        loss_scaler: a `LossScaler` for float16: closures call ``opt.backward(loss)`` (a pass
+            that does not raises `RuntimeError`); each pass's gradients are unscaled before their
+            norm; a step with a non-finite gradient in any pass is skipped
+            (``stats["skipped"] == 1``) and the scale lowered. Instead of it, a
+            ``torch.amp.GradScaler`` may drive the step: ``scaler.step(opt, closure,
+            val_closure)`` (closures positional) with closures calling
+            ``scaler.scale(loss).backward()``, then ``scaler.update()``; the same steps result.
         check_finite: without a loss scaler, raise `FloatingPointError` naming the first pass
             with a non-finite gradient (one host sync per step); parameters are back at theta and
             the base optimizer's state is untouched. ``False`` removes that sync.
-        foreach: multi-tensor kernels (default: on when every parameter is on an accelerator).
-        **base_kwargs: passed to ``base_optimizer`` (lr, momentum, weight_decay, ...).
+        perturb_foreach: multi-tensor kernels for the perturbation arithmetic (default: on when
+            every parameter is on an accelerator). ``foreach`` is the base optimizer's.
+        max_grad_norm: clip the final gradient g_t(theta^t), the one the base optimizer steps
+            with (after unscaling), to this global 2-norm, as ``clip_grad_norm_`` does. Clipping
+            an ascent gradient would change nothing: it is normalized.
+        **base_kwargs: passed to ``base_optimizer`` unchanged (lr, momentum, weight_decay, eps,
+            betas, foreach, fused, ...).
+
+    ``opt.at_theta`` is True exactly while a closure runs at theta (passes 1 and 3), e.g. to
+    count training accuracy only there. Gradients already in p.grad at step entry raise
+    `RuntimeError` (forward and backward belong inside the closures; to accumulate micro-batches
+    use `accumulate`); p.grad is empty after every step. Sparse gradients raise `ValueError`
+    before any pass at a perturbed point.
 
     After each step ``opt.stats`` holds 0-d tensors (no host sync): ``loss_train`` (B^t at
     theta), ``loss_val`` (B^v at theta), ``grad_norm_train`` = ||g_t(theta)||,
@@ -80,6 +97,7 @@ class AgnosticSAM(SharpnessOptimizer):
 
     _radius_keys = ("rho1", "rho2")
     _num_buffers = 2
+    _supports_sparse = False
 
     def __init__(
         self,
@@ -90,12 +108,13 @@ class AgnosticSAM(SharpnessOptimizer):
         rho2: float = 0.05,
         variant: str = "full",
         adaptive: bool = False,
-        eps: float = 1e-12,
+        perturb_eps: float = 1e-12,
         model: nn.Module | None = None,
         perturbation: str = "local",
         loss_scaler: LossScaler | None = None,
         check_finite: bool = True,
-        foreach: bool | None = None,
+        perturb_foreach: bool | None = None,
+        max_grad_norm: float | None = None,
         **base_kwargs: Any,
     ) -> None:
         if variant not in VARIANTS:
@@ -106,12 +125,13 @@ class AgnosticSAM(SharpnessOptimizer):
             base_optimizer,
             {"rho1": rho1, "rho2": rho2},
             adaptive=adaptive,
-            eps=eps,
+            perturb_eps=perturb_eps,
             model=model,
             perturbation=perturbation,
             loss_scaler=loss_scaler,
             check_finite=check_finite,
-            foreach=foreach,
+            perturb_foreach=perturb_foreach,
+            max_grad_norm=max_grad_norm,
             base_kwargs=base_kwargs,
         )
 
@@ -122,14 +142,28 @@ class AgnosticSAM(SharpnessOptimizer):
         return ("B^v at theta", "B^t at theta", "B^t at theta^t")
 
     @torch.no_grad()
-    def step(self, train_closure: Closure | None = None, val_closure: Closure | None = None) -> Tensor:  # type: ignore[override]
-        """One Agnostic-SAM step; returns the B^t loss at theta, detached."""
-        if not callable(train_closure) or not callable(val_closure):
+    def step(  # type: ignore[override]
+        self, closure: Closure | None = None, val_closure: Closure | None = None, *, grad_scaler: Any = None
+    ) -> Tensor:
+        """One Agnostic-SAM step; `closure` runs B^t, `val_closure` B^v. Returns the B^t loss at
+        theta, detached."""
+        if not callable(closure) or not callable(val_closure):
             raise TypeError(
-                "AgnosticSAM.step(train_closure, val_closure) needs two closures, each running "
-                "forward and backward on its part of the batch (B^t, B^v) and returning the loss"
+                "AgnosticSAM.step(closure, val_closure) needs two closures, each running "
+                "forward and backward on its part of the batch (B^t, B^v) and returning the loss "
+                "(with a GradScaler: scaler.step(opt, closure, val_closure))"
             )
+        with self._stepping(grad_scaler):
+            return self._step(closure, val_closure)
+
+    def _step(self, train_closure: Closure, val_closure: Closure) -> Tensor:
         params, groups = self._params()
+        if self._present_gradients(params):
+            raise RuntimeError(
+                "AgnosticSAM.step found gradients already in p.grad: run forward and backward "
+                "only inside the closures (accumulate micro-batches with agnostic_sam.accumulate) "
+                "and call opt.zero_grad() before the step"
+            )
         foreach = self._use_foreach(params)
         theta = [p.detach().clone() for p in params]  # buffer 1: theta, restored bit for bit
         with self._restore_on_error(params, theta, foreach):
