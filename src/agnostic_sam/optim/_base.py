@@ -221,6 +221,14 @@ class SharpnessOptimizer(torch.optim.Optimizer):
 
     def _begin(self, grad_scaler: Any) -> None:
         self._check_groups()
+        if grad_scaler is None and getattr(self, "grad_scale", None) is not None:
+            # GradScaler's attribute protocol: it could not see step's grad_scaler keyword, so
+            # it cannot learn this step's inf checks and scaler.update() would fail after it.
+            raise RuntimeError(
+                "a torch.amp.GradScaler drives this step through a wrapper that hides its "
+                "grad_scaler keyword (e.g. accelerate's fp16 optimizer): call "
+                "scaler.step(opt, closure) on this optimizer itself, or use loss_scaler=LossScaler()"
+            )
         if grad_scaler is not None:
             if self.loss_scaler is not None:
                 raise ValueError(
@@ -234,11 +242,6 @@ class SharpnessOptimizer(torch.optim.Optimizer):
                 raise RuntimeError(
                     "scaler.unscale_(opt) was called before scaler.step(opt, closure): the "
                     "optimizer unscales every pass itself; remove it (clip with max_grad_norm=)"
-                )
-            if getattr(grad_scaler, "_scale", None) is None:
-                raise RuntimeError(
-                    "scaler.step(opt, closure) before any scaler.scale(loss): closures must call "
-                    "scaler.scale(loss).backward()"
                 )
         self._grad_scaler = grad_scaler
         self._hook_params()
@@ -278,8 +281,8 @@ class SharpnessOptimizer(torch.optim.Optimizer):
                     p.grad = None
                 return 0
             raise RuntimeError(
-                f"{name} found gradients in p.grad at step entry that no backward pass produced "
-                "(set by hand?): compute gradients inside the closure"
+                f"{name} found gradients in p.grad at step entry that no backward pass since its "
+                "last step produced (left over or set by hand): call opt.zero_grad() first"
             )
         if self.loss_scaler is not None and self.loss_scaler.calls - self._scale_calls < passes:
             raise RuntimeError(
