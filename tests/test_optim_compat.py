@@ -11,7 +11,7 @@ import copy
 
 import pytest
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.nn import functional as F
 
 from agnostic_sam import SAM, AgnosticSAM, LossScaler, Plain, accumulate
@@ -40,7 +40,7 @@ def data(n_steps: int = STEPS, n: int = 32, dtype=torch.float64, seed: int = 1):
 def closure(model, x, y, backward=None):
     def run():
         loss = F.cross_entropy(model(x), y)
-        (backward or (lambda l: l.backward()))(loss)
+        (backward or Tensor.backward)(loss)
         return loss
 
     return run
@@ -88,14 +88,35 @@ def test_grad_scaler_step_equals_loss_scaler_path(kind: str) -> None:
     batches = data(STEPS, dtype=torch.float32)
     for i, (x, y) in enumerate(batches):
         bad = 1.0 if i != 7 else float("inf")
-        do_step(kind, ref_opt, ref, x, y, lambda l: ref_opt.backward(l * bad))
-        do_step(kind, opt, model, x, y, lambda l: scaler.scale(l * bad).backward(),
+        do_step(kind, ref_opt, ref, x, y, lambda loss, bad=bad: ref_opt.backward(loss * bad))
+        do_step(kind, opt, model, x, y, lambda loss, bad=bad: scaler.scale(loss * bad).backward(),
                 step=lambda *c: scaler.step(opt, *c))
         scaler.update()
         assert torch.equal(opt.stats["skipped"], ref_opt.stats["skipped"])
         assert scaler.get_scale() == ref_opt.loss_scaler.get_scale(), i
     assert same(ref, model)  # bit for bit
     assert ref_opt.loss_scaler.get_scale() < 2.0**10 * 2**6  # one backoff happened
+
+
+@pytest.mark.parametrize(("kind", "bad_pass"), [("sam", 0), ("full", 0), ("full", 1), ("simpler", 2)])
+def test_grad_scaler_overflow_in_one_early_pass_skips_and_backs_off_once(kind: str, bad_pass: int) -> None:
+    model = mlp(torch.float32)
+    opt = build(kind, model)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    scaler.scale(torch.zeros(()))
+    calls = {"n": 0}
+
+    def backward(loss):
+        factor = float("inf") if calls["n"] == bad_pass else 1.0
+        calls["n"] += 1
+        scaler.scale(loss * factor).backward()
+
+    x, y = data(1, dtype=torch.float32)[0]
+    before = copy.deepcopy(model)
+    do_step(kind, opt, model, x, y, backward, step=lambda *c: scaler.step(opt, *c))
+    scaler.update()
+    assert float(opt.stats["skipped"]) == 1.0 and scaler.get_scale() == 2.0**9
+    assert same(before, model)
 
 
 def test_grad_scaler_plain_equals_torch_sgd_with_grad_scaler() -> None:
@@ -110,7 +131,7 @@ def test_grad_scaler_plain_equals_torch_sgd_with_grad_scaler() -> None:
         s1.scale(F.cross_entropy(ref(x), y)).backward()
         s1.step(ref_opt)
         s1.update()
-        s2.step(opt, closure(model, x, y, lambda l: s2.scale(l).backward()))
+        s2.step(opt, closure(model, x, y, lambda loss: s2.scale(loss).backward()))
         s2.update()
     assert same(ref, model) and s1.get_scale() == s2.get_scale() == 2.0**12
 
@@ -122,10 +143,10 @@ def test_grad_scaler_davda54_backward_then_step() -> None:
     s2 = torch.amp.GradScaler("cpu", init_scale=2.0**8, growth_interval=2)
     s1.scale(torch.zeros(()))
     for x, y in data(6, dtype=torch.float32):
-        s1.step(ref_opt, closure(ref, x, y, lambda l: s1.scale(l).backward()))
+        s1.step(ref_opt, closure(ref, x, y, lambda loss: s1.scale(loss).backward()))
         s1.update()
         s2.scale(F.cross_entropy(model(x), y)).backward()
-        s2.step(opt, closure(model, x, y, lambda l: s2.scale(l).backward()))
+        s2.step(opt, closure(model, x, y, lambda loss: s2.scale(loss).backward()))
         s2.update()
     assert same(ref, model) and s1.get_scale() == s2.get_scale()
 
@@ -140,7 +161,7 @@ def test_grad_scaler_through_a_wrapper_hiding_the_keyword_raises() -> None:
     scaler.scale(torch.zeros(()))
     before = copy.deepcopy(model)
     with pytest.raises(RuntimeError, match="hides its grad_scaler keyword"):
-        scaler.step(opt, closure(model, *data(1, dtype=torch.float32)[0], lambda l: scaler.scale(l).backward()))
+        scaler.step(opt, closure(model, *data(1, dtype=torch.float32)[0], lambda loss: scaler.scale(loss).backward()))
     assert same(before, model)
 
 
@@ -201,7 +222,7 @@ def test_plain_keeps_accumulated_gradients_like_torch_optim() -> None:
             if m == 0:
                 (F.cross_entropy(model(xm), ym) / 2).backward()
         ref_opt.step()
-        opt.step(closure(model, x[16:], y[16:], lambda l: (l / 2).backward()))
+        opt.step(closure(model, x[16:], y[16:], lambda loss: (loss / 2).backward()))
     assert same(ref, model)
 
 
@@ -318,7 +339,7 @@ def test_davda54_backward_then_step_closure_takes_two_passes(adaptive: bool) -> 
         loss = F.cross_entropy(model(x), y)
         loss.backward()
 
-        def c():
+        def c(x=x, y=y):
             calls["n"] += 1
             return closure(model, x, y)()
 
@@ -352,6 +373,11 @@ def test_davda54_phase_misuse_raises() -> None:
         opt.first_step()
     with pytest.raises(RuntimeError, match="without first_step"):
         opt.second_step()
+    x, y = data(1)[0]
+    F.cross_entropy(model(x), y).backward()
+    opt.first_step()
+    with pytest.raises(RuntimeError, match="call second_step"):
+        opt.step(closure(model, x, y))
 
 
 # ---- 5. accumulation inside the closure ------------------------------------------------------------
@@ -376,9 +402,9 @@ def test_accumulate_2x16_equals_1x32(kind: str) -> None:
 def test_accumulate_rejects_bad_input() -> None:
     f = lambda x: x.sum()  # noqa: E731
     with pytest.raises(ValueError, match="micro_batches=0"):
-        accumulate(f, (torch.ones(4),), 0, lambda l: None)
+        accumulate(f, (torch.ones(4),), 0, lambda loss: None)
     with pytest.raises(ValueError, match="more than the 4 samples"):
-        accumulate(f, (torch.ones(4),), 5, lambda l: None)
+        accumulate(f, (torch.ones(4),), 5, lambda loss: None)
 
 
 # ---- 8. max_grad_norm clips the final gradient --------------------------------------------------------
@@ -458,7 +484,7 @@ def test_plain_loss_scaler_skips_overflow() -> None:
     x, y = data(1, dtype=torch.float32)[0]
     opt.step(closure(model, x, y, opt.backward))
     before = copy.deepcopy(model)
-    opt.step(closure(model, x, y, lambda l: opt.backward(l * float("inf"))))
+    opt.step(closure(model, x, y, lambda loss: opt.backward(loss * float("inf"))))
     assert float(opt.stats["skipped"]) == 1.0 and opt.loss_scaler.get_scale() == 4.0
     assert same(before, model)
 

@@ -120,6 +120,7 @@ class SharpnessOptimizer(torch.optim.Optimizer):
         self._grad_scaler: Any = None  # the torch.amp.GradScaler driving the current step
         self._grad_counts: dict[int, int] = {}  # id(p) -> backward passes summed into p.grad
         self._hooked: set[int] = set()
+        self._hook_handles: list[Any] = []
         self._grads_zeroed = False  # zero_grad(set_to_none=False) left zeros in p.grad
         self._scale_calls = 0  # loss_scaler.calls when the optimizer last cleared p.grad
         super().__init__(params, defaults)
@@ -138,8 +139,13 @@ class SharpnessOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 if p.requires_grad and id(p) not in self._hooked:
-                    p.register_post_accumulate_grad_hook(_count_accumulations(self._grad_counts))
+                    hook = _count_accumulations(self._grad_counts)
+                    self._hook_handles.append(p.register_post_accumulate_grad_hook(hook))
                     self._hooked.add(id(p))
+
+    def __del__(self) -> None:
+        for handle in getattr(self, "_hook_handles", ()):
+            handle.remove()
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         for key in self._radius_keys:
