@@ -1,4 +1,4 @@
-"""Issue-2 step-time benchmark: CIFAR ResNet-18, batch 64, 32x32, one CPU thread.
+"""Step-time benchmark: CIFAR ResNet-18, batch 64, 32x32, one CPU thread.
 
 Times SGD, SAM and Agnostic-SAM (full, simpler) interleaved (agnostic_sam.bench), prints the
 table and checks the targets on the ratio of median step times to SAM:
@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from agnostic_sam.bench import BenchConfig, format_markdown, run_bench, write_report
+from agnostic_sam.methods import get_method
 
 TARGETS = {"agnostic-sam": 1.03, "agnostic-sam-simpler": 0.88}
 
@@ -59,7 +60,7 @@ def optimizer_only_times(cfg: BenchConfig, repeats: int) -> dict[str, float]:
     What is left is the optimizer's own arithmetic (clone of theta, norms, perturbations,
     restores, the base SGD step) and its bookkeeping, without any forward or backward pass.
     """
-    from agnostic_sam import SAM, AgnosticSAM
+    from agnostic_sam.methods import create_optimizer, get_method
     from agnostic_sam.models import create_model
 
     torch.manual_seed(cfg.seed)
@@ -76,16 +77,14 @@ def optimizer_only_times(cfg: BenchConfig, repeats: int) -> dict[str, float]:
             p.grad = g
         return loss
 
-    kw = dict(lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, model=model)
-    sgd = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    steps = {
-        "sgd": lambda: (closure(), sgd.step()),
-        "sam": (lambda o: lambda: o.step(closure))(SAM(params, rho=cfg.rho, **kw)),
-        "agnostic-sam": (lambda o: lambda: o.step(closure, closure))(
-            AgnosticSAM(params, rho1=cfg.rho1, rho2=cfg.rho2, **kw)),
-        "agnostic-sam-simpler": (lambda o: lambda: o.step(closure, closure))(
-            AgnosticSAM(params, rho1=cfg.rho1, rho2=cfg.rho2, variant="simpler", **kw)),
-    }
+    def step_of(name: str):
+        opt = create_optimizer(name, params, torch.optim.SGD,
+                               dict(lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay),
+                               radii={"rho": cfg.rho, "rho1": cfg.rho1, "rho2": cfg.rho2}, model=model)
+        closures = (closure, closure) if get_method(name).splits_batch else (closure,)
+        return lambda: opt.step(*closures)
+
+    steps = {name: step_of(name) for name in cfg.methods}
     best = dict.fromkeys(steps, float("inf"))
     for rep in range(repeats + 1):  # interleaved; the first repeat is warm-up
         for name, step in steps.items():
@@ -126,9 +125,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
         passes = pass_times(cfg, repeats=max(args.rounds, 3))
         b, (n_t, n_v) = cfg.batch_size, cfg.split_sizes()
-        predicted = {"sgd": passes[b], "sam": 2 * passes[b],
-                     "agnostic-sam": 2 * passes[n_t] + 2 * passes[n_v],
-                     "agnostic-sam-simpler": 2 * passes[n_t] + passes[n_v]}
+        size = {"B": b, "B^t": n_t, "B^v": n_v}
+        predicted = {name: sum(passes[size[part]] for part in get_method(name).passes)
+                     for name in cfg.methods}
         rows = ["", "## Breakdown: forward+backward passes vs whole steps", "",
                 "| batch | fwd+bwd ms | ms per image |", "|---|---|---|"]
         rows += [f"| {n} | {t:.1f} | {t / n:.3f} |" for n, t in passes.items()]
@@ -145,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         extra = "\n".join(rows) + "\n"
 
     json_path, md_path = write_report(result, args.out, stem="step_time",
-                                      title="Step time, CIFAR ResNet-18 (issue 2)")
+                                      title="Step time, CIFAR ResNet-18")
     targets = "\n".join(
         f"- {n}: ratio of median step times to SAM {m['ratio_to_sam']:.3f} (target <= {lim}): "
         f"{'met' if m['target_met'] else 'MISSED'}; paired per-round range "
@@ -154,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{m['sample_ratio_to_sam']:.3f}"
         for n, lim in TARGETS.items() for m in [result["methods"][n]])
     md_path.write_text(md_path.read_text() + "\n## Targets\n\n" + targets + "\n" + extra)
-    print(format_markdown(result, "Step time, CIFAR ResNet-18 (issue 2)"))
+    print(format_markdown(result, "Step time, CIFAR ResNet-18"))
     print(targets)
     print(extra)
     print(f"wrote {json_path} and {md_path}")

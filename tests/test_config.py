@@ -10,7 +10,8 @@ import yaml
 
 from agnostic_sam.cli.train import add_train_arguments, config_from_args
 from agnostic_sam.errors import UsageError
-from agnostic_sam.train.config import RESULT_FIELDS, TrainConfig, load_config, save_config
+from agnostic_sam.train.config import TrainConfig, load_config, save_config
+from agnostic_sam.train.rundir import IDENTITY_FIELDS as RESULT_FIELDS
 
 INTERFACE_FIELDS = [
     "dataset", "data_dir", "download", "model", "weights", "optimizer", "epochs", "batch_size", "lr",
@@ -18,6 +19,8 @@ INTERFACE_FIELDS = [
     "split_ratio", "split", "noise_rate", "val_fraction", "seed", "device", "workers", "threads", "out",
     "resume", "amp", "compile", "channels_last", "check_finite", "perturbation", "sync_bn", "accumulate",
     "image_size", "num_classes", "train_size", "test_size", "max_steps", "progress",
+    # 0.2: base optimizer settings, warm-up, clipping, loggers, the small-data subset
+    "base_optimizer", "betas", "adam_eps", "warmup_epochs", "max_grad_norm", "log", "train_fraction",
 ]
 
 

@@ -371,7 +371,7 @@ def test_indivisible_or_unsplittable_batches_are_usage_errors() -> None:
 ])
 def test_trainer_rejects_what_ddp_cannot_honour(overrides: dict[str, Any], message: str) -> None:
     from agnostic_sam.train import TrainConfig
-    from agnostic_sam.train.loop import _check_distributed
+    from agnostic_sam.train.build import check_distributed as _check_distributed
 
     with pytest.raises(UsageError, match=message):
         _check_distributed(TrainConfig(**overrides), 4)

@@ -16,7 +16,7 @@ import torch
 
 from agnostic_sam.errors import UsageError
 from agnostic_sam.train import load_checkpoint, load_config, train
-from agnostic_sam.train import loop as loop_module
+from agnostic_sam.train import rundir as rundir_module
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -41,9 +41,9 @@ def assert_same_run(a: Path, b: Path) -> None:
 
 
 def interrupt_then_resume(cfg, monkeypatch, kill_at_save: int) -> None:
-    """Run until the `kill_at_save`-th checkpoint save, die there (metrics.jsonl already holds
-    that epoch, the checkpoint does not), then resume."""
-    real_save = loop_module.save_checkpoint
+    """Run until the `kill_at_save`-th checkpoint save, die there (neither the checkpoint nor
+    metrics.jsonl holds that epoch: the checkpoint is written first), then resume."""
+    real_save = rundir_module.save_checkpoint
     calls = []
 
     def dying_save(path, obj):
@@ -52,12 +52,12 @@ def interrupt_then_resume(cfg, monkeypatch, kill_at_save: int) -> None:
             raise KeyboardInterrupt
         real_save(path, obj)
 
-    monkeypatch.setattr(loop_module, "save_checkpoint", dying_save)
+    monkeypatch.setattr(rundir_module, "save_checkpoint", dying_save)
     with pytest.raises(KeyboardInterrupt):
         train(cfg)
-    monkeypatch.setattr(loop_module, "save_checkpoint", real_save)
+    monkeypatch.setattr(rundir_module, "save_checkpoint", real_save)
     out = Path(cfg.out)
-    assert len((out / "metrics.jsonl").read_text().splitlines()) == kill_at_save
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == kill_at_save - 1
     assert load_checkpoint(out / "checkpoint.pt")["epoch"] == kill_at_save - 1
     assert not (out / "result.json").exists()
     train(dataclasses.replace(cfg, resume=True))

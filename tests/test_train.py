@@ -92,7 +92,7 @@ def test_fixed_split_epoch_is_one_pass_over_s_t(tmp_path):
 
 def test_fixed_split_rows_keep_s_t_and_s_v_apart():
     from agnostic_sam.data import fixed_split
-    from agnostic_sam.train.loop import _epoch_index
+    from agnostic_sam.train.batches import epoch_index as _epoch_index
 
     cfg = load_config(None, {"split": "fixed", "batch_size": 10, "seed": 3})
     idx_t, idx_v = fixed_split(100, 0.7, 3)
@@ -121,15 +121,18 @@ def test_accumulate_matches_one_pass(tmp_path):
     assert a["final_test_acc"] == pytest.approx(b["final_test_acc"], abs=0.3)
 
 
+@pytest.mark.parametrize("check_finite", [True, False])
 @pytest.mark.parametrize("optimizer", ["agnostic-sam", "sgd"])
-def test_nonfinite_loss_stops_when_unchecked(tmp_path, optimizer):
-    # check_finite=False (or plain SGD, which has no check): a diverged epoch ends the run.
-    from agnostic_sam.errors import UsageError
+def test_nonfinite_loss_stops_the_run(tmp_path, optimizer, check_finite):
+    # Checked (a non-finite gradient in a pass) or not (a non-finite epoch loss): the run fails
+    # with one line and result.json says so; it never reports a result.
+    from agnostic_sam.errors import TrainingDiverged
 
-    with pytest.raises(UsageError, match="diverged: epoch 1 mean loss is nan") as info:
-        train(cfg_for(tmp_path, optimizer=optimizer, lr=1e8, epochs=2, check_finite=False))
-    assert "\n" not in str(info.value)
-    assert not (tmp_path / "run" / "result.json").exists()
+    with pytest.raises(TrainingDiverged, match="training diverged at epoch 1") as info:
+        train(cfg_for(tmp_path, optimizer=optimizer, lr=1e8, epochs=2, check_finite=check_finite))
+    assert "\n" not in str(info.value) and "lower --lr" in str(info.value)
+    result = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert result["status"] == "diverged" and result["final_test_acc"] is None
 
 
 @pytest.mark.parametrize("optimizer", ["agnostic-sam", "sgd"])

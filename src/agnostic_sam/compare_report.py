@@ -9,48 +9,27 @@ reference methods, the markdown page, the accuracy-curve plot and ``comparison.j
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from agnostic_sam.compare_config import CompareConfig, PlannedRun
+from agnostic_sam.methods import REFERENCES, get_method
 from agnostic_sam.stats import Summary, format_mean_std, format_paired, paired_difference, summarize
+from agnostic_sam.train.checkpoint import atomic_write_text
+from agnostic_sam.train.rundir import RunDir, strict_json
 
-if TYPE_CHECKING:
-    from agnostic_sam.compare import CompareConfig, _Run
-    from agnostic_sam.train.config import TrainConfig
-
-__all__ = ["REFERENCES", "jsonable", "markdown", "paired", "read_run", "summaries", "write_report"]
-
-# Reference methods every other method is paired against.
-REFERENCES = ("sgd", "sam")
+__all__ = ["jsonable", "markdown", "paired", "read_run", "summaries", "write_report"]
 
 
-def read_run(run: _Run) -> dict:
+def read_run(run: PlannedRun) -> dict:
     """``{"result": result.json, "curve": test accuracy per epoch}`` of a finished run."""
-    run_dir = Path(run.cfg.out)
-    result = json.loads((run_dir / "result.json").read_text())
-    curve = []
-    metrics = run_dir / "metrics.jsonl"
-    if metrics.is_file():
-        curve = [
-            json.loads(line)["test_acc"]
-            for line in metrics.read_text().splitlines()
-            if line.strip()
-        ]
-    return {"result": result, "curve": curve}
-
-
-def _radius_text(cfg: TrainConfig) -> str:
-    if cfg.optimizer == "sam":
-        return f"rho={cfg.rho:g}"
-    if cfg.optimizer in ("agnostic-sam", "agnostic-sam-simpler"):
-        return f"rho1={cfg.rho1:g}, rho2={cfg.rho2:g}"
-    return "-"
+    run_dir = RunDir(run.cfg.out)
+    return {"result": run_dir.read_result(), "curve": [m["test_acc"] for m in run_dir.read_metrics()]}
 
 
 def summaries(
-    cc: CompareConfig, runs: Sequence[_Run], eigen: Callable[[str], float] | None
+    cc: CompareConfig, runs: Sequence[PlannedRun], eigen: Callable[[str], float] | None
 ) -> dict[str, dict]:
     """Per optimizer: its radius, final/best accuracy and seconds per run over the seeds, the
     per-seed final accuracies (for pairing), the curves and, with ``eigen``, the top eigenvalue."""
@@ -60,7 +39,7 @@ def summaries(
         read = {r.seed: read_run(r) for r in mine}
         final = {s: float(v["result"]["final_test_acc"]) for s, v in read.items()}
         entry = {
-            "radius": _radius_text(mine[0].cfg),
+            "radius": get_method(optimizer).radius_text(mine[0].cfg),
             "final_test_acc": summarize(list(final.values())),
             "best_test_acc": summarize(
                 [float(v["result"]["best_test_acc"]) for v in read.values()]
@@ -143,7 +122,7 @@ def markdown(
             "|---|" + "---|" * (len(cands) + 1),
         ]
         for name, grid in tuning["grid"].items():
-            cells = " | ".join(format_mean_std(grid[r]) for r in cands)
+            cells = " | ".join(format_mean_std(grid[r]) if grid[r].n else "diverged" for r in cands)
             lines.append(f"| {name} | {cells} | {tuning['chosen'][name]:g} |")
     return "\n".join(lines) + "\n"
 
@@ -163,7 +142,7 @@ def jsonable(value: Any) -> Any:
 
 def write_report(
     cc: CompareConfig,
-    runs: Sequence[_Run],
+    runs: Sequence[PlannedRun],
     tuning: dict | None,
     metric: str,
     settings: Mapping[str, Any],
@@ -204,8 +183,8 @@ def write_report(
         "files": {"markdown": str(root / "comparison.md"), "curves": str(png)},
     }
     root.mkdir(parents=True, exist_ok=True)
-    (root / "comparison.json").write_text(json.dumps(report, indent=2) + "\n")
-    (root / "comparison.md").write_text(page)
+    atomic_write_text(root / "comparison.json", strict_json(report, indent=2) + "\n")
+    atomic_write_text(root / "comparison.md", page)
     if print_report:
         print(page, end="")
         print(f"\nwrote {root / 'comparison.md'}, {root / 'comparison.json'}, {png}")

@@ -14,7 +14,6 @@ A run directory (written by `agnostic-sam train`) holds `config.yaml` and `check
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ from torch import nn
 from agnostic_sam.analysis.common import Batch
 from agnostic_sam.analysis.hessian import top_eigenvalues
 from agnostic_sam.errors import UsageError
+from agnostic_sam.train.rundir import CHECKPOINT_NAME, CONFIG_NAME, METRICS_NAME, RunDir
 
 __all__ = [
     "check_run_dir",
@@ -35,7 +35,7 @@ __all__ = [
 ]
 
 
-def check_run_dir(run_dir: str | Path, *, need: tuple[str, ...] = ("config.yaml", "checkpoint.pt")) -> Path:
+def check_run_dir(run_dir: str | Path, *, need: tuple[str, ...] = (CONFIG_NAME, CHECKPOINT_NAME)) -> Path:
     """The run directory as a Path, or UsageError naming what is missing."""
     path = Path(run_dir)
     if not path.is_dir():
@@ -79,7 +79,8 @@ def run_batches(cfg: Any, batches: int, *, batch_size: int | None = None, seed: 
     if size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {size}")
     bundle = build_data(cfg.dataset, data_dir=cfg.data_dir, download=False, noise_rate=cfg.noise_rate,
-                        seed=cfg.seed, val_fraction=cfg.val_fraction, image_size=cfg.image_size)
+                        seed=cfg.seed, val_fraction=cfg.val_fraction,
+                        train_fraction=cfg.train_fraction, image_size=cfg.image_size)
     loader = torch.utils.data.DataLoader(_train_with_eval_transforms(bundle), batch_size=size,
                                          shuffle=False, num_workers=0)
     kept: list[Batch] = []
@@ -95,16 +96,7 @@ def run_batches(cfg: Any, batches: int, *, batch_size: int | None = None, seed: 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     """The rows of `metrics.jsonl` (one JSON object per epoch); UsageError if missing or broken."""
-    path = check_run_dir(run_dir, need=("metrics.jsonl",)) / "metrics.jsonl"
-    rows = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as exc:
-            raise UsageError(f"{path}: line {number} is not JSON ({exc.msg})") from exc
-    return rows
+    return RunDir(check_run_dir(run_dir, need=(METRICS_NAME,))).read_metrics()
 
 
 def top_eigenvalue_of_run(run_dir: str | Path, batches: int = 4, iters: int = 100, seed: int = 0, *,

@@ -32,30 +32,21 @@ transient per-step buffers (``None`` when it has no such method). On CUDA additi
 parameters, every optimizer's state and the batch: the step's activations, gradients and
 optimizer buffers).
 
-The package: `agnostic_sam.bench.methods` (the registry of timed optimizers),
+The package: `agnostic_sam.bench.methods` (a registered method as a timed step),
 `agnostic_sam.bench.timing` (the config, the timing and :func:`run_bench`) and
 `agnostic_sam.bench.report` (hardware, command line, Markdown and files).
 """
 
 from __future__ import annotations
 
-from agnostic_sam.bench.methods import METHODS, Method, register_method
 from agnostic_sam.bench.report import current_command, format_markdown, hardware_info, write_report
 from agnostic_sam.bench.timing import BenchConfig, run_bench
 
-# Internals the tests check directly, re-exported under their historical names.
-from agnostic_sam.bench.timing import _add_ratios as _add_ratios
-from agnostic_sam.bench.timing import _state_bytes as _state_bytes
-from agnostic_sam.bench.timing import _time_steps as _time_steps
-
 __all__ = [
-    "METHODS",
     "BenchConfig",
-    "Method",
     "current_command",
     "format_markdown",
     "hardware_info",
-    "register_method",
     "run_bench",
     "write_report",
 ]

@@ -16,10 +16,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from agnostic_sam.bench.methods import METHODS, StepFn, make_loss
+from agnostic_sam.bench.methods import StepFn, build_step, make_loss
 from agnostic_sam.bench.report import current_command, hardware_info
 from agnostic_sam.errors import UsageError
-from agnostic_sam.train.setup import resolve_device
+from agnostic_sam.methods import METHODS, list_methods
+from agnostic_sam.train.build import resolve_device
 
 __all__ = ["BenchConfig", "run_bench"]
 
@@ -40,7 +41,7 @@ class BenchConfig:
     rounds: int = 5
     steps: int = 10  # timed steps per method per round
     warmup: int = 3  # untimed steps per method before the first round
-    methods: tuple[str, ...] = ("sgd", "sam", "agnostic-sam", "agnostic-sam-simpler")
+    methods: tuple[str, ...] = tuple(list_methods())  # every registered method
     split_ratio: float = 0.7
     lr: float = 0.01
     momentum: float = 0.9
@@ -89,7 +90,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time_steps(step: StepFn, x: Tensor, y: Tensor, steps: int, device: torch.device) -> list[float]:
+def time_steps(step: StepFn, x: Tensor, y: Tensor, steps: int, device: torch.device) -> list[float]:
     """Milliseconds of each of ``steps`` consecutive steps."""
     if device.type == "cuda":
         events = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
@@ -121,7 +122,7 @@ def _iter_tensors(obj: Any) -> Iterator[Tensor]:
             yield from _iter_tensors(v)
 
 
-def _state_bytes(opt: Any) -> int:
+def state_bytes(opt: Any) -> int:
     """Bytes of distinct tensors held in the optimizer's (and its base optimizer's) state."""
     seen: set[int] = set()
     total = 0
@@ -191,7 +192,7 @@ def _run(cfg: BenchConfig, device: torch.device, command: str, log) -> dict[str,
         loss_fn(x[:n], y[:n]).backward()
     model.zero_grad(set_to_none=True)
 
-    built = {m: METHODS[m].build(model, net, cfg) for m in cfg.methods}
+    built = {m: build_step(m, model, net, cfg) for m in cfg.methods}
     for _, step in built.values():
         for _ in range(cfg.warmup):
             step(x, y)
@@ -224,7 +225,7 @@ def _run(cfg: BenchConfig, device: torch.device, command: str, log) -> dict[str,
                 _sync(device)
                 torch.cuda.reset_peak_memory_stats(device)
                 base = torch.cuda.memory_allocated(device)
-            times = _time_steps(step, x, y, cfg.steps, device)
+            times = time_steps(step, x, y, cfg.steps, device)
             if device.type == "cuda":
                 top = torch.cuda.max_memory_allocated(device)
                 peak[name] = max(peak[name], top)
@@ -249,13 +250,13 @@ def _run(cfg: BenchConfig, device: torch.device, command: str, log) -> dict[str,
             "round_median_ms": round_median[name],
             "images_per_second": cfg.batch_size / (summ["median"] / 1e3),
             "samples_per_step": METHODS[name].samples(cfg.batch_size, n_t),
-            "state_bytes": _state_bytes(opt),
+            "state_bytes": state_bytes(opt),
             "buffer_bytes": None if buffer_bytes is None else int(buffer_bytes),
             "peak_bytes": peak[name] if device.type == "cuda" else None,
             "peak_delta_bytes": peak_delta[name] if device.type == "cuda" else None,
             "skipped_last_step": float(stats["skipped"]) if "skipped" in stats else None,
         }
-    _add_ratios(methods)
+    add_ratios(methods)
     return {
         "command": command,
         "config": dataclasses.asdict(cfg),
@@ -270,7 +271,7 @@ def _run(cfg: BenchConfig, device: torch.device, command: str, log) -> dict[str,
     }
 
 
-def _add_ratios(methods: dict[str, Any]) -> None:
+def add_ratios(methods: dict[str, Any]) -> None:
     """Ratio of medians to SAM, paired per-round ratio, ratio of minima, sample-count ratio."""
     sam = methods.get("sam")
     for m in methods.values():

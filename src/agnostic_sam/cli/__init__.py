@@ -1,19 +1,26 @@
-"""The `agnostic-sam` command line: one sub-command per module, each with `register(subparsers)`."""
+"""The `agnostic-sam` command line: one sub-command per module, each with `register(subparsers)`.
+
+The command line and its experiments need the ``cli`` extra (torchvision, scikit-learn, scipy,
+pyyaml, tqdm, matplotlib); without it `main` says in one line what to install.
+"""
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import sys
 from typing import NoReturn
 
-from agnostic_sam.errors import UsageError
+from agnostic_sam.errors import EXIT_DIVERGED, EXIT_USAGE, TrainingDiverged, UsageError
 
 __all__ = ["main"]
 
 # Sub-command modules under agnostic_sam.cli; each defines register(subparsers) and sets
 # `func` on its parser to a function run(args) -> int.
 COMMANDS = ["train", "compare", "reproduce", "analysis", "bench"]
+# Import names of the `cli` extra's packages.
+CLI_PACKAGES = ("yaml", "tqdm", "torchvision", "sklearn", "scipy", "matplotlib")
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -21,7 +28,11 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         print(f"{self.prog}: error: {message}", file=sys.stderr)
-        raise SystemExit(2)
+        raise SystemExit(EXIT_USAGE)
+
+
+def missing_cli_packages() -> list[str]:
+    return [name for name in CLI_PACKAGES if importlib.util.find_spec(name) is None]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,26 +44,32 @@ def build_parser() -> argparse.ArgumentParser:
         dest="command", metavar="COMMAND", required=True, parser_class=OneLineParser
     )
     for name in COMMANDS:
-        try:
-            module = importlib.import_module(f"agnostic_sam.cli.{name}")
-        except ModuleNotFoundError as exc:  # a command whose module is not written yet
-            if exc.name != f"agnostic_sam.cli.{name}":
-                raise
-            continue
-        module.register(sub)
+        importlib.import_module(f"agnostic_sam.cli.{name}").register(sub)
     return parser
 
 
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
+    missing = missing_cli_packages()
+    if missing:
+        print(f"agnostic-sam: error: the command line needs the 'cli' extra ({', '.join(missing)} "
+              "missing): pip install 'agnostic-sam[cli]'", file=sys.stderr)
+        return EXIT_USAGE
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except (UsageError, ValueError) as exc:
         # One line naming the problem, no traceback; argparse uses the same prefix and status.
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"agnostic-sam: error: {message}", file=sys.stderr)
-        return 2
+        print(f"agnostic-sam: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_USAGE
+    except TrainingDiverged as exc:
+        print(f"agnostic-sam: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_DIVERGED
     except KeyboardInterrupt:
         print("agnostic-sam: interrupted", file=sys.stderr)
         return 130

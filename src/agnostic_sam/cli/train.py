@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from pathlib import Path
 from typing import Any
 
-import yaml
-
-from agnostic_sam.errors import UsageError
-from agnostic_sam.train.config import TrainConfig, load_config
+from agnostic_sam.methods import get_method, list_methods
+from agnostic_sam.train.config import LOGGERS, TrainConfig, load_config
+from agnostic_sam.train.rundir import RunDir
 
 __all__ = ["register", "run", "add_train_arguments", "config_from_args", "overrides_from_args"]
 
@@ -37,6 +35,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--noise-rate", type=float, default=S, help="symmetric label noise in [0, 1)")
     g.add_argument("--val-fraction", type=float, default=S,
                    help="evaluate on this held-out fraction of the training set instead of test")
+    g.add_argument("--train-fraction", type=float, default=S,
+                   help="train on a class-stratified subset of this fraction (seeded by --seed)")
     g.add_argument("--image-size", type=int, default=S, help="image side in pixels")
     g.add_argument("--num-classes", type=int, default=S, help="synthetic data only: class count")
     g.add_argument("--train-size", type=int, default=S, help="synthetic data only: training examples")
@@ -45,15 +45,26 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--model", default=S, help=f"model name (default {d.model})")
     g.add_argument("--weights", default=S, help="pretrained weights file")
     g = parser.add_argument_group("optimizer")
-    g.add_argument("--optimizer", default=S,
-                   help=f"sgd, sam, agnostic-sam or agnostic-sam-simpler (default {d.optimizer})")
+    methods = "; ".join(f"{n}: {get_method(n).description}" for n in list_methods())
+    g.add_argument("--optimizer", default=S, metavar="METHOD",
+                   help=f"the training method (default {d.optimizer}). {methods}")
+    g.add_argument("--base-optimizer", default=S, choices=("sgd", "adamw"),
+                   help=f"the optimizer that takes the step (default {d.base_optimizer})")
     g.add_argument("--epochs", type=int, default=S, help=f"default {d.epochs}")
     g.add_argument("--batch-size", type=int, default=S, help=f"|B| (default {d.batch_size})")
     g.add_argument("--lr", type=float, default=S, help=f"peak lr of the cosine schedule (default {d.lr})")
-    g.add_argument("--momentum", type=float, default=S, help=f"default {d.momentum}")
+    g.add_argument("--warmup-epochs", type=float, default=S,
+                   help=f"linear warm-up to the peak lr before the cosine, fractions allowed (default {d.warmup_epochs:g})")
+    g.add_argument("--momentum", type=float, default=S, help=f"SGD momentum (default {d.momentum})")
+    g.add_argument("--nesterov", action=on_off, default=S, help="SGD Nesterov momentum")
+    g.add_argument("--betas", type=float, nargs=2, default=S, metavar=("B1", "B2"),
+                   help=f"AdamW betas (default {d.betas[0]} {d.betas[1]})")
+    g.add_argument("--adam-eps", type=float, default=S, help=f"AdamW eps (default {d.adam_eps:g})")
     g.add_argument("--weight-decay", type=float, default=S, help=f"default {d.weight_decay}")
-    g.add_argument("--nesterov", action=on_off, default=S)
     g.add_argument("--label-smoothing", type=float, default=S, help=f"default {d.label_smoothing}")
+    g.add_argument("--max-grad-norm", type=float, default=S,
+                   help="clip the final gradient (the one the base optimizer steps with) to this "
+                   "global norm; clipping before the ascent would be a no-op (it is normalized)")
     g.add_argument("--rho", type=float, default=S, help=f"SAM radius (default {d.rho})")
     g.add_argument("--rho1", type=float, default=S, help=f"Agnostic-SAM B^t radius (default {d.rho1})")
     g.add_argument("--rho2", type=float, default=S, help=f"Agnostic-SAM B^v radius (default {d.rho2})")
@@ -76,20 +87,15 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--sync-bn", action=on_off, default=S, help="SyncBatchNorm under DDP")
     g.add_argument("--accumulate", type=int, default=S, help="micro-batches per closure pass")
     g.add_argument("--max-steps", type=int, default=S, help="stop after this many optimizer steps")
+    g.add_argument("--log", nargs="+", choices=LOGGERS, default=S,
+                   help="also log per step and per epoch to TensorBoard and/or Weights & Biases")
     g.add_argument("--no-progress", dest="progress", action="store_false", default=S)
 
 
 def _saved_config(out: str | None) -> dict[str, Any] | None:
-    path = Path(out) / "config.yaml" if out else None
-    if path is None or not path.is_file():
-        return None
-    try:
-        saved = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError):
-        raise UsageError(f"--resume: cannot read {path}") from None
-    if not isinstance(saved, dict):
-        raise UsageError(f"--resume: {path} is not a config mapping")
-    return saved
+    """A run directory's saved config (config.yaml, else the checkpoint's copy) as a mapping."""
+    saved = RunDir(out).saved_config() if out else None
+    return dataclasses.asdict(saved) if saved is not None else None
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -113,7 +119,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "train",
-        help="train one model (SGD, SAM or Agnostic-SAM)",
+        help="train one model with one method (SGD, SAM, Agnostic-SAM, ...)",
         description="Train one run; writes config.yaml, metrics.jsonl, checkpoint.pt and "
         "result.json to --out. Flags override --config; --resume continues a run exactly.",
     )

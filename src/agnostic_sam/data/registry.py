@@ -140,6 +140,7 @@ def build_data(
     noise_rate: float = 0.0,
     seed: int = 0,
     val_fraction: float = 0.0,
+    train_fraction: float = 1.0,
     image_size: int | None = None,
     num_classes: int | None = None,
     in_channels: int | None = None,
@@ -157,6 +158,9 @@ def build_data(
             with seed 0 (the same for every method and seed) becomes ``test`` with eval
             transforms and clean labels; the rest is ``train``, and the real test split is never
             opened. Label noise is applied after this split, to the remaining training part only.
+        train_fraction: in (0, 1]. Below 1, train on a class-stratified subset of that many of
+            the (remaining) training examples, drawn with ``seed`` (the same subset for every
+            method of a seed: the paper's small-data protocol); label noise is applied after.
         image_size: side of the produced images (None: the data set's native/paper size).
         num_classes, in_channels, train_size, test_size: shape of the ``synthetic`` data set;
             other data sets reject them.
@@ -168,6 +172,8 @@ def build_data(
         raise ValueError(f"noise_rate must be in [0, 1), got {noise_rate!r}")
     if not 0.0 <= float(val_fraction) < 1.0:
         raise UsageError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
+    if not 0.0 < float(train_fraction) <= 1.0:
+        raise UsageError(f"train_fraction must be in (0, 1], got {train_fraction!r}")
     extra = {"num_classes": num_classes, "in_channels": in_channels,
              "train_size": train_size, "test_size": test_size, "image_size": image_size}
     for key, value in extra.items():
@@ -187,6 +193,11 @@ def build_data(
     else:
         keep = None
         test = make_view(source.load_test(), None, source.eval_transform, None)
+
+    if train_fraction < 1.0:
+        base = keep if keep is not None else torch.arange(clean.numel())
+        subset, _ = stratified_holdout(clean, 1.0 - train_fraction, seed=seed)
+        keep, clean = base[subset], clean[subset]
 
     noisy, realized = symmetric_label_noise(clean, noise_rate, source.num_classes, seed=seed)
     train = make_view(source.train, keep, source.train_transform, noisy)

@@ -1,10 +1,10 @@
-"""Training: the typed run config, the loop, and atomic checkpoints.
+"""Training: the typed run config, the run directory, the loop, and atomic checkpoints.
 
     from agnostic_sam.train import load_config, train
     result = train(load_config("configs/demo.yaml", {"epochs": 5}))
 
 The loop (which imports the data, model and optimizer packages) loads on first use, so reading
-a config or a checkpoint stays light.
+a config or a run directory stays light.
 """
 
 from __future__ import annotations
@@ -12,21 +12,18 @@ from __future__ import annotations
 from typing import Any
 
 from agnostic_sam.train.checkpoint import load_checkpoint, save_checkpoint
-from agnostic_sam.train.config import (
-    OPTIMIZERS,
-    TrainConfig,
-    load_config,
-    save_config,
-    validate_config,
-)
+from agnostic_sam.train.config import TrainConfig, load_config, save_config, validate_config
+from agnostic_sam.train.rundir import RunDir, run_id, run_identity
 
 __all__ = [
-    "OPTIMIZERS",
+    "RunDir",
     "TrainConfig",
     "load_checkpoint",
     "load_config",
     "load_trained",
     "resolve_device",
+    "run_id",
+    "run_identity",
     "save_checkpoint",
     "save_config",
     "train",

@@ -1,7 +1,9 @@
 """One typed config per run: defaults < YAML file < command-line flags.
 
 `TrainConfig` is the single source of truth for a training run; it is saved next to the results as
-`config.yaml`, and a resumed run must agree with it on every field in `RESULT_FIELDS`.
+`config.yaml`. Which fields define *which run* it is (for `--resume`, `compare` and `reproduce`)
+is decided in one place, `agnostic_sam.train.rundir.run_identity`. Method names and what each
+method takes come from the method registry (`agnostic_sam.methods`).
 """
 
 from __future__ import annotations
@@ -11,33 +13,36 @@ import math
 import re
 import types
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from agnostic_sam.errors import UsageError
+from agnostic_sam.methods import BASE_OPTIMIZERS, get_method
+from agnostic_sam.optim import split_sizes
+from agnostic_sam.optim._base import PERTURBATIONS
 
 __all__ = [
+    "LOGGERS",
     "TrainConfig",
-    "OPTIMIZERS",
-    "AGNOSTIC_OPTIMIZERS",
-    "RESULT_FIELDS",
-    "load_config",
-    "validate_config",
     "config_to_dict",
+    "config_yaml",
+    "default_out",
+    "load_config",
+    "read_config_file",
     "save_config",
-    "split_sizes",
+    "validate_config",
 ]
 
-# Optimizer names accepted by `--optimizer`; the Agnostic-SAM family splits each batch into B^t/B^v.
-OPTIMIZERS = ("sgd", "sam", "agnostic-sam", "agnostic-sam-simpler")
-AGNOSTIC_OPTIMIZERS = ("agnostic-sam", "agnostic-sam-simpler")
 SPLITS = ("batch", "fixed")
 AMP_MODES = ("none", "bf16", "fp16")
-PERTURBATIONS = ("local", "synced")
+LOGGERS = ("tensorboard", "wandb")
 _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+# Bounds for sizes no run here can use (a typo, not an experiment): they fail before any allocation.
+MAX_IMAGE_SIZE = 2048
+MAX_SEED = 2**32  # seeds in [0, 2**32): numpy's range
 
 
 @dataclass
@@ -50,6 +55,7 @@ class TrainConfig:
     download: bool = False
     noise_rate: float = 0.0  # fraction of training labels flipped (symmetric noise), in [0, 1)
     val_fraction: float = 0.0  # > 0: evaluate on a held-out part of the training set, never on test
+    train_fraction: float = 1.0  # < 1: train on a stratified subset this size (small-data protocol)
     image_size: int | None = None  # None: the data set's native size
     # `synthetic` only (smoke runs and benchmarks shaped like a real data set); None: its defaults
     num_classes: int | None = None
@@ -58,15 +64,20 @@ class TrainConfig:
     # model
     model: str = "mlp"
     weights: str | None = None  # pretrained weights file for load_pretrained
-    # optimizer: base SGD settings shared by every method
+    # method (agnostic_sam.methods) and its base optimizer
     optimizer: str = "agnostic-sam"
+    base_optimizer: str = "sgd"  # sgd (momentum, nesterov) or adamw (betas, adam_eps)
     epochs: int = 30
     batch_size: int = 64  # |B| = |B^t| + |B^v| for the Agnostic-SAM family
     lr: float = 0.05  # peak learning rate of the per-step cosine schedule
+    warmup_epochs: float = 0.0  # linear warm-up to the peak lr before the cosine (fractions allowed)
     momentum: float = 0.9
-    weight_decay: float = 5e-4
     nesterov: bool = False
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    adam_eps: float = 1e-8
+    weight_decay: float = 5e-4
     label_smoothing: float = 0.0
+    max_grad_norm: float | None = None  # clip the final gradient (before the base step) to this norm
     # sharpness radii: SAM uses rho; Agnostic-SAM uses rho1 (B^t ascent) and rho2 (B^v ascent)
     rho: float = 0.05
     rho1: float = 0.1
@@ -89,12 +100,8 @@ class TrainConfig:
     sync_bn: bool = False
     accumulate: int = 1  # micro-batches per closure call
     max_steps: int | None = None  # stop after this many optimizer steps (smoke runs)
+    log: list[str] = field(default_factory=list)  # also log to: tensorboard, wandb
     progress: bool = True
-
-
-# Fields that do not change the numbers a run produces; every other field must match on --resume.
-_NON_RESULT_FIELDS = {"data_dir", "download", "threads", "out", "resume", "progress"}
-RESULT_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name not in _NON_RESULT_FIELDS)
 
 
 def _field_types() -> dict[str, Any]:
@@ -107,6 +114,11 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
     Strings such as "1e-3" are accepted for float fields because PyYAML reads exponent notation
     without a dot as a string.
     """
+    if typing.get_origin(annotation) is list:
+        (item,) = typing.get_args(annotation)
+        if not isinstance(value, (list, tuple)):
+            raise UsageError(f"config key '{key}' must be a list of {item.__name__}, got {value!r}")
+        return [_coerce(key, v, item) for v in value]
     allowed = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
     if value is None:
         if type(None) in allowed:
@@ -130,70 +142,78 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         if isinstance(value, str):
             return value
     names = "/".join(t.__name__ for t in allowed if t is not type(None))
-    raise UsageError(f"config key '{key}' must be {names}, got {value!r}")
+    shown = repr(value) if len(repr(value)) <= 60 else f"a {type(value).__name__}"
+    raise UsageError(f"config key '{key}' must be {names}, got {shown}")
 
 
-def split_sizes(batch_size: int, ratio: float) -> tuple[int, int]:
-    """(|B^t|, |B^v|) for one batch: |B^t| = round(r |B|), |B^v| = |B| - |B^t|."""
-    n_t = int(round(ratio * batch_size))
-    return n_t, batch_size - n_t
+def _check_range(cfg: TrainConfig, key: str, low: float, high: float, *,
+                 low_open: bool = False, high_open: bool = False) -> None:
+    """UsageError unless ``low <= value <= high`` (open ends where asked) and finite."""
+    value = getattr(cfg, key)
+    if value is None:
+        return
+    ok = math.isfinite(value) and (value > low if low_open else value >= low) and (
+        value < high if high_open else value <= high)
+    if not ok:
+        lo, hi = "(" if low_open else "[", ")" if high_open else "]"
+        raise UsageError(f"{key} must be in {lo}{low:g}, {high:g}{hi}, got {value}")
 
 
 def validate_config(cfg: TrainConfig) -> TrainConfig:
     """Raise UsageError (one line, naming the key and value) for values no run can use."""
-    if cfg.optimizer not in OPTIMIZERS:
-        raise UsageError(f"unknown optimizer '{cfg.optimizer}'; choose from {', '.join(OPTIMIZERS)}")
-    if cfg.split not in SPLITS:
-        raise UsageError(f"unknown split '{cfg.split}'; choose from {', '.join(SPLITS)}")
-    if cfg.amp not in AMP_MODES:
-        raise UsageError(f"unknown amp mode '{cfg.amp}'; choose from {', '.join(AMP_MODES)}")
-    if cfg.perturbation not in PERTURBATIONS:
-        raise UsageError(f"unknown perturbation '{cfg.perturbation}'; choose from {', '.join(PERTURBATIONS)}")
+    try:
+        method = get_method(cfg.optimizer)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    for key, value, choices in (("split", cfg.split, SPLITS), ("amp mode", cfg.amp, AMP_MODES),
+                                ("perturbation", cfg.perturbation, PERTURBATIONS),
+                                ("base optimizer", cfg.base_optimizer, tuple(BASE_OPTIMIZERS))):
+        if value not in choices:
+            raise UsageError(f"unknown {key} '{value}'; choose from {', '.join(choices)}")
+    unknown = [name for name in cfg.log if name not in LOGGERS]
+    if unknown:
+        raise UsageError(f"unknown logger '{unknown[0]}'; choose from {', '.join(LOGGERS)}")
     if not _DEVICE_RE.match(cfg.device):
         raise UsageError(f"unknown device '{cfg.device}'; use auto, cpu, cuda, cuda:N or mps")
+    if cfg.out is not None and not cfg.out.strip():
+        raise UsageError("--out must name a directory, got an empty string")
+    inf = math.inf
     for key in ("rho", "rho1", "rho2"):
         value = getattr(cfg, key)
         if not (math.isfinite(value) and value >= 0):
             raise UsageError(f"{key} must be a radius >= 0, got {value}")
-    if not (0.0 < cfg.split_ratio < 1.0):
-        raise UsageError(f"split_ratio must be in (0, 1), got {cfg.split_ratio}")
-    if not (0.0 <= cfg.noise_rate < 1.0):
-        raise UsageError(f"noise_rate must be in [0, 1), got {cfg.noise_rate}")
-    if not (0.0 <= cfg.val_fraction < 1.0):
-        raise UsageError(f"val_fraction must be in [0, 1), got {cfg.val_fraction}")
-    if not (0.0 <= cfg.label_smoothing < 1.0):
-        raise UsageError(f"label_smoothing must be in [0, 1), got {cfg.label_smoothing}")
-    if cfg.epochs < 1:
-        raise UsageError(f"epochs must be >= 1, got {cfg.epochs}")
-    if cfg.batch_size < 1:
-        raise UsageError(f"batch_size must be >= 1, got {cfg.batch_size}")
-    if not (math.isfinite(cfg.lr) and cfg.lr > 0):
-        raise UsageError(f"lr must be > 0, got {cfg.lr}")
-    if not (0.0 <= cfg.momentum < 1.0):
-        raise UsageError(f"momentum must be in [0, 1), got {cfg.momentum}")
+    _check_range(cfg, "split_ratio", 0, 1, low_open=True, high_open=True)
+    for key in ("noise_rate", "val_fraction", "label_smoothing", "momentum"):
+        _check_range(cfg, key, 0, 1, high_open=True)
+    _check_range(cfg, "train_fraction", 0, 1, low_open=True)
+    _check_range(cfg, "lr", 0, inf, low_open=True, high_open=True)
+    _check_range(cfg, "weight_decay", 0, inf, high_open=True)
+    _check_range(cfg, "adam_eps", 0, inf, low_open=True, high_open=True)
+    _check_range(cfg, "max_grad_norm", 0, inf, low_open=True, high_open=True)
+    _check_range(cfg, "warmup_epochs", 0, cfg.epochs)
+    if len(cfg.betas) != 2 or not all(math.isfinite(b) and 0 <= b < 1 for b in cfg.betas):
+        raise UsageError(f"betas must be two numbers in [0, 1), got {cfg.betas}")
     if cfg.nesterov and cfg.momentum == 0:
         raise UsageError("nesterov needs momentum > 0, got momentum 0")
-    if cfg.weight_decay < 0:
-        raise UsageError(f"weight_decay must be >= 0, got {cfg.weight_decay}")
-    if cfg.workers < 0:
-        raise UsageError(f"workers must be >= 0, got {cfg.workers}")
-    for key in ("threads", "max_steps", "image_size", "num_classes", "train_size", "test_size"):
+    if not 0 <= cfg.seed < MAX_SEED:
+        raise UsageError(f"seed must be in [0, 2**32), got {cfg.seed}")
+    for key, high in (("epochs", 10**6), ("batch_size", 10**7), ("accumulate", 10**6),
+                      ("threads", 4096), ("max_steps", 10**12), ("image_size", MAX_IMAGE_SIZE),
+                      ("num_classes", 10**6), ("train_size", 10**8), ("test_size", 10**8)):
         value = getattr(cfg, key)
-        if value is not None and value < 1:
-            raise UsageError(f"{key} must be >= 1, got {value}")
+        if value is not None and not 1 <= value <= high:
+            raise UsageError(f"{key} must be in [1, {high}], got {value}")
+    if not 0 <= cfg.workers <= 1024:
+        raise UsageError(f"workers must be in [0, 1024], got {cfg.workers}")
     if cfg.dataset != "synthetic":
         for key in ("num_classes", "train_size", "test_size"):
             if getattr(cfg, key) is not None:
                 raise UsageError(f"{key} applies to the synthetic data set only, not {cfg.dataset!r}")
-    if cfg.accumulate < 1:
-        raise UsageError(f"accumulate must be >= 1, got {cfg.accumulate}")
-    if cfg.optimizer in AGNOSTIC_OPTIMIZERS:
-        n_t, n_v = split_sizes(cfg.batch_size, cfg.split_ratio)
-        if n_t == 0 or n_v == 0:
-            raise UsageError(
-                f"batch_size {cfg.batch_size} is too small to split with split_ratio {cfg.split_ratio} "
-                f"(|B^t|={n_t}, |B^v|={n_v}); use a larger batch"
-            )
+    if method.splits_batch:
+        try:
+            n_t, n_v = split_sizes(cfg.batch_size, cfg.split_ratio)
+        except ValueError as exc:
+            raise UsageError(f"{exc}; use a larger batch") from None
         if min(n_t, n_v) < cfg.accumulate:
             raise UsageError(
                 f"accumulate {cfg.accumulate} exceeds the smaller batch part ({min(n_t, n_v)} samples)"
@@ -203,7 +223,8 @@ def validate_config(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
-def _read_yaml(path: str | Path) -> dict[str, Any]:
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The mapping in a YAML config file; UsageError (one line naming the file) otherwise."""
     path = Path(path)
     try:
         text = path.read_text()
@@ -246,7 +267,7 @@ def load_config(
     if base:
         _apply(values, base, "the saved config")
     if path is not None:
-        _apply(values, _read_yaml(path), str(path))
+        _apply(values, read_config_file(path), str(path))
     if overrides:
         _apply(values, overrides, "the command line")
     cfg = TrainConfig(**values)
@@ -263,8 +284,13 @@ def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+def config_yaml(cfg: TrainConfig) -> str:
+    """The resolved config as YAML text (config.yaml)."""
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
 def save_config(cfg: TrainConfig, path: str | Path) -> None:
     """Write the resolved config as YAML, atomically (tmp file in the same folder, then replace)."""
     from agnostic_sam.train.checkpoint import atomic_write_text
 
-    atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    atomic_write_text(path, config_yaml(cfg))

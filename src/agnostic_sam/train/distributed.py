@@ -23,15 +23,16 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from agnostic_sam.errors import UsageError
+from agnostic_sam.optim.split import split_sizes
 
 __all__ = [
     "DistInfo",
@@ -49,7 +50,6 @@ __all__ = [
     "launched_by_torchrun",
     "local_batch_size",
     "main_process_first",
-    "on_main",
     "replica_digest",
     "shard_bounds",
     "shard_columns",
@@ -57,7 +57,6 @@ __all__ = [
     "wrap_model",
 ]
 
-T = TypeVar("T")
 _ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 
 
@@ -197,12 +196,6 @@ def barrier() -> None:
         dist.barrier()
 
 
-def on_main(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T | None:
-    """``fn(*args, **kwargs)`` on rank 0 only (files, logs); None on the other ranks. No barrier:
-    pair it with `barrier` when the others must see the result."""
-    return fn(*args, **kwargs) if is_main() else None
-
-
 def gather_to_main(obj: Any) -> list[Any] | None:
     """Every rank's `obj` (picklable), in rank order, on rank 0; None elsewhere. Collective.
     A single process gets ``[obj]``."""
@@ -306,17 +299,13 @@ def local_batch_size(batch_size: int, world_size: int) -> int:
 
 
 def global_split_sizes(batch_size: int, ratio: float, world_size: int) -> tuple[int, int]:
-    """(|B^t|, |B^v|) of the global batch when each rank splits its |B| / world samples with
-    `ratio`: world * round(ratio * |B| / world) and the rest. Equal to the single-process sizes
-    for world = 1."""
-    local = local_batch_size(batch_size, world_size)
-    n_t = int(round(ratio * local))
-    if n_t < 1 or n_t > local - 1:
-        raise UsageError(
-            f"each of the {world_size} processes gets {local} samples per batch, too few to split with "
-            f"split_ratio {ratio} (|B^t|={n_t}, |B^v|={local - n_t} per rank); raise batch_size"
-        )
-    return world_size * n_t, world_size * (local - n_t)
+    """(|B^t|, |B^v|) of the global batch when each rank splits its |B| / world samples
+    (`agnostic_sam.split_sizes` with the world size), as a UsageError for the command line."""
+    local_batch_size(batch_size, world_size)
+    try:
+        return split_sizes(batch_size, ratio, world_size)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def shard_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:

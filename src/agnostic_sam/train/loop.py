@@ -1,13 +1,19 @@
 """`train(cfg)`: the training loop, top to bottom.
 
-One run = data -> model -> optimizer -> per-step cosine schedule -> epochs of (steps, evaluation,
-metrics line, checkpoint) -> result.json. Under torchrun every process runs `train` and the model
-is wrapped in DDP (see `agnostic_sam.train.distributed` and docs/distributed.md): each rank takes
-its |B| / world columns of every batch, metrics are summed over ranks, only rank 0 writes files.
+One run: take the run directory's lock, check what is there (start, or restore a checkpoint),
+build data -> model -> method -> schedule (`build.py`), then epochs of (steps, evaluation,
+checkpoint, metrics line) and finally result.json. Every method has the same step shape: the
+registry's record says whether it takes one closure (plain, SAM) or two (B^t, B^v); the loss
+comes back in the optimizer's `stats`, and accuracy is counted in the passes the optimizer runs
+at theta (`opt.at_theta`).
 
-The loop's parts live next to it: `batches` (each epoch's index matrix and its (x, y) batches),
-`evaluate` (test loss and accuracy), `setup` (device, seeds, checks before the first file) and
-`records` (the run directory's files, the progress line, `load_trained`).
+A run whose training loss goes non-finite, or whose fp16 steps are (nearly) all skipped in an
+epoch, fails: `TrainingDiverged` (exit status 3) with the last good checkpoint kept and
+result.json saying ``"status": "diverged"``.
+
+Under torchrun every process runs `train` and the model is wrapped in DDP (see
+`agnostic_sam.train.distributed` and docs/distributed.md): each rank takes its |B| / world
+columns of every batch, metrics are summed over ranks, only rank 0 writes files.
 """
 
 from __future__ import annotations
@@ -17,36 +23,18 @@ import dataclasses
 import math
 import time
 from collections.abc import Callable
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from agnostic_sam.amp import LossScaler
-from agnostic_sam.data import build_data, fixed_split
-from agnostic_sam.errors import UsageError
-from agnostic_sam.models import create_model, load_pretrained
-from agnostic_sam.optim import SAM, AgnosticSAM, split_batch
-from agnostic_sam.train.batches import RANK_SEED_STRIDE, batches, device_tensors
-from agnostic_sam.train.batches import epoch_index as _epoch_index
-from agnostic_sam.train.checkpoint import (
-    CHECKPOINT_NAME,
-    atomic_write_json,
-    atomic_write_text,
-    capture_rng,
-    load_checkpoint,
-    restore_rng,
-    save_checkpoint,
-)
-from agnostic_sam.train.config import (
-    AGNOSTIC_OPTIMIZERS,
-    TrainConfig,
-    config_to_dict,
-    default_out,
-    save_config,
-    validate_config,
-)
+from agnostic_sam.errors import TrainingDiverged, UsageError
+from agnostic_sam.optim import split_batch
+from agnostic_sam.train.batches import batches, epoch_index
+from agnostic_sam.train.build import RunParts, build_run, check_distributed, resolve_device
+from agnostic_sam.train.checkpoint import capture_rng, restore_rng
+from agnostic_sam.train.config import TrainConfig, config_to_dict, default_out, validate_config
 from agnostic_sam.train.distributed import (
     DistInfo,
     accumulation_context,
@@ -54,38 +42,39 @@ from agnostic_sam.train.distributed import (
     broadcast_buffers,
     distributed_session,
     gather_to_main,
-    global_split_sizes,
-    main_process_first,
     shard_columns,
     verify_replicas,
-    wrap_model,
 )
 from agnostic_sam.train.evaluate import evaluate
-from agnostic_sam.train.records import (
-    CONFIG_NAME,
-    METRICS_NAME,
-    RESULT_NAME,
-    format_row,
-    git_commit,
-    load_trained,
-    metrics_text,
-    progress,
-)
-from agnostic_sam.train.setup import check_distributed as _check_distributed
-from agnostic_sam.train.setup import (
-    check_same_run,
-    resolve_device,
-    seed_everything,
-    synthetic_options,
-    unwrap,
-)
+from agnostic_sam.train.records import format_row, git_commit, machine_info, progress
+from agnostic_sam.train.rundir import RunDir
 
 __all__ = ["train", "load_trained", "resolve_device"]
 
+# An epoch of at least this many fp16 steps with at least SKIP_FRACTION of them skipped for
+# non-finite gradients has diverged (the loss scale cannot recover); shorter epochs are judged
+# by their loss only, since the scale may still be calibrating.
+SKIP_MIN_STEPS = 10
+SKIP_FRACTION = 0.9
+
+
+@dataclass
+class RunState:
+    """Where the run stands: what a checkpoint restores and the next epoch continues."""
+
+    epoch: int = 0  # epochs completed
+    step: int = 0  # optimizer steps taken
+    elapsed: float = 0.0  # seconds of training before this process started
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    started: float = field(default_factory=time.perf_counter)
+
+    def seconds(self) -> float:
+        return self.elapsed + time.perf_counter() - self.started
+
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Train one run as `cfg` says; write config.yaml, metrics.jsonl, checkpoint.pt, result.json
-    into `cfg.out` and return the result.json content.
+    """Train one run as `cfg` says; write config.yaml, checkpoint.pt, metrics.jsonl and
+    result.json into `cfg.out` and return the result.json content.
 
     Under torchrun every process calls this: it joins the process group (and leaves it at the
     end if it created it) and trains with DistributedDataParallel.
@@ -96,262 +85,270 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     with distributed_session(resolve_device(cfg.device)) as info:
-        return _train(cfg, info)
+        rundir = RunDir(cfg.out)
+        # One writer per run directory: rank 0 holds the lock for the whole run.
+        with rundir.lock() if info.is_main else contextlib.nullcontext():
+            return _train(cfg, info, rundir)
 
 
-def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
-    """The body of `train` on one process (rank `info.rank` of `info.world_size`)."""
-    rank, world, is_main = info.rank, info.world_size, info.is_main
-    out = Path(cfg.out)
-    device = info.device  # under torchrun on CUDA: GPU LOCAL_RANK
-    agnostic = cfg.optimizer in AGNOSTIC_OPTIMIZERS
-    if info.distributed:
-        _check_distributed(cfg, world)
-
-    # Everything that can reject the input runs before the first file is written.
-    ckpt_path = out / CHECKPOINT_NAME
-    ckpt: dict[str, Any] | None = None
-    if cfg.resume:
-        if not ckpt_path.is_file():
-            raise UsageError(f"--resume: no checkpoint at {ckpt_path}; run without --resume to start")
-        ckpt = load_checkpoint(ckpt_path)
-        check_same_run(ckpt["config"], cfg)
-        if int(ckpt.get("world_size", 1)) != world:  # the batches depend on the world size
-            raise UsageError(f"--resume: the checkpoint was written by {ckpt.get('world_size', 1)} "
-                             f"process(es), this run has {world}; resume with the same number")
-    elif ckpt_path.exists():
-        raise UsageError(f"{out} already holds a run ({CHECKPOINT_NAME}); pass --resume or choose another --out")
-
-    seed_everything(cfg.seed)
-    with main_process_first():  # under DDP rank 0 downloads / caches before the others read
-        data = build_data(cfg.dataset, data_dir=cfg.data_dir, download=cfg.download,
-                          noise_rate=cfg.noise_rate, seed=cfg.seed, val_fraction=cfg.val_fraction,
-                          image_size=cfg.image_size, **synthetic_options(cfg))
-    n_train = len(data.train)
-    fixed = None
-    if agnostic and cfg.split == "fixed":
-        try:
-            fixed = fixed_split(n_train, cfg.split_ratio, cfg.seed)
-        except ValueError as exc:
-            raise UsageError(f"split 'fixed': {exc}") from None
-        if len(fixed[0]) < global_split_sizes(cfg.batch_size, cfg.split_ratio, world)[0]:
-            raise UsageError(f"batch_size {cfg.batch_size} is larger than S^t allows ({len(fixed[0])} samples)")
-    elif n_train < cfg.batch_size:
-        raise UsageError(f"batch_size {cfg.batch_size} is larger than the training set ({n_train} samples)")
-    model_meta = {"num_classes": data.num_classes, "in_channels": data.in_channels,
-                  "image_size": data.image_size}
-    model = create_model(cfg.model, **model_meta)
-    if cfg.weights:
-        load_pretrained(model, cfg.weights)
-    num_params = sum(p.numel() for p in model.parameters())
-    model.to(device)
-    if cfg.channels_last:
-        model.to(memory_format=torch.channels_last)
-    # DDP for several processes (replicas start from rank 0's weights), the model itself for one.
-    ddp = wrap_model(model, info, sync_bn=cfg.sync_bn)
-    model = unwrap(ddp)  # SyncBatchNorm conversion may replace the top module
-    if rank > 0:
-        seed_everything(cfg.seed + RANK_SEED_STRIDE * rank)
-    # TensorDatasets (no random augmentation) are indexed in memory on the device: no DataLoader.
-    tensors = device_tensors(data.train, device)
-
-    # Optimizer: SGD settings shared by every method; the SAM family wraps SGD.
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
-    loss_scaler = LossScaler(device=device) if cfg.amp == "fp16" and cfg.optimizer != "sgd" else None
-    grad_scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" and cfg.optimizer == "sgd" else None
-    sgd_kwargs = dict(lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
-    sharp_kwargs = dict(adaptive=cfg.adaptive, model=ddp, perturbation=cfg.perturbation,
-                        loss_scaler=loss_scaler, check_finite=cfg.check_finite)
-    if cfg.optimizer == "sgd":
-        opt: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), **sgd_kwargs)
-    elif cfg.optimizer == "sam":
-        opt = SAM(model.parameters(), torch.optim.SGD, rho=cfg.rho, **sharp_kwargs, **sgd_kwargs)
-    else:
-        variant = "simpler" if cfg.optimizer == "agnostic-sam-simpler" else "full"
-        opt = AgnosticSAM(model.parameters(), torch.optim.SGD, rho1=cfg.rho1, rho2=cfg.rho2,
-                          variant=variant, **sharp_kwargs, **sgd_kwargs)
-    steps_per_epoch = _epoch_index(cfg, n_train, fixed, 0, world).shape[0]
-    total_steps = cfg.epochs * steps_per_epoch  # the cosine runs over the whole run, per step
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps)
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    fwd = torch.compile(ddp) if cfg.compile else ddp  # closures stay plain Python
-    # Evaluation runs on the plain module under DDP: no DDP collectives in uneven test shards.
-    eval_fwd = model if info.distributed else fwd
-
-    def autocast() -> contextlib.AbstractContextManager[Any]:
-        if amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device.type, dtype=amp_dtype)
-
-    split_gen = torch.Generator().manual_seed(cfg.seed)  # B^t/B^v split in batch mode
-    generators = {"split": split_gen}
-
-    # State of a resumed run.
-    start_epoch, step, elapsed, metrics = 0, 0, 0.0, []
-    if ckpt is not None:
-        unwrap(model).load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        if loss_scaler is not None and ckpt.get("loss_scaler") is not None:
-            loss_scaler.load_state_dict(ckpt["loss_scaler"])
-        if grad_scaler is not None and ckpt.get("grad_scaler") is not None:
-            grad_scaler.load_state_dict(ckpt["grad_scaler"])
-        restore_rng((ckpt.get("rng_ranks") or [ckpt["rng"]])[rank], generators)
-        start_epoch, step = int(ckpt["epoch"]), int(ckpt["step"])
-        elapsed, metrics = float(ckpt.get("elapsed", 0.0)), list(ckpt["metrics"])
-    if is_main:
-        save_config(cfg, out / CONFIG_NAME)
-        # Rewritten from the checkpoint: a kill between metrics and checkpoint leaves no duplicate.
-        atomic_write_text(out / METRICS_NAME, metrics_text(metrics))
-
-    def make_closure(x: Tensor, y: Tensor, meter: dict[str, Tensor]) -> Callable[[], Tensor]:
-        """Forward + backward on (x, y) in `accumulate` micro-batches; the first call (at theta)
-        also adds the summed loss and correct count to `meter`."""
-        first = [True]
-        n = len(y)
-
-        def closure() -> Tensor:
-            total = torch.zeros((), device=device)
-            micro = zip(x.tensor_split(cfg.accumulate), y.tensor_split(cfg.accumulate))
-            for i, (xm, ym) in enumerate(micro):
-                # DDP: forward and backward in no_sync for all but the last micro-batch.
-                with accumulation_context(ddp, i, cfg.accumulate):
-                    with autocast():
-                        logits = fwd(xm).float()
-                    loss = criterion(logits, ym) * (len(ym) / n)  # micro mean -> share of part mean
-                    if grad_scaler is not None:
-                        grad_scaler.scale(loss).backward()
-                    elif cfg.optimizer == "sgd":
-                        loss.backward()
-                    else:
-                        opt.backward(loss)
-                total += loss.detach()
-                if first[0]:
-                    meter["loss"] += loss.detach() * n
-                    meter["correct"] += (logits.detach().argmax(1) == ym).sum()
-            first[0] = False
-            return total
-
-        return closure
-
-    # Global (|B^t|, |B^v|) blocks of a fixed-split row, sharded block by block.
-    split_parts = global_split_sizes(cfg.batch_size, cfg.split_ratio, world) if fixed is not None else None
-    segment_start = time.perf_counter()
-    for epoch in range(start_epoch, cfg.epochs):
-        if cfg.max_steps is not None and step >= cfg.max_steps:
-            break
-        t0 = time.perf_counter()
-        lr = opt.param_groups[0]["lr"]
-        fwd.train()
-        # Running sums stay on the device; one host sync per epoch.
-        meter = {name: torch.zeros((), device=device) for name in ("loss", "correct", "cos", "skipped")}
-        seen, epoch_steps = 0, 0
-        index = _epoch_index(cfg, n_train, fixed, epoch, world)
-        local = shard_columns(index, info, split_parts)  # (steps, |B| / world) for this rank
-        bar = progress(cfg, is_main, len(index), epoch)
-        for x, y in batches(data.train, tensors, local, cfg, epoch, device, rank):
-            if cfg.channels_last and x.dim() == 4:
-                x = x.contiguous(memory_format=torch.channels_last)
-            if cfg.optimizer == "sgd":
-                opt.zero_grad(set_to_none=True)
-                make_closure(x, y, meter)()
-                if grad_scaler is not None:
-                    scale_before = grad_scaler.get_scale()  # host sync, only for fp16 SGD
-                    grad_scaler.step(opt)
-                    grad_scaler.update()
-                    meter["skipped"] += float(grad_scaler.get_scale() < scale_before)
-                else:
-                    opt.step()
-            elif cfg.optimizer == "sam":
-                opt.step(make_closure(x, y, meter))
-                meter["skipped"] += opt.stats["skipped"]
-            else:
-                if fixed is not None:  # rows are [B^t from S^t | B^v from S^v]
-                    n_t = split_parts[0] // world
-                    x_t, y_t, x_v, y_v = x[:n_t], y[:n_t], x[n_t:], y[n_t:]
-                else:
-                    x_t, y_t, x_v, y_v = split_batch(x, y, ratio=cfg.split_ratio, generator=split_gen)
-                opt.step(make_closure(x_t, y_t, meter), make_closure(x_v, y_v, meter))
-                meter["cos"] += opt.stats["cos_train_val"]
-                meter["skipped"] += opt.stats["skipped"]
-            scheduler.step()
-            seen += len(y)
-            epoch_steps += 1
-            step += 1
-            bar.update(1)
-            if cfg.max_steps is not None and step >= cfg.max_steps:
+def _train(cfg: TrainConfig, info: DistInfo, rundir: RunDir) -> dict[str, Any]:
+    """The run on one process (rank `info.rank` of `info.world_size`)."""
+    ckpt = _restore_or_start(cfg, info, rundir)  # every check that can refuse, before writing
+    parts = build_run(cfg, info)
+    state = _restore(parts, ckpt)
+    if info.is_main:
+        rundir.write_config(cfg)
+        # Rewritten from the checkpoint: a kill between checkpoint and metrics loses no line.
+        rundir.write_metrics(state.metrics)
+    try:
+        for epoch in range(state.epoch, cfg.epochs):
+            if cfg.max_steps is not None and state.step >= cfg.max_steps:
                 break
-        bar.close()
-        meter["seen"] = torch.tensor(float(seen), device=device)
-        totals = all_reduce_sum(meter)  # sums over ranks
-        loss_sum, correct, cos_sum, skipped, seen = torch.stack(list(totals.values())).tolist()
-        train_loss = loss_sum / max(seen, 1)
-        if not math.isfinite(train_loss) and (not cfg.check_finite or (cfg.optimizer == "sgd" and grad_scaler is None)):
-            raise UsageError(
-                f"training diverged: epoch {epoch + 1} mean loss is {train_loss}; lower --lr"
-                + ("" if cfg.check_finite else " or drop --no-check-finite")
-            )
-        broadcast_buffers(ddp)  # every rank evaluates (and rank 0 saves) rank 0's BatchNorm stats
-        test_loss, test_acc = evaluate(eval_fwd, data.test, device, autocast, cfg.channels_last, info)
-        row: dict[str, Any] = {
-            "epoch": epoch + 1, "lr": lr, "train_loss": train_loss, "train_acc": 100.0 * correct / max(seen, 1),
-            "test_loss": test_loss, "test_acc": test_acc, "steps": step,
-        }
-        if agnostic:
-            row["cos_train_val"] = cos_sum / max(epoch_steps * world, 1)  # mean over ranks too
-        if cfg.amp == "fp16":
-            row["skipped_steps"] = round(skipped / world)  # every rank skips the same steps
-        row["epoch_seconds"] = time.perf_counter() - t0
-        metrics.append(row)
-        rng_ranks = gather_to_main(capture_rng(generators)) if info.distributed else None
-        if is_main:
-            if cfg.progress:
-                bar.write(format_row(row, cfg.epochs))
-            atomic_write_text(out / METRICS_NAME, metrics_text(metrics))
-            save_checkpoint(ckpt_path, {
-                "model": unwrap(model).state_dict(),
-                "optimizer": opt.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "loss_scaler": loss_scaler.state_dict() if loss_scaler is not None else None,
-                "grad_scaler": grad_scaler.state_dict() if grad_scaler is not None else None,
-                "epoch": epoch + 1,
-                "step": step,
-                "rng": capture_rng(generators),
-                "rng_ranks": rng_ranks,  # every rank's streams (None for one process)
-                "world_size": world,
-                "config": config_to_dict(cfg),
-                "metrics": metrics,
-                "model_meta": model_meta,
-                "elapsed": elapsed + time.perf_counter() - segment_start,
-            })
+            started = time.perf_counter()
+            totals = _train_epoch(parts, state, epoch)
+            row = _evaluate(parts, state, epoch, totals, started)
+            _record(parts, state, rundir, row)
+    except TrainingDiverged as exc:
+        if info.is_main:
+            rundir.write_result(_result(parts, state, status="diverged", error=str(exc)))
+        raise
+    finally:
+        if parts.logger is not None:
+            parts.logger.close()
+    return _finish(parts, state, rundir)
 
-    total_seconds = elapsed + time.perf_counter() - segment_start
-    last = metrics[-1] if metrics else {}
-    result = {
-        "final_test_acc": last.get("test_acc"),
-        "best_test_acc": max((m["test_acc"] for m in metrics), default=None),
-        "final_test_loss": last.get("test_loss"),
-        "final_train_acc": last.get("train_acc"),
-        "final_train_loss": last.get("train_loss"),
+
+def _restore_or_start(cfg: TrainConfig, info: DistInfo, rundir: RunDir) -> dict[str, Any] | None:
+    """The checkpoint to resume from (None for a fresh run), after every check that can refuse
+    the run: a fresh run never overwrites another, a resumed one must be the same run."""
+    if info.distributed:
+        check_distributed(cfg, info.world_size)
+    if info.is_main:
+        rundir.remove_stale_temps()
+    if not cfg.resume:
+        if info.is_main:
+            rundir.check_fresh(cfg)
+        return None
+    if not rundir.checkpoint_path.is_file():
+        raise UsageError(f"--resume: no checkpoint at {rundir.checkpoint_path}; "
+                         "run without --resume to start")
+    ckpt = rundir.load_checkpoint()
+    from agnostic_sam.train.config import load_config
+
+    rundir.check_holds(cfg, load_config(None, {}, base=ckpt["config"]), resume=True)
+    if int(ckpt.get("world_size", 1)) != info.world_size:  # the batches depend on the world
+        raise UsageError(f"--resume: the checkpoint was written by {ckpt.get('world_size', 1)} "
+                         f"process(es), this run has {info.world_size}; resume with the same number")
+    return ckpt
+
+
+def _restore(parts: RunParts, ckpt: dict[str, Any] | None) -> RunState:
+    """A fresh state, or the checkpoint's: weights, optimizer, schedule, scaler, RNG streams."""
+    if ckpt is None:
+        return RunState()
+    parts.model.load_state_dict(ckpt["model"])
+    parts.opt.load_state_dict(ckpt["optimizer"])
+    parts.scheduler.load_state_dict(ckpt["scheduler"])
+    if parts.loss_scaler is not None:
+        scaler = ckpt.get("loss_scaler")
+        if scaler is None and ckpt.get("grad_scaler") is not None:  # fp16 SGD before 0.2
+            old = ckpt["grad_scaler"]
+            scaler = {"scale": old["scale"], "growth_tracker": old["_growth_tracker"],
+                      **{k: old[k] for k in ("growth_factor", "backoff_factor", "growth_interval")}}
+        if scaler is not None:
+            parts.loss_scaler.load_state_dict(scaler)
+    restore_rng((ckpt.get("rng_ranks") or [ckpt["rng"]])[parts.info.rank],
+                {"split": parts.split_gen})
+    return RunState(epoch=int(ckpt["epoch"]), step=int(ckpt["step"]),
+                    elapsed=float(ckpt.get("elapsed", 0.0)), metrics=list(ckpt["metrics"]))
+
+
+def _closure(parts: RunParts, x: Tensor, y: Tensor, meter: dict[str, Tensor]) -> Callable[[], Tensor]:
+    """Forward + backward on (x, y) in `accumulate` micro-batches (each loss weighted by its
+    share, so their gradients sum to the part's mean); counts correct predictions in the passes
+    the optimizer runs at theta."""
+    cfg, opt = parts.cfg, parts.opt
+
+    def closure() -> Tensor:
+        total = torch.zeros((), device=parts.device)
+        for i, (xm, ym) in enumerate(zip(x.tensor_split(cfg.accumulate), y.tensor_split(cfg.accumulate))):
+            # DDP: forward and backward in no_sync for all but the last micro-batch.
+            with accumulation_context(parts.ddp, i, cfg.accumulate):
+                with parts.autocast():
+                    logits = parts.fwd(xm).float()
+                loss = parts.criterion(logits, ym) * (len(ym) / len(y))
+                opt.backward(loss)
+            total += loss.detach()
+            if opt.at_theta:
+                meter["correct"] += (logits.detach().argmax(1) == ym).sum()
+        return total
+
+    return closure
+
+
+def _step(parts: RunParts, x: Tensor, y: Tensor, meter: dict[str, Tensor]) -> None:
+    """One optimizer step on the batch (x, y), adding its loss and skip count to `meter`."""
+    opt = parts.opt
+    if not parts.method.splits_batch:
+        opt.step(_closure(parts, x, y, meter))
+        meter["loss"] += opt.stats["loss_train"] * len(y)
+    else:
+        if parts.fixed is not None:  # rows are [B^t from S^t | B^v from S^v]
+            n_t = parts.split_parts[0] // parts.info.world_size
+            x_t, y_t, x_v, y_v = x[:n_t], y[:n_t], x[n_t:], y[n_t:]
+        else:
+            x_t, y_t, x_v, y_v = split_batch(x, y, ratio=parts.cfg.split_ratio,
+                                             generator=parts.split_gen)
+        opt.step(_closure(parts, x_t, y_t, meter), _closure(parts, x_v, y_v, meter))
+        meter["loss"] += opt.stats["loss_val"] * len(y_v)  # B^v ran first
+        meter["loss"] += opt.stats["loss_train"] * len(y_t)
+    if "cos_train_val" in opt.stats:
+        meter["cos"] += opt.stats["cos_train_val"]
+    meter["skipped"] += opt.stats["skipped"]
+
+
+def _train_epoch(parts: RunParts, state: RunState, epoch: int) -> dict[str, float]:
+    """The steps of one epoch; returns its sums over ranks (one host sync)."""
+    cfg, info = parts.cfg, parts.info
+    parts.fwd.train()
+    meter = {k: torch.zeros((), device=parts.device) for k in ("loss", "correct", "cos", "skipped")}
+    seen = steps = 0
+    index = epoch_index(cfg, len(parts.data.train), parts.fixed, epoch, info.world_size)
+    local = shard_columns(index, info, parts.split_parts)  # (steps, |B| / world) for this rank
+    bar = progress(cfg, info.is_main, len(index), epoch)
+    epoch_lr = parts.opt.param_groups[0]["lr"]
+    for x, y in batches(parts.data.train, parts.tensors, local, cfg, epoch, parts.device, info.rank):
+        if cfg.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        lr = parts.opt.param_groups[0]["lr"]
+        try:
+            _step(parts, x, y, meter)
+        except FloatingPointError as exc:
+            raise TrainingDiverged(f"training diverged at epoch {epoch + 1}, step {state.step + 1}: "
+                                   f"{exc}; lower --lr") from None
+        parts.scheduler.step()
+        seen, steps, state.step = seen + len(y), steps + 1, state.step + 1
+        if parts.logger is not None:  # a host sync per step, only when logging
+            parts.logger.log_step(state.step, {"lr": lr, **{k: float(v) for k, v in parts.opt.stats.items()}})
+        bar.update(1)
+        if cfg.max_steps is not None and state.step >= cfg.max_steps:
+            break
+    bar.close()
+    meter["seen"] = torch.tensor(float(seen), device=parts.device)
+    meter["steps"] = torch.tensor(float(steps), device=parts.device)
+    totals = all_reduce_sum(meter)  # sums over ranks
+    return {"lr": epoch_lr, **dict(zip(totals, torch.stack(list(totals.values())).tolist()))}
+
+
+def _evaluate(parts: RunParts, state: RunState, epoch: int, totals: dict[str, float],
+              started: float) -> dict[str, Any]:
+    """The epoch's metrics row (train sums, then test loss and accuracy), or TrainingDiverged."""
+    cfg, world = parts.cfg, parts.info.world_size
+    seen = max(totals["seen"], 1)
+    train_loss = totals["loss"] / seen
+    steps, skipped = totals["steps"] / world, totals["skipped"] / world  # every rank skips alike
+    where = f"training diverged at epoch {epoch + 1}, step {state.step}"
+    if not math.isfinite(train_loss):
+        raise TrainingDiverged(f"{where}: the mean training loss is {train_loss}; lower --lr")
+    if steps >= SKIP_MIN_STEPS and skipped >= SKIP_FRACTION * steps:
+        raise TrainingDiverged(f"{where}: {round(skipped)} of {round(steps)} fp16 steps were "
+                               "skipped for non-finite gradients; lower --lr")
+    broadcast_buffers(parts.ddp)  # every rank evaluates (and rank 0 saves) rank 0's BatchNorm stats
+    test_loss, test_acc = evaluate(parts.eval_fwd, parts.data.test, parts.device, parts.autocast,
+                                   cfg.channels_last, parts.info)
+    row: dict[str, Any] = {
+        "epoch": epoch + 1, "lr": totals["lr"], "train_loss": train_loss,
+        "train_acc": 100.0 * totals["correct"] / seen, "test_loss": test_loss,
+        "test_acc": test_acc, "steps": state.step,
+    }
+    if parts.method.splits_batch:
+        row["cos_train_val"] = totals["cos"] / max(steps * world, 1)  # mean over ranks too
+    if cfg.amp == "fp16":
+        row["skipped_steps"] = round(skipped)
+    row["epoch_seconds"] = time.perf_counter() - started
+    return row
+
+
+def _record(parts: RunParts, state: RunState, rundir: RunDir, row: dict[str, Any]) -> None:
+    """Keep the epoch: checkpoint first, then metrics.jsonl (so it is never ahead of the
+    checkpoint), the progress line and the loggers. Only rank 0 writes."""
+    state.metrics.append(row)
+    state.epoch = row["epoch"]
+    info = parts.info
+    rng_ranks = gather_to_main(capture_rng({"split": parts.split_gen})) if info.distributed else None
+    if not info.is_main:
+        return
+    rundir.save_checkpoint({
+        "model": parts.model.state_dict(),
+        "optimizer": parts.opt.state_dict(),
+        "scheduler": parts.scheduler.state_dict(),
+        "loss_scaler": parts.loss_scaler.state_dict() if parts.loss_scaler is not None else None,
+        "epoch": state.epoch,
+        "step": state.step,
+        "rng": capture_rng({"split": parts.split_gen}),
+        "rng_ranks": rng_ranks,  # every rank's streams (None for one process)
+        "world_size": info.world_size,
+        "config": config_to_dict(parts.cfg),
+        "metrics": state.metrics,
+        "model_meta": parts.model_meta,
+        "elapsed": state.seconds(),
+    })
+    rundir.write_metrics(state.metrics)
+    if parts.cfg.progress:
+        from tqdm.auto import tqdm
+
+        tqdm.write(format_row(row, parts.cfg.epochs))
+    if parts.logger is not None:
+        parts.logger.log_epoch(state.epoch, row)
+
+
+def _result(parts: RunParts, state: RunState, *, status: str, error: str | None = None) -> dict[str, Any]:
+    """result.json: the run's summary. A diverged run reports no accuracy: its last good epoch
+    is in the checkpoint and metrics.jsonl."""
+    cfg, last = parts.cfg, (state.metrics[-1] if state.metrics else {})
+    finished = status == "finished"
+    result: dict[str, Any] = {
+        "status": status,
+        "final_test_acc": last.get("test_acc") if finished else None,
+        "best_test_acc": max((m["test_acc"] for m in state.metrics), default=None) if finished else None,
+        "final_test_loss": last.get("test_loss") if finished else None,
+        "final_train_acc": last.get("train_acc") if finished else None,
+        "final_train_loss": last.get("train_loss") if finished else None,
         "eval_split": "holdout" if cfg.val_fraction > 0 else "test",
-        "epochs_completed": len(metrics),
-        "steps": step,
-        "total_seconds": total_seconds,
-        "noise_rate_realized": float(data.noise_rate_realized),
-        "num_params": num_params,
+        "epochs_completed": len(state.metrics),
+        "steps": state.step,
+        "total_seconds": state.seconds(),
+        "noise_rate_realized": float(parts.data.noise_rate_realized),
+        "num_params": parts.num_params,
         "dataset": cfg.dataset,
         "model": cfg.model,
         "optimizer": cfg.optimizer,
         "seed": cfg.seed,
-        "device": str(device),
-        "world_size": world,
+        "device": str(parts.device),
+        "world_size": parts.info.world_size,
+        **machine_info(),
         "torch_version": torch.__version__,
         "git_commit": git_commit(),
         "config": config_to_dict(cfg),
     }
-    if info.distributed:  # all ranks must hold bit-identical weights; RuntimeError otherwise
-        broadcast_buffers(ddp)
-        result["replica_sha256"] = verify_replicas(ddp)
-    if is_main:
-        atomic_write_json(out / RESULT_NAME, result)
+    if error is not None:
+        result["error"] = error
+        result["last_good_checkpoint_epoch"] = state.epoch  # checkpoint.pt holds this epoch
     return result
+
+
+def _finish(parts: RunParts, state: RunState, rundir: RunDir) -> dict[str, Any]:
+    """result.json, after checking that every rank holds the same weights."""
+    result = _result(parts, state, status="finished")
+    if parts.info.distributed:  # all ranks must hold bit-identical weights; RuntimeError otherwise
+        broadcast_buffers(parts.ddp)
+        result["replica_sha256"] = verify_replicas(parts.ddp)
+    if parts.info.is_main:
+        rundir.write_result(result)
+    return result
+
+
+def load_trained(run_dir: Any, device: str | torch.device = "cpu") -> tuple[Any, TrainConfig]:
+    """The model of a finished (or interrupted) run, rebuilt from its config with the
+    checkpoint's weights, in eval mode on `device`; and its config."""
+    return RunDir(run_dir).load_trained(device)

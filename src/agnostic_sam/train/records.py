@@ -1,40 +1,19 @@
-"""What a run records and shows: the files of its run directory, the per-epoch progress bar and
-line, and the trained model read back from a run directory."""
+"""What a run shows and notes about itself: the per-epoch progress bar and line, the machine it
+ran on, the code version. (Its files belong to `rundir.RunDir`.)"""
 
 from __future__ import annotations
 
-import json
+import functools
+import platform
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
-from agnostic_sam.errors import UsageError
-from agnostic_sam.models import create_model
-from agnostic_sam.train.checkpoint import CHECKPOINT_NAME, load_checkpoint
-from agnostic_sam.train.config import TrainConfig, load_config
+from agnostic_sam.train.config import TrainConfig
 
-__all__ = [
-    "CONFIG_NAME",
-    "METRICS_NAME",
-    "RESULT_NAME",
-    "format_row",
-    "git_commit",
-    "load_trained",
-    "metrics_text",
-    "progress",
-]
-
-METRICS_NAME = "metrics.jsonl"
-RESULT_NAME = "result.json"
-CONFIG_NAME = "config.yaml"
-
-
-def metrics_text(metrics: list[dict[str, Any]]) -> str:
-    """metrics.jsonl: one JSON object per finished epoch."""
-    return "".join(json.dumps(m) + "\n" for m in metrics)
+__all__ = ["cpu_model", "format_row", "git_commit", "machine_info", "progress"]
 
 
 def git_commit() -> str | None:
@@ -48,6 +27,25 @@ def git_commit() -> str | None:
     if done.returncode != 0:
         return None
     return done.stdout.strip() or None
+
+
+@functools.cache
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo on Linux), e.g. "AMD EPYC 7B13"."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def machine_info() -> dict[str, Any]:
+    """What decides whether two runs can be bit-identical: CPU model and thread count (and, in
+    the result, the torch version and device). Results repeat bit for bit on one machine with
+    the same threads and library versions, not across CPU families or GPUs."""
+    return {"cpu": cpu_model(), "threads": torch.get_num_threads()}
 
 
 def progress(cfg: TrainConfig, is_main: bool, total: int, epoch: int) -> Any:
@@ -64,20 +62,3 @@ def format_row(row: dict[str, Any], epochs: int) -> str:
     if "cos_train_val" in row:
         text += f"  cos {row['cos_train_val']:.3f}"
     return text
-
-
-def load_trained(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, TrainConfig]:
-    """The model of a finished (or interrupted) run, rebuilt from config.yaml with the
-    checkpoint's weights, in eval mode on `device`; and its config."""
-    run_dir = Path(run_dir)
-    config_path = run_dir / CONFIG_NAME
-    if not config_path.is_file():
-        raise UsageError(f"{run_dir} is not a run directory (no {CONFIG_NAME})")
-    cfg = load_config(config_path, {})
-    ckpt = load_checkpoint(run_dir / CHECKPOINT_NAME)
-    meta = ckpt.get("model_meta")
-    if meta is None:
-        raise UsageError(f"checkpoint in {run_dir} lacks model_meta; it was not written by train()")
-    model = create_model(cfg.model, **meta)
-    model.load_state_dict(ckpt["model"])
-    return model.to(device).eval(), cfg

@@ -1,0 +1,332 @@
+"""The run directory: one type that owns its file names, reads and writes them, keeps one writer
+at a time, and says whether it holds the run a config describes.
+
+A run directory holds::
+
+    config.yaml      the resolved TrainConfig (written when the run starts)
+    checkpoint.pt    model, optimizer, scheduler, RNG streams, metrics: written at each epoch end
+    metrics.jsonl    one JSON object per finished epoch (rewritten from the checkpoint, so it is
+                     never ahead of it)
+    result.json      written once at the end: the summary, ``"status": "finished"``, or
+                     ``"status": "diverged"`` for a failed run (the checkpoint then is the last
+                     good epoch)
+    .lock            the advisory lock of the process writing the run (its PID inside)
+
+Run identity: two configs describe the same run when they agree on every field that changes
+the numbers (`IDENTITY_FIELDS`: all but where it is written, how it is shown and how many
+threads compute it). `run_id` names a run by a hash of the identity fields that differ from
+`TrainConfig`'s defaults, computed on the resolved config: spelling out a default gives the same
+id, and a field added later with a default leaves every existing id unchanged.
+
+Every file is written atomically (see `checkpoint.py`) and every JSON file strictly: no NaN or
+Infinity (non-finite numbers become ``null``), so any strict JSON parser reads them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import hashlib
+import json
+import math
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from agnostic_sam.errors import UsageError
+from agnostic_sam.train.checkpoint import (
+    CHECKPOINT_NAME,
+    atomic_write_text,
+    load_checkpoint,
+    save_checkpoint,
+)
+from agnostic_sam.train.config import TrainConfig, config_to_dict, config_yaml, load_config
+
+__all__ = [
+    "CHECKPOINT_NAME",
+    "CONFIG_NAME",
+    "IDENTITY_FIELDS",
+    "LOCK_NAME",
+    "METRICS_NAME",
+    "RESULT_NAME",
+    "RUN_FILES",
+    "RunDir",
+    "json_safe",
+    "run_id",
+    "run_identity",
+    "strict_json",
+]
+
+CONFIG_NAME = "config.yaml"
+METRICS_NAME = "metrics.jsonl"
+RESULT_NAME = "result.json"
+LOCK_NAME = ".lock"
+RUN_FILES = (CONFIG_NAME, CHECKPOINT_NAME, METRICS_NAME, RESULT_NAME)
+
+# Fields that do not change the numbers a run produces: where it is written, whether it resumes,
+# how it is shown or logged, how many CPU threads compute it.
+_NOT_IDENTITY = {"data_dir", "download", "threads", "out", "resume", "progress", "log"}
+IDENTITY_FIELDS = tuple(
+    f.name for f in dataclasses.fields(TrainConfig) if f.name not in _NOT_IDENTITY
+)
+
+
+def run_identity(cfg: TrainConfig) -> dict[str, Any]:
+    """The fields of ``cfg`` that define which run it is (see the module docstring)."""
+    values = config_to_dict(cfg)
+    return {key: values[key] for key in IDENTITY_FIELDS}
+
+
+def run_id(cfg: TrainConfig) -> str:
+    """``<dataset>-<model>-<optimizer>-seed<k>-<hash>``, the hash over the identity fields that
+    differ from the defaults."""
+    defaults = run_identity(TrainConfig())
+    changed = {k: v for k, v in run_identity(cfg).items() if v != defaults[k]}
+    digest = hashlib.sha256(json.dumps(changed, sort_keys=True).encode()).hexdigest()[:10]
+    return f"{cfg.dataset}-{cfg.model}-{cfg.optimizer}-seed{cfg.seed}-{digest}"
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by None (containers walked)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def strict_json(value: Any, **kwargs: Any) -> str:
+    """JSON text of ``value`` that strict parsers accept (non-finite numbers as null)."""
+    return json.dumps(json_safe(value), allow_nan=False, **kwargs)
+
+
+def _write_error(path: Path, exc: OSError) -> UsageError:
+    reason = exc.strerror or str(exc)
+    if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+        return UsageError(f"cannot write {path}: {reason}; the previous checkpoint is intact, "
+                          "free some space and continue with --resume")
+    return UsageError(f"cannot write {path}: {reason}")
+
+
+class RunDir:
+    """One training run's directory (see the module docstring)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.config_path = self.path / CONFIG_NAME
+        self.checkpoint_path = self.path / CHECKPOINT_NAME
+        self.metrics_path = self.path / METRICS_NAME
+        self.result_path = self.path / RESULT_NAME
+        self.lock_path = self.path / LOCK_NAME
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    # ---- one writer ---------------------------------------------------------------------------
+
+    def check_writable(self) -> None:
+        """UsageError (one line) when the directory cannot be created or written: an existing
+        file, a path under a file, a read-only or special file system."""
+        if self.path.exists() and not self.path.is_dir():
+            raise UsageError(f"--out {self.path} is a file, not a directory")
+        ancestor = self.path
+        while not ancestor.exists():
+            ancestor = ancestor.parent
+        if not ancestor.is_dir():
+            raise UsageError(f"--out {self.path}: {ancestor} is a file, not a directory")
+        if not os.access(ancestor, os.W_OK | os.X_OK):
+            raise UsageError(f"--out {self.path}: cannot write to {ancestor} "
+                             "(read-only or no permission)")
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the run's advisory lock (``fcntl.flock``; the kernel releases it when the process
+        dies, so kill -9 never leaves a stale lock). Another holder -> UsageError naming its PID.
+        A directory this call created and nothing was written to is removed again on exit."""
+        import fcntl
+
+        self.check_writable()
+        created = not self.path.exists()
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise UsageError(f"cannot write to --out {self.path}: {exc.strerror or exc}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            pid = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise UsageError(
+                f"{self.path} is in use by another agnostic-sam process (PID {pid}); "
+                "wait for it to finish or choose another --out"
+            ) from None
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            yield
+        finally:
+            if not any((self.path / name).exists() for name in RUN_FILES):
+                with contextlib.suppress(OSError):
+                    os.unlink(self.lock_path)
+                    if created:
+                        self.path.rmdir()
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    def locked_by_other(self) -> bool:
+        """True while another process holds the lock (a run in progress)."""
+        import fcntl
+
+        if not self.lock_path.is_file():
+            return False
+        try:
+            fd = os.open(self.lock_path, os.O_RDONLY)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        finally:
+            os.close(fd)  # closing also drops the shared lock just taken
+        return False
+
+    def remove_stale_temps(self) -> list[Path]:
+        """Delete temporary files a kill during an atomic write left behind (hold the lock)."""
+        removed = []
+        for name in RUN_FILES:
+            for tmp in self.path.glob(f".{name}.*.tmp"):
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+                    removed.append(tmp)
+        return removed
+
+    # ---- what it holds ------------------------------------------------------------------------
+
+    def has_results(self) -> bool:
+        """Something a fresh run would destroy: a result, a checkpoint, or recorded epochs."""
+        if self.result_path.exists() or self.checkpoint_path.exists():
+            return True
+        return self.metrics_path.is_file() and self.metrics_path.stat().st_size > 0
+
+    def saved_config(self) -> TrainConfig | None:
+        """The run's config: config.yaml, else the checkpoint's copy; None for neither."""
+        if self.config_path.is_file():
+            return load_config(self.config_path, {})
+        if self.checkpoint_path.is_file():
+            return load_config(None, {}, base=self.load_checkpoint()["config"])
+        return None
+
+    def check_holds(self, cfg: TrainConfig, saved: TrainConfig | None = None, *,
+                    resume: bool = False) -> None:
+        """UsageError when the directory holds a different run than ``cfg`` (``resume``: worded
+        for `--resume`, which must continue the checkpoint's run)."""
+        saved = saved if saved is not None else self.saved_config()
+        if saved is None:
+            return
+        mine, theirs = run_identity(cfg), run_identity(saved)
+        for key in IDENTITY_FIELDS:
+            if mine[key] != theirs[key] and resume:
+                raise UsageError(f"--resume: '{key}' is {mine[key]!r} but the checkpoint was "
+                                 f"trained with {theirs[key]!r}")
+            if mine[key] != theirs[key]:
+                raise UsageError(
+                    f"{self.path} holds a different run ({key}: {theirs[key]!r}, this run "
+                    f"{mine[key]!r}); choose another --out or delete that folder"
+                )
+
+    def state(self, cfg: TrainConfig | None = None) -> str:
+        """``"new"``, ``"running"`` (another process holds the lock), ``"partial"`` (a
+        checkpoint, no result), ``"finished"`` or ``"failed"`` (a result saying it diverged).
+        With ``cfg``: UsageError when the directory holds a different run."""
+        if not self.path.is_dir():
+            return "new"
+        if self.locked_by_other():
+            return "running"
+        if cfg is not None:
+            self.check_holds(cfg)
+        result = self.read_result()
+        if result is not None:
+            return "failed" if result.get("status") == "diverged" else "finished"
+        return "partial" if self.checkpoint_path.is_file() else "new"
+
+    def check_fresh(self, cfg: TrainConfig) -> None:
+        """A fresh run must not destroy another: UsageError when the directory has results, or
+        a config.yaml of another run."""
+        if self.has_results():
+            held = ", ".join(n for n in RUN_FILES if (self.path / n).exists())
+            raise UsageError(f"{self.path} already holds a run ({held}); pass --resume to "
+                             "continue it or choose another --out")
+        self.check_holds(cfg)
+
+    # ---- reading and writing ------------------------------------------------------------------
+
+    def read_result(self) -> dict[str, Any] | None:
+        if not self.result_path.is_file():
+            return None
+        try:
+            return json.loads(self.result_path.read_text())
+        except (OSError, ValueError):
+            raise UsageError(f"{self.result_path} is unreadable or not JSON; delete it") from None
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        """One dict per finished epoch ([] before the first)."""
+        if not self.metrics_path.is_file():
+            return []
+        try:
+            lines = self.metrics_path.read_text().splitlines()
+        except (OSError, ValueError):
+            raise UsageError(f"{self.metrics_path} is unreadable") from None
+        rows = []
+        for number, line in enumerate(lines, start=1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise UsageError(f"{self.metrics_path}: line {number} is not JSON ({exc.msg})") from None
+        return rows
+
+    def load_checkpoint(self) -> dict[str, Any]:
+        return load_checkpoint(self.checkpoint_path)
+
+    def _write(self, path: Path, write: Any) -> None:
+        try:
+            write()
+        except OSError as exc:
+            raise _write_error(path, exc) from None
+
+    def write_config(self, cfg: TrainConfig) -> None:
+        self._write(self.config_path, lambda: atomic_write_text(self.config_path, config_yaml(cfg)))
+
+    def write_metrics(self, rows: list[dict[str, Any]]) -> None:
+        text = "".join(strict_json(row) + "\n" for row in rows)
+        self._write(self.metrics_path, lambda: atomic_write_text(self.metrics_path, text))
+
+    def write_result(self, result: dict[str, Any]) -> None:
+        text = strict_json(result, indent=2) + "\n"
+        self._write(self.result_path, lambda: atomic_write_text(self.result_path, text))
+
+    def save_checkpoint(self, state: dict[str, Any]) -> None:
+        self._write(self.checkpoint_path, lambda: save_checkpoint(self.checkpoint_path, state))
+
+    def load_trained(self, device: Any = "cpu") -> tuple[Any, TrainConfig]:
+        """The run's model rebuilt from its config with the checkpoint's weights, in eval mode on
+        ``device``; and its config."""
+        from agnostic_sam.models import create_model
+
+        if not self.checkpoint_path.is_file():
+            raise UsageError(f"{self.path} is not a run directory (no {CHECKPOINT_NAME})")
+        cfg = self.saved_config()
+        ckpt = self.load_checkpoint()
+        meta = ckpt.get("model_meta")
+        if cfg is None or meta is None:
+            raise UsageError(f"checkpoint in {self.path} lacks its config or model_meta; "
+                             "it was not written by train()")
+        model = create_model(cfg.model, **meta)
+        model.load_state_dict(ckpt["model"])
+        return model.to(device).eval(), cfg
