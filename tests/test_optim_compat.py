@@ -163,6 +163,19 @@ def test_grad_scaler_through_a_wrapper_hiding_the_keyword_raises() -> None:
     with pytest.raises(RuntimeError, match="hides its grad_scaler keyword"):
         scaler.step(opt, closure(model, *data(1, dtype=torch.float32)[0], lambda loss: scaler.scale(loss).backward()))
     assert same(before, model)
+    assert not hasattr(opt, "grad_scale")  # a direct step afterwards works
+    opt.step = inner
+    opt.step(closure(model, *data(1, dtype=torch.float32)[0]))
+
+
+def test_grad_scaler_unscale_before_step_raises() -> None:
+    model = mlp(torch.float32)
+    opt = build("sam", model)
+    scaler = torch.amp.GradScaler("cpu")
+    scaler.scale(torch.zeros(()))
+    scaler.unscale_(opt)
+    with pytest.raises(RuntimeError, match=r"scaler\.unscale_\(opt\) was called before"):
+        scaler.step(opt, closure(model, *data(1, dtype=torch.float32)[0], lambda loss: scaler.scale(loss).backward()))
 
 
 def test_grad_scaler_with_loss_scaler_raises() -> None:

@@ -230,6 +230,9 @@ class SharpnessOptimizer(torch.optim.Optimizer):
         if grad_scaler is None and getattr(self, "grad_scale", None) is not None:
             # GradScaler's attribute protocol: it could not see step's grad_scaler keyword, so
             # it cannot learn this step's inf checks and scaler.update() would fail after it.
+            # The attributes go now: GradScaler deletes them only after a step that returns.
+            self.__dict__.pop("grad_scale", None)
+            self.__dict__.pop("found_inf", None)
             raise RuntimeError(
                 "a torch.amp.GradScaler drives this step through a wrapper that hides its "
                 "grad_scaler keyword (e.g. accelerate's fp16 optimizer): call "
