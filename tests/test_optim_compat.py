@@ -168,6 +168,50 @@ def test_grad_scaler_through_a_wrapper_hiding_the_keyword_raises() -> None:
     opt.step(closure(model, *data(1, dtype=torch.float32)[0]))
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_grad_scaled_closure_stepped_directly_raises(kind: str) -> None:
+    """Closures call scaler.scale(loss).backward() but opt.step(...) is called, not scaler.step."""
+    model = mlp(torch.float32)
+    opt = build(kind, model)
+    scaler = torch.amp.GradScaler("cpu")
+    before = copy.deepcopy(model)
+    with pytest.raises(RuntimeError, match=r"call scaler\.step\(opt, closure\)"):
+        do_step(kind, opt, model, *data(1, dtype=torch.float32)[0], lambda loss: scaler.scale(loss).backward())
+    assert same(before, model)
+
+
+def test_grad_scaler_step_with_unscaled_closure_raises() -> None:
+    model = mlp(torch.float32)
+    opt = build("full", model)
+    scaler = torch.amp.GradScaler("cpu")
+    scaler.scale(torch.zeros(()))
+    before = copy.deepcopy(model)
+    with pytest.raises(RuntimeError, match=r"call scaler\.scale\(loss\)\.backward\(\)"):
+        do_step("full", opt, model, *data(1, dtype=torch.float32)[0], step=lambda *c: scaler.step(opt, *c))
+    assert same(before, model)
+
+
+def test_grad_scaler_misuse_in_the_train_closure_only_raises() -> None:
+    model = mlp(torch.float32)
+    opt = build("full", model)
+    scaler = torch.amp.GradScaler("cpu")
+    x, y = data(1, dtype=torch.float32)[0]
+    with pytest.raises(RuntimeError, match=r"call scaler\.step\(opt, closure\)"):
+        opt.step(closure(model, x[:22], y[:22], lambda loss: scaler.scale(loss).backward()),
+                 closure(model, x[22:], y[22:]))
+
+
+def test_disabled_grad_scaler_is_the_fp32_step() -> None:
+    ref, model = mlp(torch.float32), mlp(torch.float32)
+    ref_opt, opt = build("sam", ref), build("sam", model)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    for x, y in data(3, dtype=torch.float32):
+        do_step("sam", ref_opt, ref, x, y)
+        scaler.step(opt, closure(model, x, y, lambda loss: scaler.scale(loss).backward()))
+        scaler.update()
+    assert same(ref, model)
+
+
 def test_grad_scaler_unscale_before_step_raises() -> None:
     model = mlp(torch.float32)
     opt = build("sam", model)

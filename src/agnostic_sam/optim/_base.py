@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -48,6 +49,26 @@ def _count_accumulations(counts: dict[int, int]) -> Callable[[Tensor], None]:
         counts[id(p)] = counts.get(id(p), 0) + 1
 
     return hook
+
+
+def _run_watching_grad_scalers(closure: Closure) -> tuple[Any, list[Any]]:
+    """Run `closure`, returning its result and the enabled `torch.amp.GradScaler`s whose `scale`
+    it called. Uses a profile hook, so it is run once, on one pass, not on every step."""
+    target = torch.amp.GradScaler.scale.__code__
+    seen: list[Any] = []
+
+    def profile(frame: Any, event: str, arg: Any) -> None:
+        if event == "call" and frame.f_code is target:
+            scaler = frame.f_locals.get("self")
+            if getattr(scaler, "_enabled", False):
+                seen.append(scaler)
+
+    sys.setprofile(profile)
+    try:
+        result = closure()
+    finally:
+        sys.setprofile(None)
+    return result, seen
 
 
 class SharpnessOptimizer(torch.optim.Optimizer):
@@ -123,6 +144,8 @@ class SharpnessOptimizer(torch.optim.Optimizer):
         self._hook_handles: list[Any] = []
         self._grads_zeroed = False  # zero_grad(set_to_none=False) left zeros in p.grad
         self._scale_calls = 0  # loss_scaler.calls when the optimizer last cleared p.grad
+        # Whether a GradScaler drove the step in which the closure's scaling was last checked.
+        self._checked_driven: bool | None = None
         super().__init__(params, defaults)
         self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
         self._share_base()
@@ -273,6 +296,7 @@ class SharpnessOptimizer(torch.optim.Optimizer):
         self._begin(grad_scaler)
         try:
             yield
+            self._checked_driven = grad_scaler is not None  # every pass of this step was watched
         finally:
             self._end()
 
@@ -347,12 +371,30 @@ class SharpnessOptimizer(torch.optim.Optimizer):
                 p.grad = None
         sync = final or self.perturbation == "synced"
         calls = self.loss_scaler.calls if self.loss_scaler is not None else 0
+        driven = self._grad_scaler is not None
+        # In one step (and again when GradScaler use changes): does every closure scale its loss
+        # with the GradScaler that drives the step, and only then? Skipped under another profiler.
+        watch = self.loss_scaler is None and self._checked_driven is not driven and sys.getprofile() is None
         self.at_theta = at_theta
         try:
             with self._frozen_batchnorm(not at_theta), self._sync_context(sync), torch.enable_grad():
-                loss = closure()
+                if watch:
+                    loss, scalers = _run_watching_grad_scalers(closure)
+                else:
+                    loss = closure()
         finally:
             self.at_theta = False
+        if watch:
+            if driven and not any(s is self._grad_scaler for s in scalers):
+                raise RuntimeError(
+                    "scaler.step(opt, closure) drives this step but the closure did not scale its "
+                    "loss: call scaler.scale(loss).backward() in the closure"
+                )
+            if not driven and scalers:
+                raise RuntimeError(
+                    "the closure scaled its loss with a torch.amp.GradScaler but the step was "
+                    "called directly: call scaler.step(opt, closure), then scaler.update()"
+                )
         if self.loss_scaler is not None and self.loss_scaler.calls == calls:
             raise RuntimeError(
                 "the optimizer has loss_scaler= but the closure did not scale its loss: call "
