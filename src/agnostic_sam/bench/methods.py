@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -21,23 +21,20 @@ from agnostic_sam.amp import LossScaler
 from agnostic_sam.methods import create_optimizer, get_method
 from agnostic_sam.optim import split_batch
 
-if TYPE_CHECKING:
-    from agnostic_sam.bench.timing import BenchConfig
-
 __all__ = ["StepFn", "build_step", "make_loss"]
 
 # step(x, y) runs one full optimizer step on the batch x: (B, C, H, W), y: (B,).
 StepFn = Callable[[Tensor, Tensor], None]
 
 
-def _autocast(cfg: BenchConfig, device: torch.device) -> contextlib.AbstractContextManager:
+def _autocast(cfg: Any, device: torch.device) -> contextlib.AbstractContextManager:
     if cfg.amp == "none":
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if cfg.amp == "bf16" else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def make_loss(net: Callable[[Tensor], Tensor], cfg: BenchConfig, device: torch.device):
+def make_loss(net: Callable[[Tensor], Tensor], cfg: Any, device: torch.device):
     """loss(x, y): mean cross-entropy of ``net(x)``, the forward pass under ``cfg.amp``."""
 
     def loss(x: Tensor, y: Tensor) -> Tensor:
@@ -48,8 +45,9 @@ def make_loss(net: Callable[[Tensor], Tensor], cfg: BenchConfig, device: torch.d
 
 
 def build_step(name: str, model: nn.Module, net: Callable[[Tensor], Tensor],
-               cfg: BenchConfig) -> tuple[Any, StepFn]:
-    """(optimizer, step) of method ``name`` over ``model``'s parameters; ``net`` is the callable
+               cfg: Any) -> tuple[Any, StepFn]:
+    """(optimizer, step) of method ``name`` over ``model``'s parameters (``cfg``: the
+    `BenchConfig`, whose module imports this one); ``net`` is the callable
     used for forward passes (the compiled module or ``model``). Methods that split the batch
     split it on every step with a seeded generator: the split is part of a real step, so it is
     timed too."""

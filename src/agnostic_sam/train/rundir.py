@@ -144,37 +144,49 @@ class RunDir:
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
-        """Hold the run's advisory lock (``fcntl.flock``; the kernel releases it when the process
-        dies, so kill -9 never leaves a stale lock). Another holder -> UsageError naming its PID.
-        A directory this call created and nothing was written to is removed again on exit."""
+        """Hold the run's advisory lock (``fcntl.flock`` on ``.lock``; the kernel releases it when
+        the process dies, so kill -9 never leaves a stale lock). Another holder -> UsageError
+        naming its PID. The lock file is removed on release, and a directory this call created
+        is removed again if nothing was written to it."""
         import fcntl
 
         self.check_writable()
         created = not self.path.exists()
         try:
             self.path.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
             raise UsageError(f"cannot write to --out {self.path}: {exc.strerror or exc}") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            pid = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+        while True:
+            try:
+                fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as exc:
+                raise UsageError(f"cannot write to --out {self.path}: {exc.strerror or exc}") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                pid = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise UsageError(
+                    f"{self.path} is in use by another agnostic-sam process (PID {pid}); "
+                    "wait for it to finish or choose another --out"
+                ) from None
+            # The holder before us may have removed the file between our open and our lock:
+            # then we locked a file nobody else will see, so open the current one again.
+            try:
+                if os.stat(self.lock_path).st_ino == os.fstat(fd).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
             os.close(fd)
-            raise UsageError(
-                f"{self.path} is in use by another agnostic-sam process (PID {pid}); "
-                "wait for it to finish or choose another --out"
-            ) from None
         try:
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
             yield
         finally:
-            if not any((self.path / name).exists() for name in RUN_FILES):
-                with contextlib.suppress(OSError):
-                    os.unlink(self.lock_path)
-                    if created:
-                        self.path.rmdir()
+            with contextlib.suppress(OSError):
+                os.unlink(self.lock_path)  # still holding it: nobody else can be inside
+                if created and not any(self.path.iterdir()):
+                    self.path.rmdir()
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
 
