@@ -74,7 +74,7 @@ def test_a_method_registered_outside_the_package_trains_and_is_compared(tmp_path
     assert "test-double-rho-sam" in list_methods()
     # train accepts it, and it is exactly SAM at twice the radius
     mine = train(_run_cfg(tmp_path, optimizer="test-double-rho-sam", rho=0.1, out=str(tmp_path / "a")))
-    sam = train(_run_cfg(tmp_path, optimizer="sam", rho=0.2, out=str(tmp_path / "b")))
+    train(_run_cfg(tmp_path, optimizer="sam", rho=0.2, out=str(tmp_path / "b")))
     assert mine["optimizer"] == "test-double-rho-sam" and mine["steps"] == 4
     wa = load_checkpoint(tmp_path / "a" / "checkpoint.pt")["model"]
     wb = load_checkpoint(tmp_path / "b" / "checkpoint.pt")["model"]
