@@ -27,7 +27,7 @@ from agnostic_sam.reproduce import (
     unique_runs,
 )
 from agnostic_sam.reproduce import tables as plan_module
-from agnostic_sam.reproduce.tables import _parse_spec
+from agnostic_sam.reproduce.tables import parse_spec
 
 # Cells per table: rows x columns of the paper (Table 2 counts SAM once; Figure 1: 2 data sets x
 # 3 architectures x {SAM, non-overlap, on-the-fly}).
@@ -194,7 +194,7 @@ def test_bad_config_files_are_rejected(tmp_path):
         path = tmp_path / f"{name}.yaml"
         path.write_text(text)
         with pytest.raises(UsageError):
-            _parse_spec(path)
+            parse_spec(path)
     with pytest.raises(UsageError, match="unknown table"):
         plan("table7")
 
@@ -291,3 +291,157 @@ def test_smoke_every_table(tmp_path, table):
     cells = report["tables"][table]["cells"]
     assert len(cells) == CELLS[table]
     assert all(c["ours"]["n"] == c["ours"]["expected"] for c in cells)
+
+
+# ---- the digits protocols (Table 4 and Table 2 on digits, fixed and tuned radii) -------------
+
+def test_digits_studies_dry_run(capsys):
+    from agnostic_sam.reproduce import STUDIES
+
+    # finals: models x settings x 7 method entries x 10 seeds; tuning: models x settings x
+    # 3 tuned methods x 4 candidates x 3 tuning seeds
+    expected = {"table4-digits": (2 * 4 * 7 * 10 + 2 * 4 * 3 * 4 * 3, 2 * 4 * 7),
+                "table2-digits": (2 * 3 * 7 * 10 + 2 * 3 * 3 * 4 * 3, 2 * 3 * 7)}
+    assert set(expected) == set(STUDIES)
+    for table, (n_runs, n_cells) in expected.items():
+        assert main(["reproduce", table, "--dry-run"]) == 0
+        out = capsys.readouterr().out
+        assert out.strip().splitlines()[-1].startswith(f"{n_runs} training runs, {n_cells} table cells, ")
+        assert out.count(" tune ") == 2 * (4 if table == "table4-digits" else 3) * 3 * 4 * 3
+        assert "test set never opened" in out
+        # one run id per seed in a fixed-radius cell; tuned cells wait for the choice
+        cell = f"{table}:cnn/{'noise0.4' if table == 'table4-digits' else 'frac0.1'}/agnostic-sam"
+        ids = [line.split()[0] for line in out.splitlines() if line.endswith(f" {cell}")]
+        assert len(ids) == len(set(ids)) == 10
+        assert {i.split("-seed")[1].split("-")[0] for i in ids} == {str(s) for s in range(10)}
+        assert out.count("-<tuned>") == (n_cells // 7) * 3 * 10
+    runs = plan("table2-digits")
+    assert {(r.overrides["train_fraction"], r.overrides["epochs"]) for r in runs} == {
+        (0.1, 100), (0.2, 50), (0.5, 20)}
+    assert {r.overrides["model"] for r in runs} == {"cnn", "mlp"}
+    # the paper's radii on the fixed side, rho1 = 2 rho2
+    for r in plan("table4-digits"):
+        if r.tune is None and r.method != "sgd":
+            assert r.overrides.get("rho", 0.05) == 0.05
+            assert r.overrides.get("rho1", 0.1) == pytest.approx(2 * r.overrides.get("rho2", 0.05))
+
+
+def _write_result(root: Path, run, value: float, **extra) -> None:
+    d = root / run.run_id
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "config.yaml").write_text(yaml.safe_dump(run.overrides))
+    (d / "result.json").write_text(json.dumps({run.metric: value, **extra}))
+
+
+def test_study_report_verdicts_from_hand_built_results(tmp_path):
+    from agnostic_sam.reproduce import spec_of, verdict
+    from agnostic_sam.stats import paired_difference
+
+    spec = spec_of("table4-digits")
+    runs = plan("table4-digits", seeds=[0, 1, 2, 3])
+    sam = {0: 90.0, 1: 91.0, 2: 92.0, 3: 93.0}
+    values = {
+        "sam": sam,
+        "agnostic-sam": {s: v + 1.0 + 0.1 * (s % 2) for s, v in sam.items()},  # ahead of SAM
+        "agnostic-sam-simpler": {s: v + (0.5, -0.5, 0.3, -0.3)[s] for s, v in sam.items()},  # tie
+        "sgd": {s: v - 5.0 + 0.2 * s for s, v in sam.items()},  # behind SAM
+    }
+    for run in runs:
+        if run.row == "cnn/noise0.2" and run.method in values:
+            _write_result(tmp_path, run, values[run.method][run.overrides["seed"]])
+    report = build_report(runs, tmp_path, spec=spec)
+    study = report["tables"]["table4-digits"]
+    (fixed, tuned) = study["panels"]
+    (row,) = [r for r in fixed["rows"] if r["row"] == "cnn/noise0.2"]
+    by = {c["method"]: c for c in row["methods"]}
+    assert by["agnostic-sam"]["vs"]["SAM"]["verdict"] == "ahead"
+    assert by["agnostic-sam-simpler"]["vs"]["SAM"]["verdict"] == "no significant difference"
+    assert by["sgd"]["vs"]["SAM"]["verdict"] == "behind"
+    assert by["sam"]["vs"]["SGD"]["verdict"] == "ahead" and by["sam"]["vs"]["SAM"] is None
+    d = by["agnostic-sam"]["vs"]["SAM"]
+    assert d["mean"] == pytest.approx(1.05) and d["n"] == 4
+    ref = paired_difference(values["agnostic-sam"], sam)
+    assert (d["low"], d["high"]) == (pytest.approx(ref.low), pytest.approx(ref.high))
+    assert by["agnostic-sam"]["mean"] == pytest.approx(92.55) and by["agnostic-sam"]["n"] == 4
+    assert by["agnostic-sam"]["radius"] == "rho1=0.1, rho2=0.05"
+    # paper context: CIFAR-10 ResNet-32 at noise 0.2, and the paper's gap to SAM
+    assert by["agnostic-sam"]["paper"]["mean"] == 93.38
+    assert by["agnostic-sam"]["paper"]["vs"]["SAM"] == pytest.approx(93.38 - 92.38)
+    assert by["agnostic-sam-simpler"]["paper"] is None  # not in the paper's Table 4
+    # the tuned panel waits for tuning; rows without runs say so
+    (trow,) = [r for r in tuned["rows"] if r["row"] == "cnn/noise0.2"]
+    assert {c["method"]: c["radius"] for c in trow["methods"]}["sam-tuned"] == "pending tuning"
+    md = render_markdown(report)
+    assert "| cnn/noise0.2 | agnostic-sam | rho1=0.1, rho2=0.05 | 92.55 ± 1.32 | 4/4 | +1.05 [" in md
+    assert "| ahead |" in md and "| behind |" in md and "| no significant difference |" in md
+    assert "A different data set, the same protocol" in md
+    one = paired_difference({0: 1.0}, {0: 0.0})
+    assert verdict(one) == "too few seeds"
+
+
+def test_tuned_radius_flow_on_a_tiny_study(tmp_path, monkeypatch):
+    """Tuning picks the argmax of the held-out grid, retrains with it, and never opens the test
+    split while tuning."""
+    import dataclasses
+
+    from agnostic_sam.data import registry
+    from agnostic_sam.reproduce import runner
+
+    config_dir = tmp_path / "configs"
+    config_dir.mkdir()
+    (config_dir / "tiny.yaml").write_text(yaml.safe_dump({
+        "table": "table4-digits", "title": "tiny", "cell": "{model}/noise{noise_rate}/{method}",
+        "row": "{model}/noise{noise_rate}", "x": "noise_rate", "group": "model",
+        "base": {"dataset": "digits", "model": "mlp", "epochs": 2, "batch_size": 64, "lr": 0.05},
+        "methods": {"sgd": {"optimizer": "sgd"}, "sam": {"optimizer": "sam", "rho": 0.05},
+                    "sam-tuned": {"optimizer": "sam", "tune": [0.05, 3.0]}},
+        "tuning": {"val_fraction": 0.1, "rho2_ratio": 0.5, "seeds": [0, 1]},
+        "panels": {"fixed": {"methods": ["sgd", "sam"], "versus": {"SGD": "sgd", "SAM": "sam"}},
+                   "tuned": {"methods": ["sgd", "sam-tuned"], "versus": {"SGD": "sgd", "SAM": "sam-tuned"}}},
+        "paper": {"table": "table4", "cell": "cifar10/resnet32/noise{noise_rate}/{optimizer}"},
+        "grid": {"noise_rate": [0.2], "seed": [0, 1, 2]},
+    }))
+    monkeypatch.setattr(plan_module, "CONFIG_DIR", config_dir)
+
+    # count every opening of the digits test split, per phase
+    opened: list[str] = []
+    phase = ["none"]
+    spec = registry.DATASETS["digits"]
+
+    def builder(req):
+        source = spec.builder(req)
+        load_test = source.load_test
+        return dataclasses.replace(source, load_test=lambda: (opened.append(phase[0]), load_test())[1])
+
+    monkeypatch.setitem(registry.DATASETS, "digits", dataclasses.replace(spec, builder=builder))
+    train_runs = runner._train_runs
+
+    def tagged(todo, runs, **kw):
+        phase[0] = kw["label"].strip() or "final"
+        return train_runs(todo, runs, **kw)
+
+    monkeypatch.setattr(runner, "_train_runs", tagged)
+    report = reproduce("table4-digits", out=tmp_path / "out", device="cpu", progress=False,
+                       log=lambda s: None)
+    assert "tune" not in opened and opened.count("final") >= 1
+
+    root = tmp_path / "out" / "runs"
+    results = [json.loads(p.read_text()) for p in root.glob("*/result.json")]
+    held = [r for r in results if r["eval_split"] == "holdout"]
+    assert len(held) == 2 * 2  # 2 candidates x 2 tuning seeds
+    means = {}
+    for r in held:
+        means.setdefault(r["config"]["rho"], []).append(r["final_test_acc"])
+    means = {k: sum(v) / len(v) for k, v in means.items()}
+    best = max(means.values())
+    argmax = min(k for k, v in means.items() if v == best)
+    (entry,) = report["tables"]["table4-digits"]["tuning"]
+    assert entry["chosen"] == argmax
+    assert entry["grid"][f"{argmax:g}"]["mean"] == pytest.approx(means[argmax])
+    # the tuned final runs: every grid seed, the chosen radius, the full training set, test set
+    finals = [r for r in results if r["eval_split"] == "test" and r["config"]["optimizer"] == "sam"]
+    assert {r["config"]["rho"] for r in finals} == {0.05, argmax}
+    (tuned_panel,) = [p for p in report["tables"]["table4-digits"]["panels"] if p["name"] == "tuned"]
+    cell = {c["method"]: c for c in tuned_panel["rows"][0]["methods"]}["sam-tuned"]
+    assert cell["n"] == 3 and cell["radius"] == f"rho={argmax:g}"
+    assert (tmp_path / "out" / "figure.png").stat().st_size > 0

@@ -1,4 +1,5 @@
-"""Figures of the analyses: loss-landscape contours and surfaces, gradient congruence over epochs.
+"""Figures of the analyses: loss-landscape contours and surfaces, gradient congruence over epochs,
+accuracy curves, and a reproduction protocol's accuracy against its setting (noise, data size).
 
 Figures are built with matplotlib's object API on the Agg canvas (files only, never a window,
 and no change to the pyplot backend of a process that imports us).
@@ -21,6 +22,7 @@ __all__ = [
     "plot_congruence",
     "plot_landscape_contours",
     "plot_landscape_surfaces",
+    "plot_protocol",
 ]
 
 # Contour levels shared by every panel.
@@ -176,4 +178,54 @@ def plot_accuracy_curves(
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize="small")
+    return _save(fig, path)
+
+
+def plot_protocol(
+    series: Mapping[str, Mapping[str, Mapping[str, Sequence[Sequence[float]]]]],
+    path: str | Path,
+    *,
+    xlabel: str,
+    title: str,
+    ylabel: str = "test accuracy (%)",
+) -> Path:
+    """A grid of panels: one row per group (model), one column per panel (fixed / tuned radii).
+
+    ``series[group][panel][method]`` lists ``(x, mean, std, n)`` points; each method is a line
+    with ±1 std error bars over its ``n`` seeds. The same method name keeps its colour in every
+    panel, with a "-tuned" suffix sharing the colour of its fixed-radius method.
+    """
+    groups = list(series)
+    if not groups:
+        raise ValueError("plot_protocol needs at least one group, got none")
+    panels = list(dict.fromkeys(p for g in groups for p in series[g]))
+    fig = Figure(figsize=(5.2 * len(panels), 3.8 * len(groups)), layout="constrained")
+    axes = fig.subplots(len(groups), len(panels), squeeze=False, sharey="row")
+    colours: dict[str, Any] = {}
+    palette = iter(["C0", "C1", "C2", "C3", "C4", "C5", "C6", "C7", "C8", "C9"])
+    xs_all = sorted({float(pt[0]) for g in groups for p in series[g].values() for s in p.values() for pt in s})
+    for i, group in enumerate(groups):
+        for j, panel in enumerate(panels):
+            ax = axes[i][j]
+            methods = series[group].get(panel, {})
+            for k, (method, points) in enumerate(methods.items()):
+                base = method.removesuffix("-tuned")
+                colour = colours.setdefault(base, next(palette, None))
+                pts = sorted((float(x), float(m), float(s), int(n)) for x, m, s, n in points)
+                if not pts:
+                    continue
+                x, mean, std, n = map(np.asarray, zip(*pts))
+                # a small horizontal offset per method keeps overlapping error bars readable
+                spread = (max(xs_all) - min(xs_all)) if len(xs_all) > 1 else 1.0
+                offset = (k - (len(methods) - 1) / 2) * 0.008 * spread
+                ax.errorbar(x + offset, mean, yerr=std, marker="o", ms=4, capsize=3, lw=1.3,
+                            color=colour, label=f"{method} (n={int(n.min())})")
+            ax.set_title(f"{group}: {panel}")
+            ax.set_xlabel(xlabel)
+            ax.set_xticks(xs_all)
+            ax.grid(alpha=0.3)
+            if j == 0:
+                ax.set_ylabel(ylabel)
+            ax.legend(fontsize="small", loc="lower left")
+    fig.suptitle(title)
     return _save(fig, path)

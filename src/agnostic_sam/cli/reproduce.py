@@ -4,9 +4,19 @@ from __future__ import annotations
 
 import argparse
 
-from agnostic_sam.reproduce.tables import TABLES
+from agnostic_sam.reproduce.tables import STUDIES, TABLES
 
 __all__ = ["register", "run"]
+
+
+def _jobs(text: str) -> int:
+    try:
+        jobs = int(text)
+    except ValueError:
+        jobs = 0
+    if jobs < 1:
+        raise argparse.ArgumentTypeError(f"--jobs takes an integer >= 1, got {text!r}")
+    return jobs
 
 
 def _seeds(text: str) -> list[int]:
@@ -29,12 +39,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "with the paper's number, ours (mean ± std, n), the difference and seconds per epoch."
         ),
     )
-    p.add_argument("table", choices=(*TABLES, "all"), help="which table or figure (all: every one)")
+    p.add_argument("table", choices=(*TABLES, "all", *STUDIES),
+                   help="which table or figure (all: every paper table); table4-digits and "
+                        "table2-digits: the paper's protocols on the digits data, fixed and tuned radii")
     p.add_argument("--out", default="runs/reproduce", help="output folder (default: runs/reproduce)")
     p.add_argument("--data-dir", default=None, help="folder holding the data sets")
     p.add_argument("--download", action="store_true", help="let torchvision fetch missing data sets")
     p.add_argument("--seeds", type=_seeds, default=None, metavar="S1,S2,..",
                    help="replace every config's seeds (e.g. 0 for a single-seed pass)")
+    p.add_argument("--tune-seeds", type=_seeds, default=None, metavar="S1,S2,..",
+                   help="replace the seeds of the radius-tuning runs (digits studies)")
+    p.add_argument("--jobs", type=_jobs, default=1,
+                   help="runs trained at once, in worker processes (default 1); numbers do not depend on it")
+    p.add_argument("--threads", type=_jobs, default=None,
+                   help="CPU threads per run (default 1)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--dry-run", action="store_true",
@@ -52,7 +70,8 @@ def run(args: argparse.Namespace) -> int:
 
     reproduce(
         args.table, out=args.out, data_dir=args.data_dir, download=args.download, seeds=args.seeds,
-        smoke=args.smoke, device=args.device, dry_run=args.dry_run, report_only=args.report_only,
+        tune_seeds=args.tune_seeds, smoke=args.smoke, device=args.device, dry_run=args.dry_run,
+        report_only=args.report_only, jobs=args.jobs, threads=args.threads,
         progress=args.progress and not args.smoke,
     )
     return 0

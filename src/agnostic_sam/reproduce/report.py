@@ -13,6 +13,9 @@ A ``best_of`` cell (Table 2's SAM, best of three radii, as the paper did) groups
 method, takes each method's mean over seeds and keeps the method with the highest mean; the report
 names the chosen method. Table 6 (``metric: seconds_per_epoch``) is reported in minutes, like the
 paper; its std pools the per-epoch times of the cell's runs.
+
+A digits study (``spec`` given) is reported by `agnostic_sam.reproduce.study`: paired differences
+to SGD and SAM with 95% intervals and verdicts, the tuning grid, the paper's numbers as context.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from agnostic_sam.reproduce.tables import TABLES, Run
+from agnostic_sam.reproduce.study import render_study, study_report
+from agnostic_sam.reproduce.tables import TABLES, Run, TableSpec
 from agnostic_sam.stats import summarize
 
 __all__ = [
@@ -118,14 +122,24 @@ def _cell(runs: list[Run], runs_root: Path, paper: dict[str, Any] | None, to_uni
     }
 
 
-def build_report(runs: list[Run], runs_root: str | Path, paper: dict[str, Any] | None = None) -> dict[str, Any]:
+def build_report(
+    runs: list[Run],
+    runs_root: str | Path,
+    paper: dict[str, Any] | None = None,
+    *,
+    spec: TableSpec | None = None,
+    choices: dict[str, dict[str, Any]] | None = None,
+) -> dict[str, Any]:
     """The report as a dict: {"tables": {table: {"title", "unit", "metric", "cells": [cell, ...]}}}.
 
     ``runs`` are the planned runs (``plan``); ``runs_root`` holds their directories by run id.
-    Cells keep plan order; a cell whose runs have not finished has ``ours.mean = None``.
+    Cells keep plan order; a cell whose runs have not finished has ``ours.mean = None``. With the
+    ``spec`` of a digits study (and its tuning ``choices``) the table is the study's paired report.
     """
     runs_root = Path(runs_root)
     paper = paper if paper is not None else paper_numbers()
+    if spec is not None:
+        return {"tables": {spec.table: study_report(spec, runs, runs_root, choices or {}, paper)}}
     grouped: dict[str, dict[str, list[Run]]] = {}
     for run in runs:
         grouped.setdefault(run.table, {}).setdefault(run.cell, []).append(run)
@@ -158,6 +172,9 @@ def render_markdown(report: dict[str, Any]) -> str:
                   "data set's shape. It checks that every run goes through; its numbers are not "
                   "results.", ""]
     for table in report["tables"].values():
+        if "panels" in table:
+            lines += render_study(table)
+            continue
         unit = "minutes per epoch" if table["unit"] == "minutes" else "test accuracy, %"
         lines += [f"## {table['title']}", "", f"Unit: {unit}; metric: `{table['metric']}`.", ""]
         if table.get("note"):

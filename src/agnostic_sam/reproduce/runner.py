@@ -10,46 +10,54 @@ Layout under ``out`` (default ``runs/reproduce``)::
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from agnostic_sam.errors import UsageError
 from agnostic_sam.reproduce.report import build_report, write_report
 from agnostic_sam.reproduce.tables import (
-    NOT_IDENTITY,
     SMOKE_WEIGHTS,
+    STUDIES,
     Run,
     format_plan,
     plan,
+    spec_of,
     unique_runs,
 )
+from agnostic_sam.reproduce.tuning import choose, resolve, tune_plan
 
 __all__ = ["run_state", "check_data", "reproduce"]
 
+# RunDir's state names, as reproduce logs them.
+_STATE_WORDS = {"finished": "complete"}
+
 
 def run_state(run_dir: str | Path, overrides: dict[str, Any]) -> str:
-    """``"new"``, ``"partial"`` (a checkpoint, no result) or ``"complete"`` (result.json written).
+    """``"new"``, ``"partial"`` (a checkpoint, no result), ``"complete"`` (result.json written),
+    ``"failed"`` (a result saying the run diverged) or ``"running"`` (another process holds it).
 
-    A directory whose saved config disagrees with the planned run on a field that changes results
-    raises UsageError: it holds some other run, and reusing it would mix results.
+    `agnostic_sam.train.rundir.RunDir` decides; "the same run" is ``run_identity`` of the
+    resolved configs. A directory holding another run raises UsageError naming the first field
+    that differs: reusing it would mix results.
     """
-    run_dir = Path(run_dir)
-    config_path = run_dir / "config.yaml"
-    if not config_path.exists():
-        return "new"
-    saved = yaml.safe_load(config_path.read_text()) or {}
-    for key, value in overrides.items():
-        if key not in NOT_IDENTITY and saved.get(key) != value:
-            raise UsageError(
-                f"{run_dir} holds a run with {key}={saved.get(key)!r}, not {value!r}; "
-                "delete it or choose another --out"
-            )
-    if (run_dir / "result.json").exists():
-        return "complete"
-    return "partial" if (run_dir / "checkpoint.pt").exists() else "new"
+    from agnostic_sam.train import load_config
+    from agnostic_sam.train.rundir import RunDir, run_identity
+
+    rd = RunDir(run_dir)
+    cfg = load_config(None, overrides)
+    saved = rd.saved_config() if rd.path.is_dir() else None
+    if saved is not None:
+        mine, theirs = run_identity(cfg), run_identity(saved)
+        for key in mine:
+            if mine[key] != theirs[key]:
+                raise UsageError(
+                    f"{run_dir} holds a run with {key}={theirs[key]!r}, not {mine[key]!r}; "
+                    "delete it or choose another --out"
+                )
+    state = rd.state(cfg)
+    return _STATE_WORDS.get(state, state)
 
 
 def check_data(runs: list[Run], *, data_dir: str | None, download: bool) -> None:
@@ -57,14 +65,17 @@ def check_data(runs: list[Run], *, data_dir: str | None, download: bool) -> None
 
     A missing data set raises the data module's one-line UsageError naming the folder, the
     files it expects, and that ``--download`` fetches them where a network exists; missing
-    pretrained weights raise the models module's line naming the file to fetch.
+    pretrained weights raise the models module's line naming the file to fetch. Tuning runs
+    (``val_fraction > 0``) are checked with their held-out split, so the test split stays closed.
     """
     from agnostic_sam.data import build_data
     from agnostic_sam.models import resolve_weights
 
-    datasets = {r.overrides.get("dataset", "digits"): r.overrides.get("image_size") for r in runs}
-    for name, image_size in datasets.items():
-        build_data(name, data_dir=data_dir, download=download, image_size=image_size)
+    datasets = {(r.overrides.get("dataset", "digits"), r.overrides.get("image_size"),
+                 float(r.overrides.get("val_fraction") or 0.0)) for r in runs}
+    for name, image_size, val_fraction in sorted(datasets, key=str):
+        build_data(name, data_dir=data_dir, download=download, image_size=image_size,
+                   val_fraction=val_fraction)
     for weights in {r.overrides["weights"] for r in runs if r.overrides.get("weights")}:
         if weights != SMOKE_WEIGHTS:
             resolve_weights(weights)
@@ -96,6 +107,100 @@ def _write_smoke_weights(overrides: dict[str, Any]) -> None:
         torch.save(model.state_dict(), path)
 
 
+def _train_worker(cfg: Any) -> str:
+    """Train one run in this process with the run's own thread count; its run directory."""
+    import torch
+
+    from agnostic_sam.train import train
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads or 1)
+    try:
+        train(cfg)
+    finally:
+        torch.set_num_threads(previous)
+    return str(cfg.out)
+
+
+def _launch(cfgs: list[Any], jobs: int, log: Callable[[str], None]) -> list[str]:
+    """Train ``cfgs``, ``jobs`` at a time; the run directories that failed.
+
+    ``jobs == 1`` trains in this process, one after another. Otherwise fresh "spawn" worker
+    processes each train one run at a time (no inherited thread pools). A run that raises is
+    logged and the others go on; its directory keeps what it wrote.
+    """
+    failed: list[str] = []
+    start = time.perf_counter()
+
+    def done(k: int, cfg: Any) -> None:
+        log(f"finished {k}/{len(cfgs)} {Path(cfg.out).name} ({time.perf_counter() - start:.0f} s)")
+
+    if jobs == 1 or len(cfgs) <= 1:
+        for k, cfg in enumerate(cfgs, 1):
+            _train_worker(cfg)
+            done(k, cfg)
+        return failed
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=min(jobs, len(cfgs)), mp_context=context) as pool:
+        futures = {pool.submit(_train_worker, cfg): cfg for cfg in cfgs}
+        for k, future in enumerate(as_completed(futures), 1):
+            cfg = futures[future]
+            exc = future.exception()
+            if exc is not None:
+                failed.append(str(cfg.out))
+                log(f"failed   {cfg.out}: {type(exc).__name__}: {exc}")
+            else:
+                done(k, cfg)
+    return failed
+
+
+def _train_runs(
+    todo: list[Run],
+    runs: list[Run],
+    *,
+    out: Path,
+    data_dir: str | None,
+    download: bool,
+    device: str,
+    progress: bool,
+    jobs: int,
+    threads: int | None,
+    label: str,
+    log: Callable[[str], None],
+) -> list[str]:
+    """Train the runs of ``todo`` not finished yet (resuming partial ones); the failed ones."""
+    from agnostic_sam.train import load_config
+
+    runs_root = out / "runs"
+    effective = {run.run_id: _effective(run, out) for run in todo}
+    states = {rid: run_state(runs_root / rid, overrides) for rid, overrides in effective.items()}
+    check_data([r for r in todo if states[r.run_id] in ("new", "partial")],
+               data_dir=data_dir, download=download)
+    cfgs = []
+    for i, run in enumerate(todo, 1):
+        state = states[run.run_id]
+        cells = ", ".join(sorted({f"{r.table}:{r.cell}" for r in runs if not r.pending
+                                  and r.run_id == run.run_id})) or f"tune {run.cell} r={run.radius:g}"
+        if state in ("complete", "failed", "running"):
+            log(f"[{label}{i}/{len(todo)}] {state:<8} {run.run_id} ({cells})")
+            continue
+        log(f"[{label}{i}/{len(todo)}] {'resume' if state == 'partial' else 'train '}   {run.run_id} ({cells})")
+        overrides = effective[run.run_id]
+        if run.overrides.get("weights") == SMOKE_WEIGHTS:
+            _write_smoke_weights(overrides)
+        # one thread per run unless told otherwise: with --jobs N the N runs share the cores,
+        # and the numbers do not depend on N (threads is not part of a run's identity)
+        cfgs.append(load_config(None, {
+            **overrides, "out": str(runs_root / run.run_id), "resume": state == "partial",
+            "device": device, "data_dir": data_dir, "download": download,
+            "progress": progress and jobs == 1, "threads": threads or 1,
+        }))
+    return _launch(cfgs, jobs, log)
+
+
 def reproduce(
     table: str,
     *,
@@ -103,50 +208,77 @@ def reproduce(
     data_dir: str | None = None,
     download: bool = False,
     seeds: list[int] | None = None,
+    tune_seeds: list[int] | None = None,
     smoke: bool = False,
     device: str = "auto",
     dry_run: bool = False,
     report_only: bool = False,
+    jobs: int = 1,
+    threads: int | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any] | None:
-    """Train every run of ``table`` (``table1``..``table6``, ``figure1`` or ``all``), then report.
+    """Train every run of ``table`` (a paper table, ``all``, or a digits study), then report.
 
     Finished runs (result.json present, config matching) are skipped, partial ones resumed from
-    their checkpoint. ``dry_run`` only logs the plan and returns None; ``report_only`` writes the
-    report from whatever runs exist. Returns the report dict.
+    their checkpoint. A study with tuned radii (``STUDIES``) first trains the held-out tuning
+    runs, chooses each tuned cell's radius (`agnostic_sam.reproduce.tuning`), then trains the
+    final runs. ``jobs`` runs train at once, each with ``threads`` CPU threads (default 1).
+    ``dry_run`` only logs the plan (tuned final runs whose tuning has not finished are listed
+    as pending) and returns None; ``report_only`` writes the report from whatever runs exist.
+    Returns the report dict.
     """
-    from agnostic_sam.train import load_config, train
-
+    if not isinstance(jobs, int) or jobs < 1:
+        raise UsageError(f"--jobs must be an integer >= 1, got {jobs!r}")
     out = Path(out)
-    runs = plan(table, seeds=seeds, smoke=smoke)
-    todo = unique_runs(runs)
-    if dry_run:
-        log(format_plan(runs))
-        return None
     runs_root = out / "runs"
+    runs = plan(table, seeds=seeds, smoke=smoke)
+    for run in runs:  # the device is part of a run's identity (rundir.IDENTITY_FIELDS)
+        run.overrides["device"] = device
+    spec = spec_of(table) if table in STUDIES else None
+    tune_runs = tune_plan(runs, spec, seeds=tune_seeds) if spec is not None else []
+    resolve(runs, choose(tune_runs, runs_root), spec)
+    if dry_run:
+        log(format_plan(runs, tune_runs))
+        return None
+    timings: dict[str, float] = {}
+    failed: list[str] = []
+    common = dict(out=out, data_dir=data_dir, download=download, device=device,
+                  progress=progress, jobs=jobs, threads=threads, log=log)
     if not report_only:
-        effective = {run.run_id: _effective(run, out) for run in todo}
-        states = {rid: run_state(runs_root / rid, overrides) for rid, overrides in effective.items()}
-        check_data([r for r in todo if states[r.run_id] != "complete"], data_dir=data_dir, download=download)
-        for i, run in enumerate(todo, 1):
-            state = states[run.run_id]
-            cells = ", ".join(f"{r.table}:{r.cell}" for r in runs if r.run_id == run.run_id)
-            if state == "complete":
-                log(f"[{i}/{len(todo)}] done     {run.run_id} ({cells})")
-                continue
-            log(f"[{i}/{len(todo)}] {'resume' if state == 'partial' else 'train '}   {run.run_id} ({cells})")
-            overrides = effective[run.run_id]
-            if run.overrides.get("weights") == SMOKE_WEIGHTS:
-                _write_smoke_weights(overrides)
-            cfg = load_config(None, {
-                **overrides, "out": str(runs_root / run.run_id), "resume": state == "partial",
-                "device": device, "data_dir": data_dir, "download": download, "progress": progress,
-            })
-            train(cfg)
-    report = build_report(runs, runs_root)
+        if tune_runs:
+            start = time.perf_counter()
+            failed += _train_runs(unique_runs(tune_runs), runs, label="tune ", **common)
+            timings["tuning_seconds"] = time.perf_counter() - start
+            resolve(runs, choose(tune_runs, runs_root), spec)
+            pending = sorted({r.cell for r in runs if r.pending})
+            if pending:
+                log(f"no radius chosen for {len(pending)} cells (a tuning run failed): {', '.join(pending)}")
+        start = time.perf_counter()
+        failed += _train_runs(unique_runs(runs), runs, label="", **common)
+        timings["final_seconds"] = time.perf_counter() - start
+    choices = choose(tune_runs, runs_root)
+    report = build_report(runs, runs_root, spec=spec, choices=choices)
     report["smoke"] = smoke
+    report["timings"] = timings
+    report["failed"] = failed
     md, js = write_report(report, out)
     log(f"wrote {md} and {js}")
+    if spec is not None:
+        figure = _draw_figure(report["tables"][spec.table], out / "figure.png")
+        if figure is not None:
+            log(f"wrote {figure}")
     return report
 
+
+def _draw_figure(study: dict[str, Any], path: Path) -> Path | None:
+    """The study's figure (accuracy against its x, fixed and tuned radii side by side)."""
+    from agnostic_sam.analysis.plots import plot_protocol
+    from agnostic_sam.reproduce.study import figure_series
+
+    series = figure_series(study)
+    if not any(methods for panels in series.values() for methods in panels.values()):
+        return None
+    xlabel = {"noise_rate": "label noise rate (training set)",
+              "train_fraction": "fraction of the training set"}.get(study["x"], str(study["x"]))
+    return plot_protocol(series, path, xlabel=xlabel, title=study["title"])
