@@ -98,6 +98,34 @@ def test_grad_scaler_step_equals_loss_scaler_path(kind: str) -> None:
     assert ref_opt.loss_scaler.get_scale() < 2.0**10 * 2**6  # one backoff happened
 
 
+def test_grad_scaler_equals_loss_scaler_under_float16_autocast_with_real_overflows() -> None:
+    ref, model = mlp(torch.float32), mlp(torch.float32)
+    ref_opt = build("full", ref, loss_scaler=LossScaler())
+    opt = build("full", model)
+    scaler = torch.amp.GradScaler("cpu")
+    scaler.scale(torch.zeros(()))
+
+    def c(net, x, y, backward):
+        def run():
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = F.cross_entropy(net(x).float(), y)
+            backward(loss)
+            return loss
+        return run
+
+    skipped = 0.0
+    for x, y in data(STEPS, dtype=torch.float32):
+        x = x * 100  # large logits: float16 overflows at the initial scale 2**16
+        ref_opt.step(c(ref, x[:22], y[:22], ref_opt.backward), c(ref, x[22:], y[22:], ref_opt.backward))
+        scaler.step(opt, c(model, x[:22], y[:22], lambda loss: scaler.scale(loss).backward()),
+                    c(model, x[22:], y[22:], lambda loss: scaler.scale(loss).backward()))
+        scaler.update()
+        assert torch.equal(opt.stats["skipped"], ref_opt.stats["skipped"])
+        skipped += float(opt.stats["skipped"])
+    assert skipped >= 1 and scaler.get_scale() == ref_opt.loss_scaler.get_scale()
+    assert same(ref, model)
+
+
 @pytest.mark.parametrize(("kind", "bad_pass"), [("sam", 0), ("full", 0), ("full", 1), ("simpler", 2)])
 def test_grad_scaler_overflow_in_one_early_pass_skips_and_backs_off_once(kind: str, bad_pass: int) -> None:
     model = mlp(torch.float32)
