@@ -37,7 +37,11 @@ class SAM(SharpnessOptimizer):
 
     - ``loss.backward(); opt.step(closure)``: the gradient found in p.grad (one backward pass
       since the last step) is g(theta), so pass 1 is not re-run (two passes, not three);
-      ``loss_train`` is then NaN (the optimizer did not see the loss at theta).
+      ``loss_train`` is then NaN (the optimizer did not see the loss at theta). The gradient
+      must be of the closure's own mini-batch, from a forward in the same mode (its BatchNorm
+      statistics update is pass 1's). One backward on *another* batch before the step (a
+      framework accumulating two micro-batches) looks the same and cannot be detected: keep
+      accumulation inside the closure.
     - ``loss.backward(); opt.first_step(); loss2.backward(); opt.second_step()``: with
       ``model=`` given, BatchNorm statistics are frozen from ``first_step`` to ``second_step``.
 
