@@ -1,0 +1,172 @@
+"""What every framework adapter needs: batches as nested tensors (slice, join, split into B^t
+and B^v), closures that accumulate micro-batches, and one sharpness-aware step driven by a
+loss scaler or not. No framework is imported here."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from agnostic_sam.optim import AgnosticSAM
+from agnostic_sam.optim._base import SharpnessOptimizer
+from agnostic_sam.optim.split import split_sizes
+
+__all__ = ["batch_len", "concat", "run_step", "split", "take"]
+
+Batch = Any  # a tensor, or a tuple / list / dict nesting tensors that share dim 0
+
+
+def _leaves(batch: Batch) -> list[Tensor]:
+    if isinstance(batch, Tensor):
+        return [batch]
+    if isinstance(batch, dict):
+        return [t for v in batch.values() for t in _leaves(v)]
+    if isinstance(batch, (list, tuple)):
+        return [t for v in batch for t in _leaves(v)]
+    return []
+
+
+def _map(batch: Batch, fn: Callable[[Tensor], Tensor]) -> Batch:
+    if isinstance(batch, Tensor):
+        return fn(batch)
+    if isinstance(batch, dict):
+        return type(batch)({k: _map(v, fn) for k, v in batch.items()})
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
+        return type(batch)(*(_map(v, fn) for v in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_map(v, fn) for v in batch)
+    return batch
+
+
+def batch_len(batch: Batch) -> int:
+    """The number of samples: dim 0 of the tensors of `batch` (which must agree)."""
+    sizes = {t.shape[0] for t in _leaves(batch) if t.dim() > 0}
+    if len(sizes) != 1:
+        raise ValueError(
+            "a batch must hold tensors that share their first dimension (the samples), "
+            f"got first dimensions {sorted(sizes)}"
+        )
+    return sizes.pop()
+
+
+def take(batch: Batch, index: Tensor) -> Batch:
+    """The samples `index` of every tensor of `batch`."""
+    return _map(batch, lambda t: t[index.to(t.device)] if t.dim() > 0 else t)
+
+
+def concat(batches: Sequence[Batch]) -> Batch:
+    """Join micro-batches of the same structure along the sample dimension."""
+    if len(batches) == 1:
+        return batches[0]
+    first = batches[0]
+    flat = [_leaves(b) for b in batches]
+    if any(len(f) != len(flat[0]) for f in flat):
+        raise ValueError("the accumulated micro-batches differ in structure: they cannot be joined")
+    for i in range(len(flat[0])):
+        shapes = {tuple(f[i].shape[1:]) for f in flat}
+        if len(shapes) > 1:
+            raise ValueError(
+                f"the accumulated micro-batches differ in shape beyond the sample dimension {sorted(shapes)}: "
+                "a sharpness-aware step re-runs them all in every pass, so pad them to one length "
+                "(e.g. padding='max_length')"
+            )
+    joined = iter([torch.cat([f[i] for f in flat]) for i in range(len(flat[0]))])
+    return _map(first, lambda t: next(joined))
+
+
+def split(batch: Batch, ratio: float, generator: torch.Generator | None) -> tuple[Batch, Batch]:
+    """(B^t, B^v) exactly as `agnostic_sam.split_batch` draws them from `generator`."""
+    n = batch_len(batch)
+    n_t, _ = split_sizes(n, ratio)
+    device = generator.device if generator is not None else torch.device("cpu")
+    perm = torch.randperm(n, generator=generator, device=device)
+    return take(batch, perm[:n_t]), take(batch, perm[n_t:])
+
+
+def micro_closure(
+    loss_fn: Callable[[Batch], Tensor], batch: Batch, micro_batches: int, backward: Callable[[Tensor], None]
+) -> Callable[[], Tensor]:
+    """The closure of `agnostic_sam.accumulate` for nested batches: `micro_batches` slices
+    (``tensor_split`` along dim 0), each loss weighted by |B_k| / |B| before `backward`."""
+    n = batch_len(batch)
+    k = min(micro_batches, n)
+    bounds = [len(c) for c in torch.arange(n).tensor_split(k)]
+    starts = [sum(bounds[:i]) for i in range(k)]
+
+    def closure() -> Tensor:
+        total = None
+        for start, size in zip(starts, bounds):
+            micro = _map(batch, lambda t, s=start, m=size: t[s : s + m] if t.dim() > 0 else t)
+            loss = loss_fn(micro)
+            if not isinstance(loss, Tensor) or loss.numel() != 1:
+                raise ValueError("the training step must return the scalar mean loss of its batch")
+            weighted = loss * (size / n)
+            backward(weighted)
+            total = weighted.detach() if total is None else total + weighted.detach()
+        return total
+
+    return closure
+
+
+def ensure_scale(grad_scaler: Any, device: torch.device) -> None:
+    """A fresh GradScaler creates its scale in its first `scale()`; `scaler.step` needs it before
+    the closures run, so scale a zero once."""
+    if getattr(grad_scaler, "_scale", None) is None:
+        grad_scaler.scale(torch.zeros((), device=device))
+
+
+def run_step(
+    opt: SharpnessOptimizer,
+    loss_fn: Callable[[Batch], Tensor],
+    micro_batches: Sequence[Batch],
+    *,
+    split_ratio: float,
+    generator: torch.Generator | None,
+    grad_scaler: Any = None,
+    max_grad_norm: float | None = None,
+    backward: Callable[[Tensor], None] | None = None,
+) -> Tensor:
+    """One step of `opt` on the union of `micro_batches`, each pass re-running them all.
+
+    AgnosticSAM splits the joined batch into B^t/B^v (`split_batch`'s draw) and each part into
+    as many micro-batches as were given; SAM and Plain run the joined batch in as many slices.
+    `grad_scaler` (a torch.amp.GradScaler) drives the step when given; `max_grad_norm` is set on
+    the optimizer for this step (the final gradient is clipped). Returns the loss at theta.
+    """
+    if not isinstance(opt, SharpnessOptimizer):
+        raise TypeError(
+            f"expected an agnostic_sam optimizer (AgnosticSAM, SAM or Plain), got {type(opt).__name__}"
+        )
+    if not micro_batches:
+        raise RuntimeError("no micro-batch was recorded for this optimizer step")
+    k = len(micro_batches)
+    batch = concat(list(micro_batches))
+    if backward is None:
+        backward = (lambda loss: grad_scaler.scale(loss).backward()) if grad_scaler is not None else opt.backward
+    if isinstance(opt, AgnosticSAM):
+        b_t, b_v = split(batch, split_ratio, generator)
+        closures = (micro_closure(loss_fn, b_t, k, backward), micro_closure(loss_fn, b_v, k, backward))
+    else:
+        closures = (micro_closure(loss_fn, batch, k, backward),)
+    saved = opt.max_grad_norm
+    if max_grad_norm is not None and max_grad_norm > 0:
+        if saved is not None and saved != max_grad_norm:
+            raise ValueError(
+                f"gradient clipping is set twice: the optimizer has max_grad_norm={saved} and the "
+                f"framework {max_grad_norm}; set one of them"
+            )
+        opt.max_grad_norm = float(max_grad_norm)
+    try:
+        if grad_scaler is not None and grad_scaler.is_enabled():
+            params = [p for g in opt.param_groups for p in g["params"]]
+            ensure_scale(grad_scaler, params[0].device)
+            loss = grad_scaler.step(opt, *closures)
+            grad_scaler.update()
+        else:
+            loss = opt.step(*closures)
+    finally:
+        opt.max_grad_norm = saved
+    return loss
