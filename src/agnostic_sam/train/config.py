@@ -201,8 +201,10 @@ def validate_config(cfg: TrainConfig) -> TrainConfig:
                       ("threads", 4096), ("max_steps", 10**12), ("image_size", MAX_IMAGE_SIZE),
                       ("num_classes", 10**6), ("train_size", 10**8), ("test_size", 10**8)):
         value = getattr(cfg, key)
-        if value is not None and not 1 <= value <= high:
-            raise UsageError(f"{key} must be in [1, {high}], got {value}")
+        if value is not None and value < 1:
+            raise UsageError(f"{key} must be >= 1, got {value}")
+        if value is not None and value > high:
+            raise UsageError(f"{key} must be <= {high}, got {value}")
     if not 0 <= cfg.workers <= 1024:
         raise UsageError(f"workers must be in [0, 1024], got {cfg.workers}")
     if cfg.dataset != "synthetic":

@@ -248,7 +248,7 @@ class RunDir:
                                  f"trained with {theirs[key]!r}")
             if mine[key] != theirs[key]:
                 raise UsageError(
-                    f"{self.path} holds a different run ({key}: {theirs[key]!r}, this run "
+                    f"{self.path} holds a run with a different config ({key}: {theirs[key]!r}, this run "
                     f"{mine[key]!r}); choose another --out or delete that folder"
                 )
 
