@@ -346,6 +346,11 @@ def _plan(cfgs: Sequence[TrainConfig]) -> list[tuple[TrainConfig, str]]:
 
 _ACTIONS = {"new": "trained", "partial": "resumed", "finished": "skipped", "failed": "skipped",
             "running": "left running"}
+_DONE = {"finished": "finished", "failed": "diverged"}  # state -> status of a run already done
+
+
+def _outcome(cfg: TrainConfig, state: str) -> RunOutcome:
+    return RunOutcome(cfg.out, state, _ACTIONS[state], status=_DONE.get(state))
 
 
 def launch(
@@ -366,11 +371,8 @@ def launch(
     planned = _plan(cfgs)
     if lc.kind == "slurm":
         return _launch_slurm(planned, lc, dry_run=dry_run, log=log)
-    outcomes = [RunOutcome(cfg.out, state, _ACTIONS[state]) for cfg, state in planned]
+    outcomes = [_outcome(cfg, state) for cfg, state in planned]
     todo = [(k, cfg) for k, (cfg, state) in enumerate(planned) if state in ("new", "partial")]
-    for k, (cfg, state) in enumerate(planned):
-        if state == "finished" or state == "failed":
-            outcomes[k].status = "finished" if state == "finished" else "diverged"
     if dry_run:
         slots = _local_slots(planned, lc) if lc.kind == "local" else [None]
         lines = [f"{lc.kind}: {len(todo)} of {len(planned)} runs to train"
@@ -590,9 +592,7 @@ def _launch_slurm(planned: list[tuple[TrainConfig, str]], lc: LauncherConfig, *,
     ledger = _read_ledger(folder) if lc.submitit_cluster == "slurm" else {}
     outcomes, todo = [], []
     for cfg, state in planned:
-        outcome = RunOutcome(cfg.out, state, _ACTIONS[state])
-        if state in ("finished", "failed"):
-            outcome.status = "finished" if state == "finished" else "diverged"
+        outcome = _outcome(cfg, state)
         key = os.path.abspath(cfg.out)
         if state in ("new", "partial") and key in ledger and not dry_run:
             job_state = _job_state(folder, ledger[key])
@@ -632,7 +632,7 @@ def _launch_slurm(planned: list[tuple[TrainConfig, str]], lc: LauncherConfig, *,
     log(f"submitted job array {array}: {len(jobs)} tasks; watch: squeue -j {array}; "
         f"logs: {folder}/{array}_<task>/")
     if lc.wait:
-        for done, (job, (cfg, outcome)) in enumerate(zip(jobs, todo), 1):
+        for done, (job, (_, outcome)) in enumerate(zip(jobs, todo), 1):
             started = time.perf_counter()
             try:
                 result = job.result()

@@ -1,0 +1,285 @@
+"""Sweep launchers: runs are trained once by their state (finished skipped, partial resumed,
+running left alone), every launcher gives the numbers of the inline one bit for bit (a
+preempted or killed submitit task included), the SLURM dry run shows the array, and local
+workers die with a killed launcher."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from agnostic_sam.errors import UsageError
+from agnostic_sam.launch import (
+    LauncherConfig,
+    add_launcher_arguments,
+    launch,
+    launcher_config,
+    launcher_from_args,
+)
+from agnostic_sam.train import TrainConfig
+from agnostic_sam.train.rundir import RunDir
+
+
+def _cfg(out: Path, seed: int = 0, **changes) -> TrainConfig:
+    settings = dict(dataset="digits", model="mlp", epochs=2, batch_size=64, seed=seed, device="cpu",
+                    threads=1, progress=False, out=str(out))
+    return TrainConfig(**{**settings, **changes})
+
+
+def _numbers(out: Path) -> tuple[list[dict], dict, dict]:
+    """What a run computed: metrics rows (without wall times), result accuracies, final weights."""
+    rows = [{k: v for k, v in row.items() if k != "epoch_seconds"} for row in RunDir(out).read_metrics()]
+    result = RunDir(out).read_result()
+    accuracies = {k: result[k] for k in ("status", "final_test_acc", "best_test_acc", "final_test_loss")}
+    return rows, accuracies, RunDir(out).load_checkpoint()["model"]
+
+
+def _assert_same_run(a: Path, b: Path) -> None:
+    rows_a, result_a, weights_a = _numbers(a)
+    rows_b, result_b, weights_b = _numbers(b)
+    assert rows_a == rows_b and rows_a
+    assert result_a == result_b and result_a["status"] == "finished"
+    assert weights_a.keys() == weights_b.keys()
+    for key in weights_a:
+        assert torch.equal(weights_a[key], weights_b[key]), key
+
+
+def _mtimes(folder: Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in sorted(folder.rglob("*"))}
+
+
+def _wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.02)
+
+
+def _lock_pid(out: Path) -> int | None:
+    """The PID of the process training ``out`` (its lock file), None before it starts."""
+    try:
+        text = (out / ".lock").read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def _alive(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie (Linux /proc)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+# ----------------------------------------------------------------------------- by state
+
+
+def test_finished_run_is_not_rerun(tmp_path):
+    out = tmp_path / "run"
+    first = launch([_cfg(out, max_steps=5)], progress=False)
+    assert [(r.action, r.status) for r in first.runs] == [("trained", "finished")]
+    before = _mtimes(out)
+    again = launch([_cfg(out, max_steps=5)], progress=False)
+    assert [(r.state, r.action, r.status) for r in again.runs] == [("finished", "skipped", "finished")]
+    assert _mtimes(out) == before  # no file written, touched or added (not even a lock file)
+
+
+def test_partial_run_is_resumed(tmp_path):
+    out = tmp_path / "run"
+    launch([_cfg(out, max_steps=5)], progress=False)
+    expected = _numbers(out)[0]
+    (out / "result.json").unlink()  # a checkpoint without a result: killed at the very end
+    summary = launch([_cfg(out, max_steps=5)], progress=False)
+    assert [(r.state, r.action, r.status) for r in summary.runs] == [("partial", "resumed", "finished")]
+    assert _numbers(out)[0] == expected
+
+
+def test_running_run_is_left_alone(tmp_path):
+    out = tmp_path / "run"
+    with RunDir(out).lock():  # another writer holds the run
+        summary = launch([_cfg(out)], progress=False)
+    assert [(r.state, r.action, r.status) for r in summary.runs] == [("running", "left running", None)]
+    assert not (out / "config.yaml").exists()
+    assert "another process is writing it" in summary.text()
+
+
+def test_a_diverged_run_is_a_result_and_the_sweep_goes_on(tmp_path):
+    bad, good = tmp_path / "bad", tmp_path / "good"
+    summary = launch([_cfg(bad, lr=1e12, epochs=1, max_steps=3), _cfg(good, max_steps=3)], progress=False)
+    assert [r.status for r in summary.runs] == ["diverged", "finished"]
+    summary.raise_for_errors()  # diverging is not an error of the sweep
+    again = launch([_cfg(bad, lr=1e12, epochs=1, max_steps=3)], progress=False)
+    assert [(r.state, r.action, r.status) for r in again.runs] == [("failed", "skipped", "diverged")]
+
+
+def test_two_runs_in_one_directory_are_refused(tmp_path):
+    with pytest.raises(UsageError, match="share the run directory"):
+        launch([_cfg(tmp_path / "r", seed=0), _cfg(tmp_path / "r", seed=1)], progress=False)
+
+
+def test_a_directory_holding_another_run_is_refused(tmp_path):
+    out = tmp_path / "run"
+    launch([_cfg(out, max_steps=2)], progress=False)
+    with pytest.raises(UsageError, match=r"holds a .*seed"):
+        launch([_cfg(out, max_steps=2, seed=7)], progress=False)
+
+
+# ----------------------------------------------------------------------------- configuration
+
+
+def test_launcher_config_from_yaml_keys_and_flags():
+    parser = argparse.ArgumentParser()
+    add_launcher_arguments(parser)
+    args = parser.parse_args(["--launcher", "slurm", "--partition", "gpu", "--time", "1-02:00:00",
+                              "--gpus-per-run", "2", "--sbatch", "account=proj", "--sbatch", "qos=high"])
+    lc = launcher_from_args(args, {"cpus_per_run": 8, "mem_gb": 64, "sbatch": {"constraint": "h200"}})
+    assert (lc.kind, lc.partition, lc.time, lc.gpus_per_run, lc.cpus_per_run, lc.mem_gb) == \
+        ("slurm", "gpu", 26 * 60, 2, 8, 64)
+    assert lc.sbatch == {"constraint": "h200", "account": "proj", "qos": "high"}
+    local = launcher_from_args(parser.parse_args(["--jobs", "3"]))
+    assert (local.kind, local.jobs) == ("local", 3)  # --jobs N alone means worker processes
+    assert launcher_config({"time": "02:30:00"}).time == 150
+    assert launcher_config({"time": "90"}).time == 90
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"kind": "pbs"}, "unknown launcher 'pbs'; choose from inline, local, slurm"),
+    ({"kind": "local", "jobs": 0}, "launcher jobs must be an integer >= 1, got 0"),
+    ({"kind": "slurm", "jobs": 2}, "--jobs is for --launcher local, not slurm"),
+    ({"time": "soon"}, "launcher time must be minutes or [D-]HH:MM[:SS], got 'soon'"),
+    ({"gpus_per_run": -1}, "launcher gpus_per_run must be an integer >= 0, got -1"),
+    ({"mem_gb": 0}, "launcher mem_gb must be a number > 0, got 0"),
+    ({"sbatch": {"Bad Key": 1}}, "launcher sbatch option 'Bad Key' is not an sbatch option name"),
+    ({"sbatch": "account=x"}, "launcher sbatch must map option names to values"),
+    ({"gpu": 1}, "unknown launcher key 'gpu'; choose from kind, jobs, partition"),
+])
+def test_bad_launcher_settings_are_one_line(values, message):
+    with pytest.raises(UsageError) as info:
+        launcher_config(values)
+    assert str(info.value).startswith(message) and "\n" not in str(info.value)
+
+
+# ----------------------------------------------------------------------------- slurm dry run
+
+
+def test_slurm_dry_run_prints_the_job_array(tmp_path, capsys):
+    pytest.importorskip("submitit")
+    done = tmp_path / "runs" / "done"
+    launch([_cfg(done, max_steps=2)], progress=False)
+    cfgs = [_cfg(done, max_steps=2)] + [_cfg(tmp_path / "runs" / f"s{s}", seed=s) for s in (1, 2, 3)]
+    lc = launcher_config({"kind": "slurm", "partition": "gpu", "time": 90, "gpus_per_run": 1,
+                          "cpus_per_run": 8, "mem_gb": 32, "max_parallel": 2,
+                          "sbatch": {"account": "proj"}})
+    capsys.readouterr()
+    summary = launch(cfgs, lc, dry_run=True, progress=False)
+    printed = capsys.readouterr().out
+    assert "slurm: job array of 3 tasks (of 4 runs; at most 2 at once)" in printed
+    for line in ("#SBATCH --array=0-2%2", "#SBATCH --partition=gpu", "#SBATCH --time=90",
+                 "#SBATCH --gpus-per-node=1", "#SBATCH --cpus-per-task=8", "#SBATCH --mem=32GB",
+                 "#SBATCH --account=proj", "#SBATCH --signal=USR2@90"):
+        assert line in printed, line
+    for s in (1, 2, 3):
+        assert f"task {s - 1}: {tmp_path / 'runs' / f's{s}'} (new -> trained)" in printed
+    assert f"not submitted: {done} (finished -> skipped)" in printed
+    assert [r.action for r in summary.runs] == ["skipped", "planned", "planned", "planned"]
+    assert not (tmp_path / "runs" / "submitit").exists() and not (tmp_path / "runs" / "s1").exists()
+
+
+# ----------------------------------------------------------------------------- processes
+
+
+@pytest.mark.slow
+def test_local_workers_equal_inline(tmp_path):
+    inline = [_cfg(tmp_path / "inline" / f"s{s}", seed=s) for s in (0, 1)]
+    local = [_cfg(tmp_path / "local" / f"s{s}", seed=s) for s in (0, 1)]
+    launch(inline, LauncherConfig(), progress=False)
+    summary = launch(local, LauncherConfig(kind="local", jobs=2), progress=False)
+    assert [(r.action, r.status) for r in summary.runs] == [("trained", "finished")] * 2
+    for s in (0, 1):
+        _assert_same_run(tmp_path / "inline" / f"s{s}", tmp_path / "local" / f"s{s}")
+
+
+@pytest.mark.slow
+def test_submitit_preempted_and_killed_tasks_end_identical(tmp_path):
+    """submitit's LocalExecutor (real processes, the code path of SLURM without a scheduler):
+    task 0 gets the preemption signal (USR2) after its first epoch and is requeued by submitit;
+    task 1 is killed with kill -9 and relaunched. Both end bit-identical to inline runs."""
+    pytest.importorskip("submitit")
+    settings = dict(epochs=8, batch_size=32)
+    reference = [_cfg(tmp_path / "inline" / f"s{s}", seed=s, **settings) for s in (0, 1)]
+    launch(reference, LauncherConfig(), progress=False)
+    outs = [tmp_path / "sweep" / f"s{s}" for s in (0, 1)]
+    cfgs = [_cfg(out, seed=s, **settings) for s, out in enumerate(outs)]
+    lc = launcher_config({"kind": "slurm", "submitit_cluster": "local", "gpus_per_run": 0,
+                          "folder": str(tmp_path / "submitit")})
+    submitted = launch(cfgs, lc, progress=False)
+    assert [r.action for r in submitted.runs] == ["submitted", "submitted"]
+
+    for out, sig in zip(outs, (signal.SIGUSR2, signal.SIGKILL)):
+        _wait_for(lambda out=out: (out / "checkpoint.pt").exists() and _lock_pid(out), 240,
+                  f"the first checkpoint of {out}")
+        assert not (out / "result.json").exists()  # interrupted mid-run, not after it
+        os.kill(_lock_pid(out), sig)
+    _wait_for(lambda: (outs[0] / "result.json").exists(), 240, "the requeued task to finish")
+    _wait_for(lambda: not RunDir(outs[1]).locked_by_other(), 60, "the killed task's lock to go")
+    logs = "".join(p.read_text(errors="replace") for p in (tmp_path / "submitit").rglob("*_log.*"))
+    assert "Requeued job" in logs  # submitit checkpointed and requeued the preempted task
+    assert RunDir(outs[1]).state(cfgs[1]) == "partial"
+
+    relaunched = launch(cfgs, launcher_config({**vars(lc), "wait": True}), progress=False)
+    assert [(r.action, r.status) for r in relaunched.runs] == [("skipped", "finished"),
+                                                               ("resumed", "finished")]
+    for ref, out in zip(reference, outs):
+        _assert_same_run(Path(ref.out), out)
+
+
+_KILLED_LAUNCHER = textwrap.dedent("""
+    import sys
+    from agnostic_sam.launch import LauncherConfig, launch
+    from agnostic_sam.train import TrainConfig
+
+    if __name__ == "__main__":
+        root = sys.argv[1]
+        cfgs = [TrainConfig(dataset="digits", model="mlp", epochs=10_000, seed=s, device="cpu",
+                            threads=1, progress=False, out=f"{root}/s{s}") for s in (0, 1)]
+        launch(cfgs, LauncherConfig(kind="local", jobs=2), progress=False)
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_killed_launcher_leaves_no_worker(tmp_path):
+    script = tmp_path / "sweep.py"
+    script.write_text(_KILLED_LAUNCHER)
+    outs = [tmp_path / "runs" / f"s{s}" for s in (0, 1)]
+    parent = subprocess.Popen([sys.executable, str(script), str(tmp_path / "runs")])
+    try:
+        for out in outs:
+            _wait_for(lambda out=out: (out / "checkpoint.pt").exists() and _lock_pid(out), 240,
+                      f"{out} to train")
+        workers = [_lock_pid(out) for out in outs]
+        assert all(_alive(pid) for pid in workers) and parent.pid not in workers
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+        time.sleep(5)
+        assert [pid for pid in workers if _alive(pid)] == []
+        before = {out: _mtimes(out) for out in outs}
+        time.sleep(1)
+        assert {out: _mtimes(out) for out in outs} == before  # nobody is writing
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+    cfg = TrainConfig(dataset="digits", model="mlp", epochs=10_000, seed=0, device="cpu", out=str(outs[0]))
+    assert RunDir(outs[0]).state(cfg) == "partial"  # resumable: the lock went with the worker
