@@ -90,9 +90,8 @@ def _plan(
                 )
                 if radius is not None:
                     changes.update(get_method(optimizer).tuned_radii(radius, cc.rho2_ratio))
-                runs.append(
-                    PlannedRun(phase, optimizer, seed, radius, dataclasses.replace(cc.train, **changes))
-                )
+                cfg = dataclasses.replace(cc.train, **changes)
+                runs.append(PlannedRun(phase, optimizer, seed, radius, cfg))
     return runs
 
 
@@ -177,7 +176,8 @@ def _tune(cc: CompareConfig, tunable: list[str], bar: Any) -> dict:
 
 
 def compare(cc: CompareConfig, *, print_report: bool = True) -> dict:
-    """Run (or reuse) every run of the comparison and write the report; returns comparison.json's content."""
+    """Run (or reuse) every run of the comparison and write the report; returns the content
+    of comparison.json."""
     from tqdm.auto import tqdm
 
     eval_fraction = cc.train.val_fraction

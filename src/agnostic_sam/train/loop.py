@@ -138,7 +138,8 @@ def _restore_or_start(cfg: TrainConfig, info: DistInfo, rundir: RunDir) -> dict[
     rundir.check_holds(cfg, load_config(None, {}, base=ckpt["config"]), resume=True)
     if int(ckpt.get("world_size", 1)) != info.world_size:  # the batches depend on the world
         raise UsageError(f"--resume: the checkpoint was written by {ckpt.get('world_size', 1)} "
-                         f"process(es), this run has {info.world_size}; resume with the same number")
+                         f"process(es), this run has {info.world_size}; "
+                         "resume with the same number")
     return ckpt
 
 
@@ -163,7 +164,8 @@ def _restore(parts: RunParts, ckpt: dict[str, Any] | None) -> RunState:
                     elapsed=float(ckpt.get("elapsed", 0.0)), metrics=list(ckpt["metrics"]))
 
 
-def _closure(parts: RunParts, x: Tensor, y: Tensor, meter: dict[str, Tensor]) -> Callable[[], Tensor]:
+def _closure(parts: RunParts, x: Tensor, y: Tensor,
+             meter: dict[str, Tensor]) -> Callable[[], Tensor]:
     """Forward + backward on (x, y) in `accumulate` micro-batches (each loss weighted by its
     share, so their gradients sum to the part's mean); counts correct predictions in the passes
     the optimizer runs at theta."""
@@ -171,7 +173,8 @@ def _closure(parts: RunParts, x: Tensor, y: Tensor, meter: dict[str, Tensor]) ->
 
     def closure() -> Tensor:
         total = torch.zeros((), device=parts.device)
-        for i, (xm, ym) in enumerate(zip(x.tensor_split(cfg.accumulate), y.tensor_split(cfg.accumulate))):
+        micro = zip(x.tensor_split(cfg.accumulate), y.tensor_split(cfg.accumulate))
+        for i, (xm, ym) in enumerate(micro):
             # DDP: forward and backward in no_sync for all but the last micro-batch.
             with accumulation_context(parts.ddp, i, cfg.accumulate):
                 with parts.autocast():
@@ -217,19 +220,21 @@ def _train_epoch(parts: RunParts, state: RunState, epoch: int) -> dict[str, floa
     local = shard_columns(index, info, parts.split_parts)  # (steps, |B| / world) for this rank
     bar = progress(cfg, info.is_main, len(index), epoch)
     epoch_lr = parts.opt.param_groups[0]["lr"]
-    for x, y in batches(parts.data.train, parts.tensors, local, cfg, epoch, parts.device, info.rank):
+    rows = batches(parts.data.train, parts.tensors, local, cfg, epoch, parts.device, info.rank)
+    for x, y in rows:
         if cfg.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         lr = parts.opt.param_groups[0]["lr"]
         try:
             _step(parts, x, y, meter)
         except FloatingPointError as exc:
-            raise TrainingDiverged(f"training diverged at epoch {epoch + 1}, step {state.step + 1}: "
-                                   f"{exc}; lower --lr") from None
+            raise TrainingDiverged(f"training diverged at epoch {epoch + 1}, "
+                                   f"step {state.step + 1}: {exc}; lower --lr") from None
         parts.scheduler.step()
         seen, steps, state.step = seen + len(y), steps + 1, state.step + 1
         if parts.logger is not None:  # a host sync per step, only when logging
-            parts.logger.log_step(state.step, {"lr": lr, **{k: float(v) for k, v in parts.opt.stats.items()}})
+            stats = {k: float(v) for k, v in parts.opt.stats.items()}
+            parts.logger.log_step(state.step, {"lr": lr, **stats})
         bar.update(1)
         if cfg.max_steps is not None and state.step >= cfg.max_steps:
             break
@@ -275,7 +280,8 @@ def _record(parts: RunParts, state: RunState, rundir: RunDir, row: dict[str, Any
     state.metrics.append(row)
     state.epoch = row["epoch"]
     info = parts.info
-    rng_ranks = gather_to_main(capture_rng({"split": parts.split_gen})) if info.distributed else None
+    rng = capture_rng({"split": parts.split_gen})
+    rng_ranks = gather_to_main(rng) if info.distributed else None
     if not info.is_main:
         return
     rundir.save_checkpoint({
@@ -285,7 +291,7 @@ def _record(parts: RunParts, state: RunState, rundir: RunDir, row: dict[str, Any
         "loss_scaler": parts.loss_scaler.state_dict() if parts.loss_scaler is not None else None,
         "epoch": state.epoch,
         "step": state.step,
-        "rng": capture_rng({"split": parts.split_gen}),
+        "rng": rng,
         "rng_ranks": rng_ranks,  # every rank's streams (None for one process)
         "world_size": info.world_size,
         "config": config_to_dict(parts.cfg),
@@ -302,15 +308,17 @@ def _record(parts: RunParts, state: RunState, rundir: RunDir, row: dict[str, Any
         parts.logger.log_epoch(state.epoch, row)
 
 
-def _result(parts: RunParts, state: RunState, *, status: str, error: str | None = None) -> dict[str, Any]:
+def _result(parts: RunParts, state: RunState, *, status: str,
+            error: str | None = None) -> dict[str, Any]:
     """result.json: the run's summary. A diverged run reports no accuracy: its last good epoch
     is in the checkpoint and metrics.jsonl."""
     cfg, last = parts.cfg, (state.metrics[-1] if state.metrics else {})
     finished = status == "finished"
+    best = max((m["test_acc"] for m in state.metrics), default=None)
     result: dict[str, Any] = {
         "status": status,
         "final_test_acc": last.get("test_acc") if finished else None,
-        "best_test_acc": max((m["test_acc"] for m in state.metrics), default=None) if finished else None,
+        "best_test_acc": best if finished else None,
         "final_test_loss": last.get("test_loss") if finished else None,
         "final_train_acc": last.get("train_acc") if finished else None,
         "final_train_loss": last.get("train_loss") if finished else None,
