@@ -27,7 +27,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "compare",
         help="several optimizers x seeds: table, paired statistics, radius tuning",
-        description="Train every optimizer with every seed (same data, same settings), then print final "
+        description="Train every optimizer with every seed (same data, same settings), "
+        "then print final "
         "test accuracy (mean ± std, n), paired differences with 95%% Student-t intervals, and "
         "write OUT/comparison.md, comparison.json and accuracy_curves.png. Finished runs with "
         "the same config are reused.",

@@ -31,7 +31,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("data")
     g.add_argument("--dataset", default=S, help=f"data set name (default {d.dataset})")
     g.add_argument("--data-dir", default=S, help="folder holding the data sets")
-    g.add_argument("--download", action=on_off, default=S, help="fetch missing data (needs a network)")
+    g.add_argument("--download", action=on_off, default=S,
+                   help="fetch missing data (needs a network)")
     g.add_argument("--noise-rate", type=float, default=S, help="symmetric label noise in [0, 1)")
     g.add_argument("--val-fraction", type=float, default=S,
                    help="evaluate on this held-out fraction of the training set instead of test")
@@ -39,7 +40,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                    help="train on a class-stratified subset of this fraction (seeded by --seed)")
     g.add_argument("--image-size", type=int, default=S, help="image side in pixels")
     g.add_argument("--num-classes", type=int, default=S, help="synthetic data only: class count")
-    g.add_argument("--train-size", type=int, default=S, help="synthetic data only: training examples")
+    g.add_argument("--train-size", type=int, default=S,
+                   help="synthetic data only: training examples")
     g.add_argument("--test-size", type=int, default=S, help="synthetic data only: test examples")
     g = parser.add_argument_group("model")
     g.add_argument("--model", default=S, help=f"model name (default {d.model})")
@@ -52,9 +54,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                    help=f"the optimizer that takes the step (default {d.base_optimizer})")
     g.add_argument("--epochs", type=int, default=S, help=f"default {d.epochs}")
     g.add_argument("--batch-size", type=int, default=S, help=f"|B| (default {d.batch_size})")
-    g.add_argument("--lr", type=float, default=S, help=f"peak lr of the cosine schedule (default {d.lr})")
+    g.add_argument("--lr", type=float, default=S,
+                   help=f"peak lr of the cosine schedule (default {d.lr})")
     g.add_argument("--warmup-epochs", type=float, default=S,
-                   help=f"linear warm-up to the peak lr before the cosine, fractions allowed (default {d.warmup_epochs:g})")
+                   help="linear warm-up to the peak lr before the cosine, fractions allowed "
+                   f"(default {d.warmup_epochs:g})")
     g.add_argument("--momentum", type=float, default=S, help=f"SGD momentum (default {d.momentum})")
     g.add_argument("--nesterov", action=on_off, default=S, help="SGD Nesterov momentum")
     g.add_argument("--betas", type=float, nargs=2, default=S, metavar=("B1", "B2"),
@@ -66,24 +70,30 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                    help="clip the final gradient (the one the base optimizer steps with) to this "
                    "global norm; clipping before the ascent would be a no-op (it is normalized)")
     g.add_argument("--rho", type=float, default=S, help=f"SAM radius (default {d.rho})")
-    g.add_argument("--rho1", type=float, default=S, help=f"Agnostic-SAM B^t radius (default {d.rho1})")
-    g.add_argument("--rho2", type=float, default=S, help=f"Agnostic-SAM B^v radius (default {d.rho2})")
+    g.add_argument("--rho1", type=float, default=S,
+                   help=f"Agnostic-SAM B^t radius (default {d.rho1})")
+    g.add_argument("--rho2", type=float, default=S,
+                   help=f"Agnostic-SAM B^v radius (default {d.rho2})")
     g.add_argument("--adaptive", action=on_off, default=S, help="ASAM scale-invariant radius")
-    g.add_argument("--split-ratio", type=float, default=S, help=f"r = |B^t|/|B| (default {d.split_ratio})")
-    g.add_argument("--split", default=S, help="batch (split each batch) or fixed (split the data once)")
+    g.add_argument("--split-ratio", type=float, default=S,
+                   help=f"r = |B^t|/|B| (default {d.split_ratio})")
+    g.add_argument("--split", default=S,
+                   help="batch (split each batch) or fixed (split the data once)")
     g.add_argument("--perturbation", default=S, help="local or synced (DDP ascent passes)")
     g = parser.add_argument_group("run")
     g.add_argument("--seed", type=int, default=S, help=f"default {d.seed}")
     g.add_argument("--device", default=S, help="auto, cpu, cuda, cuda:N or mps")
     g.add_argument("--workers", type=int, default=S, help="DataLoader worker processes")
     g.add_argument("--threads", type=int, default=S, help="torch CPU threads")
-    g.add_argument("--out", default=S, help="run directory (default runs/<dataset>-<model>-<optimizer>-seed<seed>)")
-    g.add_argument("--resume", action="store_true", default=S, help="continue from --out/checkpoint.pt")
+    g.add_argument("--out", default=S,
+                   help="run directory (default runs/<dataset>-<model>-<optimizer>-seed<seed>)")
+    g.add_argument("--resume", action="store_true", default=S,
+                   help="continue from --out/checkpoint.pt")
     g.add_argument("--amp", default=S, help="none, bf16 or fp16")
     g.add_argument("--compile", action=on_off, default=S, help="torch.compile the model")
     g.add_argument("--channels-last", action=on_off, default=S)
     g.add_argument("--no-check-finite", dest="check_finite", action="store_false", default=S,
-                   help="do not skip steps with non-finite gradients (a diverged epoch then stops the run)")
+                   help="no non-finite check per step (a diverged epoch then stops the run)")
     g.add_argument("--sync-bn", action=on_off, default=S, help="SyncBatchNorm under DDP")
     g.add_argument("--accumulate", type=int, default=S, help="micro-batches per closure pass")
     g.add_argument("--max-steps", type=int, default=S, help="stop after this many optimizer steps")
@@ -137,6 +147,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(
         f"{cfg.out}: final {result['eval_split']} acc {result['final_test_acc']:.2f}%  "
-        f"best {result['best_test_acc']:.2f}%  ({result['steps']} steps, {result['total_seconds']:.1f}s)"
+        f"best {result['best_test_acc']:.2f}%  "
+        f"({result['steps']} steps, {result['total_seconds']:.1f}s)"
     )
     return 0
