@@ -171,6 +171,14 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += ["**Smoke run** (`--smoke`): two steps of `*_mini` models on synthetic data of each "
                   "data set's shape. It checks that every run goes through; its numbers are not "
                   "results.", ""]
+    timings = report.get("timings") or {}
+    if timings:
+        parts = ", ".join(f"{k.removesuffix('_seconds')} {v / 60:.1f} min" for k, v in timings.items())
+        lines += [f"Wall time of this invocation: {parts} (runs finished earlier are skipped, not "
+                  "counted).", ""]
+    if report.get("failed"):
+        lines += [f"**{len(report['failed'])} runs failed or diverged**: "
+                  + ", ".join(Path(p).name for p in report["failed"]), ""]
     for table in report["tables"].values():
         if "panels" in table:
             lines += render_study(table)
