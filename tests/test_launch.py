@@ -88,10 +88,13 @@ def _alive(pid: int) -> bool:
 
 def test_finished_run_is_not_rerun(tmp_path):
     out = tmp_path / "run"
-    first = launch([_cfg(out, max_steps=5)], progress=False)
+    reported = []
+    first = launch([_cfg(out, max_steps=5)], progress=False, on_done=reported.append)
     assert [(r.action, r.status) for r in first.runs] == [("trained", "finished")]
+    assert reported == first.runs
     before = _mtimes(out)
-    again = launch([_cfg(out, max_steps=5)], progress=False)
+    again = launch([_cfg(out, max_steps=5)], progress=False, on_done=reported.append)
+    assert reported[1:] == again.runs
     assert [(r.state, r.action, r.status) for r in again.runs] == [("finished", "skipped", "finished")]
     assert _mtimes(out) == before  # no file written, touched or added (not even a lock file)
 
@@ -143,11 +146,12 @@ def test_launcher_config_from_yaml_keys_and_flags():
     parser = argparse.ArgumentParser()
     add_launcher_arguments(parser)
     args = parser.parse_args(["--launcher", "slurm", "--partition", "gpu", "--time", "1-02:00:00",
-                              "--gpus-per-run", "2", "--sbatch", "account=proj", "--sbatch", "qos=high"])
+                              "--gpus-per-run", "2", "--sbatch", "account=proj", "--sbatch", "qos=high",
+                              "--sbatch", "requeue"])
     lc = launcher_from_args(args, {"cpus_per_run": 8, "mem_gb": 64, "sbatch": {"constraint": "h200"}})
     assert (lc.kind, lc.partition, lc.time, lc.gpus_per_run, lc.cpus_per_run, lc.mem_gb) == \
         ("slurm", "gpu", 26 * 60, 2, 8, 64)
-    assert lc.sbatch == {"constraint": "h200", "account": "proj", "qos": "high"}
+    assert lc.sbatch == {"constraint": "h200", "account": "proj", "qos": "high", "requeue": True}
     local = launcher_from_args(parser.parse_args(["--jobs", "3"]))
     assert (local.kind, local.jobs) == ("local", 3)  # --jobs N alone means worker processes
     assert launcher_config({"time": "02:30:00"}).time == 150
@@ -163,6 +167,7 @@ def test_launcher_config_from_yaml_keys_and_flags():
     ({"mem_gb": 0}, "launcher mem_gb must be a number > 0, got 0"),
     ({"sbatch": {"Bad Key": 1}}, "launcher sbatch option 'Bad Key' is not an sbatch option name"),
     ({"sbatch": "account=x"}, "launcher sbatch must map option names to values"),
+    ({"sbatch": {"qos": None}}, "launcher sbatch option 'qos' needs a value (or true for a bare flag)"),
     ({"gpu": 1}, "unknown launcher key 'gpu'; choose from kind, jobs, partition"),
 ])
 def test_bad_launcher_settings_are_one_line(values, message):
@@ -181,14 +186,14 @@ def test_slurm_dry_run_prints_the_job_array(tmp_path, capsys):
     cfgs = [_cfg(done, max_steps=2)] + [_cfg(tmp_path / "runs" / f"s{s}", seed=s) for s in (1, 2, 3)]
     lc = launcher_config({"kind": "slurm", "partition": "gpu", "time": 90, "gpus_per_run": 1,
                           "cpus_per_run": 8, "mem_gb": 32, "max_parallel": 2,
-                          "sbatch": {"account": "proj"}})
+                          "sbatch": {"account": "proj", "requeue": True}})
     capsys.readouterr()
     summary = launch(cfgs, lc, dry_run=True, progress=False)
     printed = capsys.readouterr().out
     assert "slurm: job array of 3 tasks (of 4 runs; at most 2 at once)" in printed
     for line in ("#SBATCH --array=0-2%2", "#SBATCH --partition=gpu", "#SBATCH --time=90",
                  "#SBATCH --gpus-per-node=1", "#SBATCH --cpus-per-task=8", "#SBATCH --mem=32GB",
-                 "#SBATCH --account=proj", "#SBATCH --signal=USR2@90"):
+                 "#SBATCH --account=proj", "#SBATCH --requeue", "#SBATCH --signal=USR2@90"):
         assert line in printed, line
     for s in (1, 2, 3):
         assert f"task {s - 1}: {tmp_path / 'runs' / f's{s}'} (new -> trained)" in printed

@@ -87,7 +87,7 @@ class LauncherConfig:
     mem_gb: float | None = None  # None: the partition's default
     folder: str | None = None  # submitit's logs and pickles; None: <runs' common parent>/submitit
     max_parallel: int | None = None  # array tasks running at once; None: all
-    sbatch: dict[str, str] = field(default_factory=dict)  # extra #SBATCH options: {"account": "x"}
+    sbatch: dict[str, Any] = field(default_factory=dict)  # extra #SBATCH options: {"account": "x"}
     wait: bool = False  # block until every task ends (False: submit and return)
     submitit_cluster: str = "slurm"  # "local": submitit's LocalExecutor (tests, one machine)
 
@@ -142,7 +142,12 @@ def validate_launcher(lc: LauncherConfig) -> LauncherConfig:
         if not isinstance(key, str) or not _SBATCH_KEY.match(key):
             raise UsageError(f"launcher sbatch option {key!r} is not an sbatch option name "
                              "(e.g. account, qos, constraint)")
-    lc.sbatch = {k.replace("-", "_"): str(v) for k, v in lc.sbatch.items()}
+        value = lc.sbatch[key]
+        if isinstance(value, bool) and not value or not isinstance(value, (str, int, float, bool)):
+            raise UsageError(f"launcher sbatch option {key!r} needs a value (or true for a bare "
+                             f"flag), got {value!r}")
+    # a bare flag (--sbatch requeue, YAML `requeue: true`) stays True: #SBATCH --requeue
+    lc.sbatch = {k.replace("-", "_"): v if v is True else str(v) for k, v in lc.sbatch.items()}
     if lc.jobs is not None and lc.kind != "local":
         raise UsageError(f"--jobs is for --launcher local, not {lc.kind}")
     return lc
@@ -182,7 +187,8 @@ def add_launcher_arguments(parser: Any, *, jobs: bool = True) -> None:
                    help="slurm: folder for submitit's logs (default: next to the runs)")
     g.add_argument("--max-parallel", type=int, default=None, help="slurm: array tasks at once")
     g.add_argument("--sbatch", action="append", default=None, metavar="KEY=VALUE",
-                   help="slurm: extra sbatch option, e.g. --sbatch account=proj (repeatable)")
+                   help="slurm: extra sbatch option, e.g. --sbatch account=proj, --sbatch requeue "
+                        "(repeatable)")
     g.add_argument("--wait", action="store_true", default=None,
                    help="slurm: wait for the job array to end (default: submit and return)")
 
@@ -194,9 +200,9 @@ def launcher_from_args(args: Any, base: Mapping[str, Any] | None = None) -> Laun
         sbatch = dict((base or {}).get("sbatch") or {})
         for item in args.sbatch:
             key, sep, value = item.partition("=")
-            if not sep or not key:
-                raise UsageError(f"--sbatch takes KEY=VALUE, got {item!r}")
-            sbatch[key.lstrip("-")] = value
+            if not key.lstrip("-"):
+                raise UsageError(f"--sbatch takes KEY=VALUE or a bare KEY, got {item!r}")
+            sbatch[key.lstrip("-")] = value if sep else True
     flags = {"kind": getattr(args, "launcher", None), "jobs": getattr(args, "jobs", None),
              "partition": getattr(args, "partition", None), "time": getattr(args, "time", None),
              "gpus_per_run": getattr(args, "gpus_per_run", None),
@@ -360,17 +366,24 @@ def launch(
     dry_run: bool = False,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    on_done: Callable[[RunOutcome], None] | None = None,
 ) -> LaunchSummary:
     """Train every run of ``cfgs`` that is not finished yet, with launcher ``lc`` (see the
     module docstring); returns what happened to each. ``dry_run``: print the plan (for slurm
     the job array and its sbatch options), train nothing. ``log`` (default: stderr when
-    ``progress``) gets one line per run."""
+    ``progress``) gets one line per run; ``on_done`` (e.g. a progress bar's update) is called
+    once per run when the launcher is done with it: at once for the runs it does not train."""
     lc = validate_launcher(dataclasses.replace(lc or LauncherConfig()))
     if log is None:
         log = (lambda line: print(line, file=sys.stderr, flush=True)) if progress else (lambda line: None)
     planned = _plan(cfgs)
+    done = on_done or (lambda outcome: None)
     if lc.kind == "slurm":
-        return _launch_slurm(planned, lc, dry_run=dry_run, log=log)
+        summary = _launch_slurm(planned, lc, dry_run=dry_run, log=log)
+        if not dry_run:
+            for outcome in summary.runs:
+                done(outcome)
+        return summary
     outcomes = [_outcome(cfg, state) for cfg, state in planned]
     todo = [(k, cfg) for k, (cfg, state) in enumerate(planned) if state in ("new", "partial")]
     if dry_run:
@@ -384,13 +397,14 @@ def launch(
         for o in outcomes:
             o.action = "planned" if o.state in ("new", "partial") else o.action
         return LaunchSummary(lc.kind, outcomes, plan=text)
-    for cfg, state in planned:
-        if state in ("finished", "failed", "running"):
-            log(f"{_ACTIONS[state]:<12} {cfg.out} ({state})")
+    for outcome in outcomes:
+        if outcome.state in ("finished", "failed", "running"):
+            log(f"{outcome.action:<12} {outcome.out} ({outcome.state})")
+            done(outcome)
     if lc.kind == "inline":
-        _run_inline(todo, outcomes, log)
+        _run_inline(todo, outcomes, log, done)
     else:
-        _run_local(todo, outcomes, _local_slots(planned, lc), log)
+        _run_local(todo, outcomes, _local_slots(planned, lc), log, done)
     summary = LaunchSummary(lc.kind, outcomes)
     log(summary.text())
     return summary
@@ -404,7 +418,7 @@ def _finish(outcome: RunOutcome, result: dict[str, Any], started: float, log: Ca
 
 
 def _run_inline(todo: list[tuple[int, TrainConfig]], outcomes: list[RunOutcome],
-                log: Callable[[str], None]) -> None:
+                log: Callable[[str], None], on_done: Callable[[RunOutcome], None]) -> None:
     for done, (k, cfg) in enumerate(todo, 1):
         started = time.perf_counter()
         try:
@@ -412,6 +426,7 @@ def _run_inline(todo: list[tuple[int, TrainConfig]], outcomes: list[RunOutcome],
         except Exception as exc:  # the sweep goes on; the summary names the run
             result = {"status": "error", "error": _one_line(exc)}
         _finish(outcomes[k], result, started, log, done, len(todo))
+        on_done(outcomes[k])
 
 
 # ----------------------------------------------------------------------------- local workers
@@ -481,7 +496,8 @@ def _local_worker(cfg: TrainConfig, gpu: str | None, parent_pid: int, conn: Any)
 
 
 def _run_local(todo: list[tuple[int, TrainConfig]], outcomes: list[RunOutcome],
-               slots: list[str | None], log: Callable[[str], None]) -> None:
+               slots: list[str | None], log: Callable[[str], None],
+               on_done: Callable[[RunOutcome], None]) -> None:
     """At most len(slots) worker processes at once, a fresh one per run."""
     import multiprocessing
     from multiprocessing.connection import wait
@@ -514,6 +530,7 @@ def _run_local(todo: list[tuple[int, TrainConfig]], outcomes: list[RunOutcome],
                 free.append(slot)
                 done += 1
                 _finish(outcomes[k], result, started, log, done, len(todo))
+                on_done(outcomes[k])
     finally:  # an error or Ctrl-C here: no worker outlives the launcher
         for proc, *_ in running.values():
             proc.kill()
