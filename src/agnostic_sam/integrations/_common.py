@@ -4,6 +4,7 @@ loss scaler or not. No framework is imported here."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -14,7 +15,7 @@ from agnostic_sam.optim import AgnosticSAM
 from agnostic_sam.optim._base import SharpnessOptimizer
 from agnostic_sam.optim.split import split_sizes
 
-__all__ = ["batch_len", "concat", "run_step", "split", "take"]
+__all__ = ["batch_len", "concat", "ensure_scale", "micro_closure", "run_step", "split", "take"]
 
 Batch = Any  # a tensor, or a tuple / list / dict nesting tensors that share dim 0
 
@@ -87,10 +88,15 @@ def split(batch: Batch, ratio: float, generator: torch.Generator | None) -> tupl
 
 
 def micro_closure(
-    loss_fn: Callable[[Batch], Tensor], batch: Batch, micro_batches: int, backward: Callable[[Tensor], None]
+    loss_fn: Callable[[Batch], Tensor],
+    batch: Batch,
+    micro_batches: int,
+    backward: Callable[[Tensor], None],
+    no_sync: Callable[[], Any] | None = None,
 ) -> Callable[[], Tensor]:
     """The closure of `agnostic_sam.accumulate` for nested batches: `micro_batches` slices
-    (``tensor_split`` along dim 0), each loss weighted by |B_k| / |B| before `backward`."""
+    (``tensor_split`` along dim 0), each loss weighted by |B_k| / |B| before `backward`.
+    `no_sync` (e.g. DDP's) wraps all micro-batches but the last: one all-reduce per pass."""
     n = batch_len(batch)
     k = min(micro_batches, n)
     bounds = [len(c) for c in torch.arange(n).tensor_split(k)]
@@ -98,13 +104,15 @@ def micro_closure(
 
     def closure() -> Tensor:
         total = None
-        for start, size in zip(starts, bounds):
+        for i, (start, size) in enumerate(zip(starts, bounds)):
             micro = _map(batch, lambda t, s=start, m=size: t[s : s + m] if t.dim() > 0 else t)
-            loss = loss_fn(micro)
-            if not isinstance(loss, Tensor) or loss.numel() != 1:
-                raise ValueError("the training step must return the scalar mean loss of its batch")
-            weighted = loss * (size / n)
-            backward(weighted)
+            last = i == len(bounds) - 1
+            with contextlib.nullcontext() if last or no_sync is None else no_sync():
+                loss = loss_fn(micro)
+                if not isinstance(loss, Tensor) or loss.numel() != 1:
+                    raise ValueError("the training step must return the scalar mean loss of its batch")
+                weighted = loss * (size / n)
+                backward(weighted)
             total = weighted.detach() if total is None else total + weighted.detach()
         return total
 
@@ -128,6 +136,7 @@ def run_step(
     grad_scaler: Any = None,
     max_grad_norm: float | None = None,
     backward: Callable[[Tensor], None] | None = None,
+    no_sync: Callable[[], Any] | None = None,
 ) -> Tensor:
     """One step of `opt` on the union of `micro_batches`, each pass re-running them all.
 
@@ -148,9 +157,9 @@ def run_step(
         backward = (lambda loss: grad_scaler.scale(loss).backward()) if grad_scaler is not None else opt.backward
     if isinstance(opt, AgnosticSAM):
         b_t, b_v = split(batch, split_ratio, generator)
-        closures = (micro_closure(loss_fn, b_t, k, backward), micro_closure(loss_fn, b_v, k, backward))
+        closures = (micro_closure(loss_fn, b_t, k, backward, no_sync), micro_closure(loss_fn, b_v, k, backward, no_sync))
     else:
-        closures = (micro_closure(loss_fn, batch, k, backward),)
+        closures = (micro_closure(loss_fn, batch, k, backward, no_sync),)
     saved = opt.max_grad_norm
     if max_grad_norm is not None and max_grad_norm > 0:
         if saved is not None and saved != max_grad_norm:

@@ -1,0 +1,193 @@
+"""accelerate adapter: SharpnessStep in an accelerate loop equals the hand-written loop with the
+same optimizer, data order and split generator (fp32, bf16, fp16's GradScaler vs LossScaler),
+accumulate() 2x16 equals 1x32, clipping, the prepared scheduler, and the refused forms
+(a closure step that accelerate would skip on non-sync steps)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+accelerate = pytest.importorskip("accelerate")
+
+from accelerate import Accelerator  # noqa: E402
+from accelerate.state import AcceleratorState, GradientState  # noqa: E402
+
+from agnostic_sam import SAM, AgnosticSAM, LossScaler, accumulate, split_batch  # noqa: E402
+from agnostic_sam.integrations.accelerate import SharpnessStep  # noqa: E402
+
+STEPS, BATCH, DIM = 20, 32, 6
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def _data(n: int = STEPS * BATCH):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(n, DIM, generator=g)
+    y = (x[:, 0] + 0.5 * x[:, 1] > 0).long() + (x[:, 2] > 1).long()
+    return x, y
+
+
+def _net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(DIM, 16), nn.Tanh(), nn.Linear(16, 3))
+
+
+def _opt(kind, params, **kw):
+    if kind == "sam":
+        return SAM(params, torch.optim.SGD, lr=0.1, momentum=0.9, rho=0.05, **kw)
+    return AgnosticSAM(params, torch.optim.SGD, lr=0.1, momentum=0.9, rho1=0.1, rho2=0.05, **kw)
+
+
+def _run(kind="agnostic", *, micro=BATCH, accum=1, mixed_precision="no", grad_scaler=None, max_grad_norm=None,
+         sched=False, steps=STEPS):
+    acc = Accelerator(cpu=True, mixed_precision=mixed_precision, gradient_accumulation_steps=accum)
+    if grad_scaler is not None:
+        acc.scaler = grad_scaler  # what fp16 on a GPU gives; CPU accelerate has none
+    net = _net()
+    opt = _opt(kind, net.parameters())
+    x, y = _data(steps * BATCH)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=micro, shuffle=False)
+    sch = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5) if sched else None
+    if sch is not None:
+        model, opt, loader, sch = acc.prepare(net, opt, loader, sch)
+    else:
+        model, opt, loader = acc.prepare(net, opt, loader)
+    step = SharpnessStep(acc, model, opt, lambda b: F.cross_entropy(model(b[0]).float(), b[1]),
+                         max_grad_norm=max_grad_norm)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for batch in loader:
+            with acc.accumulate(model):
+                step(batch)
+                if sch is not None:
+                    sch.step()
+    return net, opt, sch
+
+
+def _reference(kind="agnostic", *, micro_batches=1, autocast=None, loss_scaler=None, max_grad_norm=None,
+               sched=False, steps=STEPS):
+    net = _net()
+    opt = _opt(kind, net.parameters(), loss_scaler=loss_scaler, max_grad_norm=max_grad_norm)
+    sch = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5) if sched else None
+    gen = torch.Generator().manual_seed(0)
+    x, y = _data()
+
+    def f(xb, yb):
+        with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+            logits = net(xb)
+        return F.cross_entropy(logits.float(), yb)
+
+    for i in range(steps):
+        xb, yb = x[i * BATCH:(i + 1) * BATCH], y[i * BATCH:(i + 1) * BATCH]
+        if kind == "agnostic":
+            x_t, y_t, x_v, y_v = split_batch(xb, yb, 0.7, gen)
+            opt.step(accumulate(f, (x_t, y_t), micro_batches, opt.backward),
+                     accumulate(f, (x_v, y_v), micro_batches, opt.backward))
+        else:
+            opt.step(accumulate(f, (xb, yb), micro_batches, opt.backward))
+        if sch is not None:
+            sch.step()
+    return net
+
+
+def _assert_close(net, ref, atol=1e-5):
+    for (name, a), b in zip(net.state_dict().items(), ref.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=atol, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("kind", ["agnostic", "sam"])
+def test_fp32_equals_plain_loop(kind):
+    net, _, _ = _run(kind)
+    _assert_close(net, _reference(kind))
+
+
+def test_bf16_equals_plain_loop():
+    net, _, _ = _run(mixed_precision="bf16")
+    _assert_close(net, _reference(autocast=torch.bfloat16))
+
+
+def test_fp16_grad_scaler_equals_loss_scaler_path():
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    net, _, _ = _run(grad_scaler=scaler)
+    assert scaler.get_scale() == 2.0**10
+    _assert_close(net, _reference(loss_scaler=LossScaler(init_scale=2.0**10)))
+
+
+@pytest.mark.parametrize("kind", ["agnostic", "sam"])
+def test_accumulate_2x16_equals_1x32(kind):
+    # Old behaviour: opt.step(closure) inside accumulate() ran only on sync steps: half the
+    # micro-batches were silently dropped.
+    net, _, _ = _run(kind, micro=16, accum=2)
+    _assert_close(net, _reference(kind, micro_batches=2))
+
+
+def test_max_grad_norm_clips_the_final_gradient():
+    net, _, _ = _run(max_grad_norm=0.05)
+    clipped = _reference(max_grad_norm=0.05)
+    _assert_close(net, clipped)
+    assert any((a - b).abs().max() > 1e-3 for a, b in zip(clipped.state_dict().values(), _reference().state_dict().values()))
+
+
+def test_prepared_scheduler_steps_once_per_optimizer_step():
+    net, opt, sch = _run(micro=16, accum=2, sched=True, steps=7)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5 ** (7 // 3))
+    _assert_close(net, _reference(micro_batches=2, sched=True, steps=7))
+
+
+def test_direct_closure_step_while_accumulating_is_refused():
+    acc = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    net = _net()
+    model, opt = acc.prepare(net, _opt("sam", net.parameters()))
+    SharpnessStep(acc, model, opt, lambda b: F.cross_entropy(model(b[0]), b[1]))
+    x, y = _data(32)
+
+    def closure():
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    acc.gradient_state._set_sync_gradients(True)
+    with pytest.raises(RuntimeError, match="call SharpnessStep"):
+        opt.step(closure)
+
+
+def test_outside_accumulate_is_refused():
+    acc = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    net = _net()
+    model, opt = acc.prepare(net, _opt("sam", net.parameters()))
+    step = SharpnessStep(acc, model, opt, lambda b: F.cross_entropy(model(b[0]), b[1]))
+    x, y = _data(32)
+    step((x, y))
+    with pytest.raises(RuntimeError, match="inside `with accelerator.accumulate"):
+        step((x, y))
+
+
+def test_backward_in_the_loop_is_refused():
+    acc = Accelerator(cpu=True)
+    net = _net()
+    model, opt = acc.prepare(net, _opt("sam", net.parameters()))
+    step = SharpnessStep(acc, model, opt, lambda b: F.cross_entropy(model(b[0]), b[1]))
+    x, y = _data(32)
+    acc.backward(F.cross_entropy(model(x), y))
+    with pytest.raises(RuntimeError, match="runs forward and backward itself"):
+        step((x, y))
+
+
+def test_foreign_optimizer_is_refused():
+    acc = Accelerator(cpu=True)
+    net = _net()
+    model, opt = acc.prepare(net, torch.optim.SGD(net.parameters(), lr=0.1))
+    with pytest.raises(TypeError, match="needs an agnostic_sam optimizer"):
+        SharpnessStep(acc, model, opt, lambda b: F.cross_entropy(model(b[0]), b[1]))
