@@ -9,5 +9,6 @@ from agnostic_sam.optim import SAM, AgnosticSAM, Plain, accumulate, split_batch,
 __version__ = "0.1.0"
 
 __all__ = [
-    "AgnosticSAM", "SAM", "Plain", "LossScaler", "accumulate", "split_batch", "split_sizes", "__version__",
+    "AgnosticSAM", "SAM", "Plain", "LossScaler", "accumulate", "split_batch", "split_sizes",
+    "__version__",
 ]

@@ -85,7 +85,9 @@ class LossScaler:
     def update(self, found_inf: Tensor) -> None:
         """Shrink the scale after an overflow, grow it after `growth_interval` clean steps."""
         found = found_inf.to(device=self._scale.device, dtype=torch.bool)
-        tracker = torch.where(found, torch.zeros_like(self._growth_tracker), self._growth_tracker + 1)
+        tracker = torch.where(
+            found, torch.zeros_like(self._growth_tracker), self._growth_tracker + 1
+        )
         grow = tracker >= self.growth_interval
         # Arithmetic with Python floats instead of torch.tensor(...) constants: no host-to-device
         # copy, so no sync. factor = backoff on overflow, growth after the interval, else 1.

@@ -94,7 +94,8 @@ def summarize(values: Sequence[float]) -> Summary:
 
 
 def t_quantile(p: float, df: int) -> float:
-    """Quantile ``t_{p, df}`` of Student's t distribution (e.g. ``t_quantile(0.975, 2) = 4.303``)."""
+    """Quantile ``t_{p, df}`` of Student's t distribution
+    (e.g. ``t_quantile(0.975, 2) = 4.303``)."""
     if not 0.0 < p < 1.0:
         raise ValueError(f"quantile level must be in (0, 1), got {p}")
     if df < 1:

@@ -106,27 +106,40 @@ class SharpnessOptimizer(torch.optim.Optimizer):
         max_grad_norm: float | None,
         base_kwargs: dict[str, Any],
     ) -> None:
-        if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer)):
+        if not (
+            isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer)
+        ):
             raise TypeError(
                 "base_optimizer must be a torch.optim.Optimizer class such as torch.optim.SGD "
                 f"(the class, not an instance), got {type(base_optimizer).__name__}"
             )
         for key in self._radius_keys:
             _check_radius(key, defaults[key])
-        if isinstance(perturb_eps, bool) or not isinstance(perturb_eps, (int, float)) or not perturb_eps > 0.0:
+        if (
+            isinstance(perturb_eps, bool)
+            or not isinstance(perturb_eps, (int, float))
+            or not perturb_eps > 0.0
+        ):
             raise ValueError(f"invalid perturb_eps={perturb_eps!r}: must be > 0")
         if max_grad_norm is not None and (
             isinstance(max_grad_norm, bool)
             or not isinstance(max_grad_norm, (int, float))
             or not (math.isfinite(max_grad_norm) and max_grad_norm > 0.0)
         ):
-            raise ValueError(f"invalid max_grad_norm={max_grad_norm!r}: must be None or a finite number > 0")
+            raise ValueError(
+                f"invalid max_grad_norm={max_grad_norm!r}: must be None or a finite number > 0"
+            )
         if perturbation not in PERTURBATIONS:
-            raise ValueError(f"invalid perturbation={perturbation!r}: expected one of {PERTURBATIONS}")
+            raise ValueError(
+                f"invalid perturbation={perturbation!r}: expected one of {PERTURBATIONS}"
+            )
         if model is not None and not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module or None, got {type(model).__name__}")
         if loss_scaler is not None and not isinstance(loss_scaler, LossScaler):
-            raise TypeError(f"loss_scaler must be an agnostic_sam.LossScaler, got {type(loss_scaler).__name__}")
+            raise TypeError(
+                "loss_scaler must be an agnostic_sam.LossScaler, "
+                f"got {type(loss_scaler).__name__}"
+            )
         self.adaptive = bool(adaptive)
         self.perturb_eps = float(perturb_eps)
         self.model = model
@@ -218,7 +231,8 @@ class SharpnessOptimizer(torch.optim.Optimizer):
             loss.backward()
 
     def buffer_bytes(self) -> int:
-        """Bytes of the parameter-sized buffers a step allocates beyond the base optimizer's state."""
+        """Bytes of the parameter-sized buffers a step allocates beyond the base optimizer's
+        state."""
         return self._num_buffers * sum(
             p.numel() * p.element_size() for g in self.param_groups for p in g["params"]
         )
@@ -259,7 +273,8 @@ class SharpnessOptimizer(torch.optim.Optimizer):
             raise RuntimeError(
                 "a torch.amp.GradScaler drives this step through a wrapper that hides its "
                 "grad_scaler keyword (e.g. accelerate's fp16 optimizer): call "
-                "scaler.step(opt, closure) on this optimizer itself, or use loss_scaler=LossScaler()"
+                "scaler.step(opt, closure) on this optimizer itself, "
+                "or use loss_scaler=LossScaler()"
             )
         if grad_scaler is not None:
             if self.loss_scaler is not None:
@@ -331,7 +346,9 @@ class SharpnessOptimizer(torch.optim.Optimizer):
         if not freeze or self.model is None:
             yield
             return
-        saved = [(m, m.track_running_stats) for m in self.model.modules() if isinstance(m, _BatchNorm)]
+        saved = [
+            (m, m.track_running_stats) for m in self.model.modules() if isinstance(m, _BatchNorm)
+        ]
         try:
             for m, _ in saved:
                 m.track_running_stats = False
@@ -352,13 +369,20 @@ class SharpnessOptimizer(torch.optim.Optimizer):
         loss = torch.as_tensor(loss).detach()
         if loss.numel() != 1:
             raise ValueError(
-                f"the closure must return a scalar loss, got a tensor of shape {tuple(loss.shape)}: "
+                "the closure must return a scalar loss, "
+                f"got a tensor of shape {tuple(loss.shape)}: "
                 "reduce it (e.g. loss.mean()) before backward and return that"
             )
         return loss if loss.dim() == 0 else loss.reshape(())
 
     def _run(
-        self, closure: Closure, params: list[Tensor], *, at_theta: bool, final: bool, keep: bool = False
+        self,
+        closure: Closure,
+        params: list[Tensor],
+        *,
+        at_theta: bool,
+        final: bool,
+        keep: bool = False,
     ) -> Tensor:
         """One pass: zero the gradients (unless `keep`), run the closure with grad enabled,
         return its loss.
@@ -374,10 +398,18 @@ class SharpnessOptimizer(torch.optim.Optimizer):
         driven = self._grad_scaler is not None
         # In one step (and again when GradScaler use changes): does every closure scale its loss
         # with the GradScaler that drives the step, and only then? Skipped under another profiler.
-        watch = self.loss_scaler is None and self._checked_driven is not driven and sys.getprofile() is None
+        watch = (
+            self.loss_scaler is None
+            and self._checked_driven is not driven
+            and sys.getprofile() is None
+        )
         self.at_theta = at_theta
         try:
-            with self._frozen_batchnorm(not at_theta), self._sync_context(sync), torch.enable_grad():
+            with (
+                self._frozen_batchnorm(not at_theta),
+                self._sync_context(sync),
+                torch.enable_grad(),
+            ):
                 if watch:
                     loss, scalers = _run_watching_grad_scalers(closure)
                 else:
@@ -491,7 +523,9 @@ class SharpnessOptimizer(torch.optim.Optimizer):
             F.add_([params[i] for i in idx], gs, foreach)
 
     @contextlib.contextmanager
-    def _restore_on_error(self, params: list[Tensor], theta: list[Tensor], foreach: bool) -> Iterator[None]:
+    def _restore_on_error(
+        self, params: list[Tensor], theta: list[Tensor], foreach: bool
+    ) -> Iterator[None]:
         """If a closure raises mid-step, put the parameters back at theta before re-raising."""
         try:
             yield
@@ -499,7 +533,9 @@ class SharpnessOptimizer(torch.optim.Optimizer):
             F.copy_(params, theta, foreach)
             raise
 
-    def _final_pass(self, closure: Closure, params: list[Tensor], check: list[Tensor], foreach: bool) -> Tensor:
+    def _final_pass(
+        self, closure: Closure, params: list[Tensor], check: list[Tensor], foreach: bool
+    ) -> Tensor:
         """The last pass, at the fully perturbed point: its gradient stays in p.grad for the base
         optimizer; see `_final_gradients`."""
         loss = self._run(closure, params, at_theta=False, final=True)

@@ -14,7 +14,9 @@ from torch import Tensor
 __all__ = ["global_norm", "scale_", "scale_adaptive_", "add_", "copy_", "dot"]
 
 
-def global_norm(tensors: list[Tensor], foreach: bool, weights: list[Tensor] | None = None) -> Tensor:
+def global_norm(
+    tensors: list[Tensor], foreach: bool, weights: list[Tensor] | None = None
+) -> Tensor:
     """The 2-norm of the concatenation of `tensors` (each multiplied by |weights| when given).
 
     With weights this is Adaptive-SAM's ||T_theta g|| with T_theta = |theta| element-wise.

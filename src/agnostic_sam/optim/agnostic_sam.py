@@ -143,7 +143,11 @@ class AgnosticSAM(SharpnessOptimizer):
 
     @torch.no_grad()
     def step(  # type: ignore[override]
-        self, closure: Closure | None = None, val_closure: Closure | None = None, *, grad_scaler: Any = None
+        self,
+        closure: Closure | None = None,
+        val_closure: Closure | None = None,
+        *,
+        grad_scaler: Any = None,
     ) -> Tensor:
         """One Agnostic-SAM step; `closure` runs B^t, `val_closure` B^v. Returns the B^t loss at
         theta, detached."""

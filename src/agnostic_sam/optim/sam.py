@@ -116,7 +116,9 @@ class SAM(SharpnessOptimizer):
                 "mini-batch and returns the loss (with a GradScaler: scaler.step(opt, closure))"
             )
         if self._pending is not None:
-            raise RuntimeError("SAM.step() between first_step() and second_step(): call second_step()")
+            raise RuntimeError(
+                "SAM.step() between first_step() and second_step(): call second_step()"
+            )
         with self._stepping(grad_scaler):
             params, groups = self._params()
             foreach = self._use_foreach(params)

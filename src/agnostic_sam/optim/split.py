@@ -29,7 +29,8 @@ def split_sizes(batch_size: int, ratio: float, world_size: int = 1) -> tuple[int
             )
         raise ValueError(
             f"each of the {world_size} processes gets {local} samples per batch, too few to split "
-            f"with split_ratio {ratio} (|B^t|={n_t}, |B^v|={local - n_t} per rank); raise batch_size"
+            f"with split_ratio {ratio} (|B^t|={n_t}, |B^v|={local - n_t} per rank); "
+            "raise batch_size"
         )
     return world_size * n_t, world_size * (local - n_t)
 
@@ -52,4 +53,9 @@ def split_batch(
     device = generator.device if generator is not None else torch.device("cpu")
     perm = torch.randperm(n, generator=generator, device=device).to(inputs.device)
     idx_t, idx_v = perm[:n_t], perm[n_t:]
-    return inputs[idx_t], targets[idx_t.to(targets.device)], inputs[idx_v], targets[idx_v.to(targets.device)]
+    return (
+        inputs[idx_t],
+        targets[idx_t.to(targets.device)],
+        inputs[idx_v],
+        targets[idx_v.to(targets.device)],
+    )
