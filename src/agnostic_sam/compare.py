@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -39,9 +38,9 @@ from agnostic_sam.compare_config import (
 )
 from agnostic_sam.compare_report import write_report
 from agnostic_sam.errors import TrainingDiverged, UsageError
+from agnostic_sam.launch import launch
 from agnostic_sam.methods import get_method
 from agnostic_sam.stats import Summary, summarize
-from agnostic_sam.train import train
 from agnostic_sam.train.rundir import RunDir
 
 __all__ = ["CompareConfig", "PlannedRun", "compare", "load_compare_config", "select_radius"]
@@ -95,76 +94,46 @@ def _plan(
     return runs
 
 
-def _train_worker(cfg: Any) -> dict:
-    """Run one training in this process with the run's fixed thread count."""
-    import torch
-
-    previous = torch.get_num_threads()
-    torch.set_num_threads(cfg.threads or 1)
-    try:
-        return train(cfg)
-    finally:
-        torch.set_num_threads(previous)
-
-
-def _execute(runs: list[PlannedRun], cc: CompareConfig, bar: Any) -> None:
-    """Train every run that is not finished yet (resuming partial ones); a run another process
-    is writing is an error (it would be read half-done)."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-
-    todo = []
-    for run in runs:
-        state = RunDir(run.cfg.out).state(run.cfg)
-        if state == "running":
-            raise UsageError(f"{run.cfg.out} is being written by another process; "
-                             "wait for it, then run compare again")
-        if state in ("finished", "failed"):
-            bar.update(1)
-        else:
-            todo.append(dataclasses.replace(run.cfg, resume=state == "partial"))
-    if cc.jobs == 1 or len(todo) <= 1:
-        for cfg in todo:
-            _run_one(cfg)
-            bar.update(1)
-        return
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=min(cc.jobs, len(todo)), mp_context=context) as pool:
-        for future in as_completed([pool.submit(_run_one, cfg) for cfg in todo]):
-            future.result()
-            bar.update(1)
+def _execute(runs: list[PlannedRun], cc: CompareConfig, *, dry_run: bool, report_only: bool) -> bool:
+    """Train what is not finished yet with the comparison's launcher (finished runs are
+    skipped, partial ones resumed). True when every run is done: False after a dry run or a
+    submission to SLURM that was not waited for (run the same command again when it ends)."""
+    if report_only:
+        return True
+    summary = launch([run.cfg for run in runs], cc.launcher, dry_run=dry_run,
+                     progress=cc.train.progress)
+    summary.raise_for_errors()
+    busy = summary.where(action="left running")
+    if busy:
+        raise UsageError(f"{busy[0].out} is being written by another process; "
+                         "wait for it, then run compare again")
+    return not any(r.action in ("planned", "submitted", "queued") for r in summary.runs)
 
 
-def _run_one(cfg: Any) -> None:
-    """Train one run; a diverged run is a result of the sweep (its result.json says so)."""
-    try:
-        _train_worker(cfg)
-    except TrainingDiverged:
-        pass
+def _status(run: PlannedRun) -> str:
+    """"finished", "diverged" or "missing" (not trained, or still training)."""
+    result = RunDir(run.cfg.out).read_result()
+    if result is None:
+        return "missing"
+    return "diverged" if result.get("status") == "diverged" else "finished"
 
 
-def _accuracy(run: PlannedRun) -> float | None:
-    """The run's final accuracy; None for a run that diverged."""
-    result = RunDir(run.cfg.out).read_result() or {}
-    if result.get("status") == "diverged":
-        return None
-    return float(result["final_test_acc"])
-
-
-def _tune(cc: CompareConfig, tunable: list[str], bar: Any) -> dict:
-    """Train every candidate radius on the held-out split; choose each method's radius."""
-    val_fraction = cc.train.val_fraction or DEFAULT_TUNE_VAL_FRACTION
-    runs = _plan(cc, "tune", {o: list(cc.tune) for o in tunable}, val_fraction)
-    _execute(runs, cc, bar)
+def _tune_grid(cc: CompareConfig, tunable: list[str], runs: list[PlannedRun]) -> dict:
+    """Mean held-out accuracy per method and candidate radius, and each method's choice. A
+    candidate with a diverged (or, with --report-only, a missing) seed cannot be chosen: its
+    mean would hide the failure."""
     grid: dict[str, dict[float, Summary]] = {}
     diverged: dict[str, dict[float, int]] = {}
+    val_fraction = runs[0].cfg.val_fraction if runs else DEFAULT_TUNE_VAL_FRACTION
     for o in tunable:
         grid[o], diverged[o] = {}, {}
         for r in cc.tune:
-            accs = [_accuracy(x) for x in runs if x.optimizer == o and x.radius == r]
-            # A candidate with a diverged seed cannot be chosen: its mean would hide the failure.
-            grid[o][r] = summarize(accs) if None not in accs else Summary(math.nan, math.nan, 0)
-            diverged[o][r] = accs.count(None)
+            mine = [x for x in runs if x.optimizer == o and x.radius == r]
+            states = [_status(x) for x in mine]
+            ok = all(s == "finished" for s in states)
+            accs = [float(RunDir(x.cfg.out).read_result()["final_test_acc"]) for x in mine] if ok else []
+            grid[o][r] = summarize(accs) if ok else Summary(math.nan, math.nan, 0)
+            diverged[o][r] = states.count("diverged")
     return {
         "candidates": list(cc.tune),
         "rho2_ratio": cc.rho2_ratio,
@@ -175,29 +144,43 @@ def _tune(cc: CompareConfig, tunable: list[str], bar: Any) -> dict:
     }
 
 
-def compare(cc: CompareConfig, *, print_report: bool = True) -> dict:
+def compare(cc: CompareConfig, *, print_report: bool = True, dry_run: bool = False,
+            report_only: bool = False) -> dict | None:
     """Run (or reuse) every run of the comparison and write the report; returns the content
-    of comparison.json."""
-    from tqdm.auto import tqdm
-
+    of comparison.json, or None when runs are still to come (a dry run, a SLURM submission:
+    run the same command again when they have finished). ``report_only`` trains nothing and
+    reports the finished runs, saying how many are missing."""
     eval_fraction = cc.train.val_fraction
     tuning = None
     final_radii: dict[str, list[float | None]] = {o: [None] for o in cc.optimizers}
     tunable = [o for o in cc.optimizers if get_method(o).tunable] if cc.tune else []
-    total = len(cc.seeds) * (len(cc.optimizers) + len(tunable) * len(cc.tune or []))
-    with tqdm(
-        total=total, desc="compare", unit="run", disable=not cc.train.progress, file=sys.stderr
-    ) as bar:
-        if tunable:
-            tuning = _tune(cc, tunable, bar)
-            final_radii.update({o: [r] for o, r in tuning["chosen"].items()})
-            eval_fraction = 0.0  # the tuned methods are retrained on everything and tested once
-        final_runs = _plan(cc, "final", final_radii, eval_fraction)
-        _execute(final_runs, cc, bar)
-    failed = [r.cfg.out for r in final_runs if _accuracy(r) is None]
+    if tunable:
+        val_fraction = cc.train.val_fraction or DEFAULT_TUNE_VAL_FRACTION
+        tune_runs = _plan(cc, "tune", {o: list(cc.tune) for o in tunable}, val_fraction)
+        if not _execute(tune_runs, cc, dry_run=dry_run, report_only=report_only):
+            print(f"{len(tune_runs)} tuning runs {'planned' if dry_run else 'submitted'}; the "
+                  "final runs follow once they have finished: run the same command again")
+            return None
+        tuning = _tune_grid(cc, tunable, tune_runs)
+        final_radii.update({o: [r] for o, r in tuning["chosen"].items()})
+        eval_fraction = 0.0  # the tuned methods are retrained on everything and tested once
+    final_runs = _plan(cc, "final", final_radii, eval_fraction)
+    if not _execute(final_runs, cc, dry_run=dry_run, report_only=report_only):
+        print(f"{len(final_runs)} runs {'planned' if dry_run else 'submitted'}; build the report "
+              "when they have finished: the same command with --report-only")
+        return None
+    states = {r.cfg.out: _status(r) for r in final_runs}
+    failed = [out for out, s in states.items() if s == "diverged"]
     if failed:
         raise TrainingDiverged(f"the run in {failed[0]} diverged (see its result.json); "
-                         f"{len(failed)} final run(s) failed, so there is nothing fair to compare")
+                               f"{len(failed)} final run(s) failed: nothing fair to compare")
+    missing = [r for r in final_runs if states[r.cfg.out] == "missing"]
+    if missing:
+        print(f"{len(missing)} of {len(final_runs)} final runs are missing (not finished); "
+              "the report covers the finished ones")
+        final_runs = [r for r in final_runs if states[r.cfg.out] == "finished"]
+        if not final_runs:
+            raise UsageError("no final run has finished yet: nothing to report")
 
     metric = "validation" if eval_fraction > 0 else "test"
     settings = {**{k: getattr(cc, k) for k in COMPARE_KEYS}, "train": cc.train}

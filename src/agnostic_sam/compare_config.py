@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from agnostic_sam.errors import UsageError
+from agnostic_sam.launch import LauncherConfig, launcher_config
 from agnostic_sam.methods import list_methods
 from agnostic_sam.train.config import TrainConfig, load_config, read_config_file
 
@@ -29,6 +30,9 @@ class CompareConfig:
     tune: list[float] | None = None  # candidate radii (rho for SAM, rho1 for Agnostic-SAM)
     rho2_ratio: float = 0.5  # Agnostic-SAM rho2 = rho1 * rho2_ratio while tuning
     hessian: bool = False  # add each final model's top Hessian eigenvalue (slow)
+    # Where the runs train: a LauncherConfig, or a YAML ``launcher:`` mapping (inline, local
+    # worker processes, slurm through submitit). ``jobs > 1`` alone means local workers.
+    launcher: Any = None
 
     def __post_init__(self) -> None:
         self.optimizers = [str(o) for o in _as_list(self.optimizers, "optimizers")]
@@ -56,6 +60,13 @@ class CompareConfig:
         self.rho2_ratio = _positive(self.rho2_ratio, "rho2_ratio")
         if not isinstance(self.hessian, bool):
             raise UsageError(f"hessian must be true or false, got {self.hessian!r}")
+        if not isinstance(self.launcher, LauncherConfig):
+            if self.launcher is not None and not isinstance(self.launcher, Mapping):
+                raise UsageError(f"launcher must be a mapping of launcher keys, got {self.launcher!r}")
+            section = dict(self.launcher or {})
+            if self.jobs > 1 and section.get("kind", "inline") in ("inline", "local"):
+                section.update(kind="local", jobs=self.jobs)  # `jobs: N` alone: local workers
+            self.launcher = launcher_config(section)
 
 
 def _as_list(value: Any, name: str) -> list:
@@ -88,7 +99,7 @@ def load_compare_config(
     """Defaults < YAML file < overrides (``None`` values in overrides mean "not given").
 
     The YAML holds train keys and the compare keys (``optimizers``, ``seeds``, ``jobs``,
-    ``tune``, ``rho2_ratio``, ``hessian``) side by side; ``out`` is the comparison root
+    ``tune``, ``rho2_ratio``, ``hessian``, a ``launcher:`` mapping) side by side; ``out`` is the comparison root
     (default ``runs/compare-<dataset>-<model>``).
     """
     file_values: dict[str, Any] = {}

@@ -36,6 +36,8 @@ def summaries(
     out: dict[str, dict] = {}
     for optimizer in cc.optimizers:
         mine = [r for r in runs if r.optimizer == optimizer]
+        if not mine:  # --report-only before any of its runs finished
+            continue
         read = {r.seed: read_run(r) for r in mine}
         final = {s: float(v["result"]["final_test_acc"]) for s, v in read.items()}
         entry = {

@@ -2,15 +2,18 @@
 
 Every `agnostic-sam train` flag applies to all runs; `--optimizers`, `--seeds`, `--jobs`,
 `--tune`, `--rho2-ratio` and `--hessian` (or the same keys in `--config FILE.yaml`) shape the
-comparison. `--out` is the comparison folder (runs go to OUT/<optimizer>/seed<k>/).
+comparison; `--launcher inline|local|slurm` (or a `launcher:` mapping in the YAML) says where the
+runs train, `--dry-run` shows the plan and `--report-only` reports what has finished. `--out` is the comparison folder (runs go to OUT/<optimizer>/seed<k>/).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 from agnostic_sam.cli.train import add_train_arguments, overrides_from_args
 from agnostic_sam.errors import UsageError
+from agnostic_sam.launch import add_launcher_arguments, launcher_from_args
 
 __all__ = ["register", "run"]
 
@@ -75,6 +78,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="add each final model's top Hessian eigenvalue (mean over seeds) to the table",
     )
+    g.add_argument("--dry-run", action="store_true",
+                   help="print what would be trained (for slurm: the job array), train nothing")
+    g.add_argument("--report-only", action="store_true",
+                   help="train nothing; report the finished runs and say how many are missing")
+    add_launcher_arguments(p, jobs=False)
     p.set_defaults(func=run)
 
 
@@ -95,5 +103,6 @@ def run(args: argparse.Namespace) -> int:
         "hessian": args.hessian,
     }
     cc = load_compare_config(args.config, compare_overrides, train_overrides)
-    compare(cc)
+    cc.launcher = launcher_from_args(args, base=dataclasses.asdict(cc.launcher))
+    compare(cc, dry_run=args.dry_run, report_only=args.report_only)
     return 0
