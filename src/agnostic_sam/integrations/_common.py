@@ -5,6 +5,7 @@ loss scaler or not. No framework is imported here."""
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -172,7 +173,10 @@ def run_step(
         if grad_scaler is not None and grad_scaler.is_enabled():
             params = [p for g in opt.param_groups for p in g["params"]]
             ensure_scale(grad_scaler, params[0].device)
-            loss = grad_scaler.step(opt, *closures)
+            with warnings.catch_warnings():
+                # torch announces a change of the protocol the optimizers implement; not the user's.
+                warnings.filterwarnings("ignore", "GradScaler is going to stop", FutureWarning)
+                loss = grad_scaler.step(opt, *closures)
             grad_scaler.update()
         else:
             loss = opt.step(*closures)

@@ -123,7 +123,12 @@ class SharpnessAwareMixin:
 
     def _sharpness_check(self) -> None:
         import lightning.pytorch as pl
-        from lightning.pytorch.plugins.precision import DoublePrecision, HalfPrecision, MixedPrecision, Precision
+        from lightning.pytorch.plugins.precision import (
+            DoublePrecision,
+            HalfPrecision,
+            MixedPrecision,
+            Precision,
+        )
 
         cls = type(self)
         if not getattr(cls.training_step, "_sharpness_wrapped", False):

@@ -1,0 +1,126 @@
+"""timm: the sharpness-aware optimizers in timm's optimizer registry, and the step for a
+timm-style training loop.
+
+    from agnostic_sam.integrations import timm as asam_timm
+    asam_timm.register()
+    opt = timm.optim.create_optimizer_v2(model, "agnostic-sam", lr=0.1, weight_decay=5e-4)
+    for x, y in loader:
+        asam_timm.train_step(opt, lambda b: criterion(model(b[0]), b[1]), (x, y), generator=gen)
+
+`register()` adds, with timm's weight-decay parameter groups (no decay for biases and norms) and
+momentum 0.9 unless given:
+
+    agnostic-sam, agnostic-sam-simpler     AgnosticSAM over SGD (rho1=, rho2= as kwargs)
+    agnostic-sam-adamw, agnostic-sam-simpler-adamw    ... over AdamW (betas, eps)
+    sam-sgd, asam-sgd, sam-adamw, asam-adamw          SAM / adaptive SAM
+
+The names use hyphens because timm splits a name at "_" and keeps the last part (its
+"lookahead_" prefix): "agnostic_sam" would look up "sam" and "agnostic_sam_adamw" would build a
+plain AdamW. There is deliberately no bare "sam", so "agnostic_sam" fails in timm instead of
+building SAM; `create_optimizer` here refuses underscore spellings of these names with the right
+name, but timm's own `create_optimizer_v2("agnostic_sam_adamw")` cannot be intercepted.
+
+timm's train loop calls ``optimizer.step()`` after its own backward (through its NativeScaler
+too); these optimizers need the closure form and raise a one-line TypeError naming it. Use
+`train_step` (closures, accumulation, the loss scaler and the split) in the loop instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from agnostic_sam.integrations._common import Batch, run_step
+from agnostic_sam.optim import SAM, AgnosticSAM
+
+__all__ = ["NAMES", "create_optimizer", "register", "train_step"]
+
+
+def _factory(method: type, base: type[torch.optim.Optimizer], **fixed: Any) -> Callable[..., torch.optim.Optimizer]:
+    def make(params: Any, **kwargs: Any) -> torch.optim.Optimizer:
+        return method(params, base, **fixed, **kwargs)
+
+    make.__name__ = f"{method.__name__}_{base.__name__}"
+    return make
+
+
+# name -> (factory, description, has_momentum, has_betas, has_eps)
+_ENTRIES: dict[str, tuple[Callable[..., torch.optim.Optimizer], str, bool, bool, bool]] = {
+    "agnostic-sam": (_factory(AgnosticSAM, torch.optim.SGD), "Agnostic-SAM (Algorithm 1) over SGD with momentum", True, False, False),
+    "agnostic-sam-simpler": (_factory(AgnosticSAM, torch.optim.SGD, variant="simpler"), "Agnostic-SAM, simpler variant (Sec. 5.1), over SGD", True, False, False),
+    "agnostic-sam-adamw": (_factory(AgnosticSAM, torch.optim.AdamW), "Agnostic-SAM (Algorithm 1) over AdamW", False, True, True),
+    "agnostic-sam-simpler-adamw": (_factory(AgnosticSAM, torch.optim.AdamW, variant="simpler"), "Agnostic-SAM, simpler variant, over AdamW", False, True, True),
+    "sam-sgd": (_factory(SAM, torch.optim.SGD), "SAM over SGD with momentum", True, False, False),
+    "asam-sgd": (_factory(SAM, torch.optim.SGD, adaptive=True), "adaptive SAM over SGD with momentum", True, False, False),
+    "sam-adamw": (_factory(SAM, torch.optim.AdamW), "SAM over AdamW", False, True, True),
+    "asam-adamw": (_factory(SAM, torch.optim.AdamW, adaptive=True), "adaptive SAM over AdamW", False, True, True),
+}
+NAMES = tuple(_ENTRIES)
+
+
+def register() -> tuple[str, ...]:
+    """Add the methods to timm's default optimizer registry (idempotent); returns the names."""
+    from timm.optim import OptimInfo
+    from timm.optim._optim_factory import default_registry
+
+    for name, (factory, description, momentum, betas, eps) in _ENTRIES.items():
+        if name in default_registry._optimizers and default_registry._optimizers[name].opt_class is factory:
+            continue
+        default_registry.register(OptimInfo(
+            name=name, opt_class=factory, description=description,
+            has_eps=eps, has_momentum=momentum, has_betas=betas,
+        ))
+    return NAMES
+
+
+def create_optimizer(model_or_params: Any, opt: str, **kwargs: Any) -> torch.optim.Optimizer:
+    """`timm.optim.create_optimizer_v2` after `register()`, refusing the underscore spellings
+    of these names (timm would silently build something else)."""
+    from timm.optim import create_optimizer_v2
+
+    spelled = opt.lower().replace("_", "-")
+    for prefix in ("", "lookahead-"):
+        if "_" in opt and spelled.startswith(prefix) and spelled[len(prefix):] in _ENTRIES:
+            raise ValueError(
+                f"timm splits optimizer names at '_' and keeps the last part, so {opt!r} would not build "
+                f"{spelled[len(prefix):]}: use {opt.lower()[:len(prefix)] + spelled[len(prefix):]!r}"
+            )
+    register()
+    return create_optimizer_v2(model_or_params, opt, **kwargs)
+
+
+def train_step(
+    optimizer: torch.optim.Optimizer,
+    loss_fn: Callable[[Batch], Tensor],
+    batch: Batch,
+    *,
+    split_ratio: float = 0.7,
+    generator: torch.Generator | None = None,
+    micro_batches: int = 1,
+    loss_scaler: Any = None,
+    max_grad_norm: float | None = None,
+) -> Tensor:
+    """One sharpness-aware step on `batch` (a tensor or a tuple/dict of tensors) in place of
+    timm's ``loss.backward(); optimizer.step()``.
+
+    `loss_fn(part)` returns the mean loss of a part of the batch (run the model, under autocast
+    if you use AMP). AgnosticSAM splits the batch into B^t/B^v with `split_batch`'s draw from
+    `generator`; every pass runs `micro_batches` slices. `loss_scaler`: a torch.amp.GradScaler or
+    timm's NativeScaler (its GradScaler is used; do not call the NativeScaler itself).
+    Returns the loss at theta.
+    """
+    scaler = getattr(loss_scaler, "_scaler", loss_scaler)
+    if scaler is not None and not hasattr(scaler, "unscale_"):
+        raise TypeError(f"loss_scaler must be a torch.amp.GradScaler or timm's NativeScaler, got {type(loss_scaler).__name__}")
+    from agnostic_sam.integrations._common import batch_len, take
+
+    n = batch_len(batch)
+    if not isinstance(micro_batches, int) or isinstance(micro_batches, bool) or not 1 <= micro_batches <= n:
+        raise ValueError(f"invalid micro_batches={micro_batches!r}: must be an int in [1, {n}]")
+    # run_step joins given micro-batches and re-slices them in as many parts: hand it the slices.
+    slices = [take(batch, idx) for idx in torch.arange(n).tensor_split(micro_batches)]
+    return run_step(optimizer, loss_fn, slices, split_ratio=split_ratio, generator=generator,
+                    grad_scaler=scaler, max_grad_norm=max_grad_norm)
