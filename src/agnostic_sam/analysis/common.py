@@ -9,6 +9,8 @@ running mean/var and `num_batches_tracked`) are restored on exit, even after an 
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
@@ -16,8 +18,12 @@ import torch
 from torch import Tensor, nn
 
 __all__ = [
+    "MAX_SEED",
     "Batch",
     "LossFn",
+    "check_count",
+    "check_real",
+    "check_seed",
     "evaluation_state",
     "materialize_batches",
     "mean_loss",
@@ -28,6 +34,36 @@ __all__ = [
 Batch = tuple[Tensor, Tensor]
 # loss_fn(model(inputs), targets) -> 0-d tensor, the MEAN loss over the batch.
 LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+# Seeds in [0, 2**32): the range every run of the project uses (numpy's), and torch accepts.
+MAX_SEED = 2**32
+
+
+def check_count(name: str, value: object, low: int, high: int, error: type[Exception] = ValueError) -> int:
+    """`value` as an int in [low, high]; else `error` naming `name` and the value (bools refused)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if not low <= value <= high:
+        raise error(f"{name} must be in [{low}, {high}], got {value}")
+    return int(value)
+
+
+def check_real(name: str, value: object, low: float, high: float = math.inf, *, low_open: bool = False,
+               error: type[Exception] = ValueError) -> float:
+    """`value` as a finite float with low <= value (< if low_open) and value <= high."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    ok = math.isfinite(value) and (value > low if low_open else value >= low) and value <= high
+    if not ok:
+        lower = f"> {low:g}" if low_open else f">= {low:g}"
+        upper = f" and <= {high:g}" if math.isfinite(high) else ""
+        raise error(f"{name} must be a finite number {lower}{upper}, got {value}")
+    return float(value)
+
+
+def check_seed(seed: object, name: str = "seed", error: type[Exception] = ValueError) -> int:
+    return check_count(name, seed, 0, MAX_SEED - 1, error)
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:

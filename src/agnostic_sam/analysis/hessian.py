@@ -22,13 +22,22 @@ from tqdm import tqdm
 from agnostic_sam.analysis.common import (
     Batch,
     LossFn,
+    check_count,
+    check_real,
+    check_seed,
     evaluation_state,
     materialize_batches,
     mean_loss,
     trainable_parameters,
 )
 
-__all__ = ["hessian_trace", "hessian_vector_product", "top_eigenvalues"]
+__all__ = ["MAX_EIGENVALUES", "MAX_ITERATIONS", "hessian_trace", "hessian_vector_product",
+           "top_eigenvalues"]
+
+# Bounds past any use (each iteration or sample is one Hessian-vector product over the batches):
+# a larger value is a typo, refused before the first pass.
+MAX_EIGENVALUES = 1_000
+MAX_ITERATIONS = 10**6
 
 
 def _hvp(model: nn.Module, loss_fn: LossFn, batches: list[Batch], params: list[nn.Parameter],
@@ -95,12 +104,10 @@ def top_eigenvalues(model: nn.Module, loss_fn: LossFn, batches: Iterable[Batch],
         batches: (inputs, targets) pairs, a list or a DataLoader; read once and kept in memory.
         loss_fn: `loss_fn(model(inputs), targets)` is the mean loss of the batch.
     """
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    if iters < 1:
-        raise ValueError(f"iters must be >= 1, got {iters}")
-    if tol < 0:
-        raise ValueError(f"tol must be >= 0, got {tol}")
+    check_count("k", k, 1, MAX_EIGENVALUES)
+    check_count("iters", iters, 1, MAX_ITERATIONS)
+    check_real("tol", tol, 0.0)
+    check_seed(seed)
     params = trainable_parameters(model)
     if k > sum(p.numel() for p in params):
         raise ValueError(f"k={k} exceeds the number of trainable parameters")
@@ -143,8 +150,8 @@ def hessian_trace(model: nn.Module, loss_fn: LossFn, batches: Iterable[Batch], s
     2 sum_{i != j} H_ij^2, so it is exact when H is diagonal. Same conventions as
     `top_eigenvalues` (eval mode, trainable parameters, model restored).
     """
-    if samples < 1:
-        raise ValueError(f"samples must be >= 1, got {samples}")
+    check_count("samples", samples, 1, MAX_ITERATIONS)
+    check_seed(seed)
     params = trainable_parameters(model)
     generator = torch.Generator().manual_seed(seed)
     total = 0.0

@@ -33,13 +33,19 @@ from tqdm import tqdm
 from agnostic_sam.analysis.common import (
     Batch,
     LossFn,
+    check_count,
+    check_real,
+    check_seed,
     evaluation_state,
     materialize_batches,
     mean_loss,
     trainable_parameters,
 )
 
-__all__ = ["grid", "loss_line", "loss_surface", "random_direction"]
+__all__ = ["MAX_STEPS", "grid", "loss_line", "loss_surface", "random_direction"]
+
+# Grid points per axis: a surface costs MAX_STEPS**2 passes over the batches at most.
+MAX_STEPS = 1_001
 
 
 def random_direction(model: nn.Module, generator: torch.Generator,
@@ -70,10 +76,8 @@ def random_direction(model: nn.Module, generator: torch.Generator,
 
 def grid(steps: int, span: float) -> list[float]:
     """`steps` evenly spaced points in [-span, span]; with odd `steps` the middle one is exactly 0."""
-    if steps < 2:
-        raise ValueError(f"steps must be >= 2, got {steps}")
-    if not span > 0:
-        raise ValueError(f"span must be > 0, got {span}")
+    check_count("steps", steps, 2, MAX_STEPS)
+    check_real("span", span, 0.0, low_open=True)
     # 2 i / (steps - 1) - 1 is exactly 0.0 at i = (steps - 1) / 2, unlike torch.linspace.
     return [span * (2.0 * i / (steps - 1) - 1.0) for i in range(steps)]
 
@@ -87,6 +91,7 @@ def _scan(model: nn.Module, loss_fn: LossFn, batches: Iterable[Batch], direction
           coordinates: list[tuple[float, ...]], seed: int, filter_normalize: bool,
           progress: bool) -> list[float]:
     """The mean loss at theta + sum_k c_k d_k for every coordinate tuple c, model restored."""
+    check_seed(seed)
     params = trainable_parameters(model)
     generator = torch.Generator().manual_seed(seed)
     dirs = [random_direction(model, generator, filter_normalize) for _ in range(directions)]

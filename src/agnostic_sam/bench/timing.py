@@ -7,6 +7,7 @@ memory figures count) is described in :mod:`agnostic_sam.bench`.
 from __future__ import annotations
 
 import dataclasses
+import math
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -23,6 +24,31 @@ from agnostic_sam.methods import METHODS, list_methods
 from agnostic_sam.train.build import resolve_device
 
 __all__ = ["BenchConfig", "run_bench"]
+
+# Bounds no benchmark here can use (a typo, not a setting): refused before anything is allocated.
+MAX_BATCH = 2**20
+MAX_IMAGE_SIZE = 4096
+MAX_BATCH_VALUES = 2**30  # the resident synthetic batch: 4 GiB in float32
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _check_int(name: str, value: Any, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise UsageError(f"{_flag(name)} must be an integer in [{low}, {high}], got {value!r}")
+
+
+def _check_real(name: str, value: Any, low: float, high: float, *, low_open: bool = False,
+                high_open: bool = False) -> None:
+    ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+          and (value > low if low_open else value >= low)
+          and (value < high if high_open else value <= high))
+    if not ok:
+        lo, hi = "(" if low_open else "[", ")" if high_open else "]"
+        raise UsageError(f"{_flag(name)} must be a finite number in {lo}{low:g}, {high:g}{hi}, got {value!r}")
+
 
 @dataclass
 class BenchConfig:
@@ -55,19 +81,30 @@ class BenchConfig:
     cudnn_benchmark: bool = True  # CUDA only: autotune convolutions (warm-up covers every shape)
 
     def validate(self) -> None:
-        for name in ("batch_size", "channels", "image_size", "num_classes", "rounds", "steps"):
-            if getattr(self, name) < 1:
-                raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.batch_size < 2:
-            raise UsageError(f"--batch-size must be >= 2 to split a batch, got {self.batch_size}")
-        if self.warmup < 0:
-            raise UsageError(f"--warmup must be >= 0, got {self.warmup}")
-        if self.threads is not None and self.threads < 1:
-            raise UsageError(f"--threads must be >= 1, got {self.threads}")
+        """UsageError (one line naming the flag and the value) for settings no benchmark can use:
+        counts out of range, non-finite or out-of-range numbers, a batch too large to allocate."""
+        for name, low, high in (("batch_size", 2, MAX_BATCH), ("channels", 1, 64),
+                                ("image_size", 1, MAX_IMAGE_SIZE), ("num_classes", 1, 10**6),
+                                ("rounds", 1, 10**6), ("steps", 1, 10**6), ("warmup", 0, 10**6),
+                                ("seed", 0, 2**32 - 1)):
+            _check_int(name, getattr(self, name), low, high)
+        if self.threads is not None:
+            _check_int("threads", self.threads, 1, 4096)
+        values = self.batch_size * self.channels * self.image_size**2
+        if values > MAX_BATCH_VALUES:
+            raise UsageError(f"--batch-size {self.batch_size} x --channels {self.channels} x "
+                             f"--image-size {self.image_size}^2 = {values} input values, more than "
+                             f"{MAX_BATCH_VALUES}; use a smaller batch or image")
         if self.amp not in ("none", "bf16", "fp16"):
             raise UsageError(f"--amp must be none, bf16 or fp16, got {self.amp!r}")
-        if not 0.0 < self.split_ratio < 1.0:
-            raise UsageError(f"--split-ratio must be in (0, 1), got {self.split_ratio}")
+        _check_real("split_ratio", self.split_ratio, 0.0, 1.0, low_open=True, high_open=True)
+        _check_real("lr", self.lr, 0.0, math.inf, low_open=True)
+        _check_real("momentum", self.momentum, 0.0, 1.0, high_open=True)
+        _check_real("weight_decay", self.weight_decay, 0.0, math.inf)
+        for name in ("rho", "rho1", "rho2"):
+            _check_real(name, getattr(self, name), 0.0, math.inf)
+        if self.time_budget_s is not None:
+            _check_real("time_budget", self.time_budget_s, 0.0, math.inf)  # 0: one round
         self.split_sizes()
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown or not self.methods:

@@ -8,18 +8,24 @@ run's training loss on the first N batches of its training set (see `agnostic_sa
 from __future__ import annotations
 
 import argparse
-import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from agnostic_sam.errors import UsageError
 
-__all__ = ["register", "run_congruence", "run_hessian", "run_landscape"]
+__all__ = ["check_output_folder", "register", "run_congruence", "run_hessian", "run_landscape"]
+
+# Bounds of the flags no analysis can use (typos): refused before a run is loaded.
+MAX_BATCHES = 10**6
+MAX_BATCH_SIZE = 10**7
+MAX_THREADS = 4096
+# Result folders there are not folders a user means: writes fail or vanish.
+SPECIAL_ROOTS = (Path("/proc"), Path("/sys"))
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -71,11 +77,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _optimizer_of(run_dir: Path) -> str | None:
+    from agnostic_sam.yamlio import read_yaml
+
     try:
-        config = yaml.safe_load((run_dir / "config.yaml").read_text())
-    except (OSError, yaml.YAMLError):
+        config = read_yaml(run_dir / "config.yaml")
+    except UsageError:
         return None
-    return config.get("optimizer") if isinstance(config, dict) else None
+    optimizer = config.get("optimizer")
+    return optimizer if isinstance(optimizer, str) else None
 
 
 def _labels(runs: list[Path], given: list[str] | None) -> list[str]:
@@ -90,19 +99,78 @@ def _labels(runs: list[Path], given: list[str] | None) -> list[str]:
 
 def _set_threads(threads: int | None) -> None:
     if threads is not None:
-        if threads < 1:
-            raise UsageError(f"--threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
+
+
+def _check_common(args: argparse.Namespace) -> None:
+    """The flags hessian and landscape share, checked before any run is loaded."""
+    from agnostic_sam.analysis.common import check_count, check_seed
+    from agnostic_sam.train.build import resolve_device
+
+    check_count("--batches", args.batches, 1, MAX_BATCHES, UsageError)
+    if args.batch_size is not None:
+        check_count("--batch-size", args.batch_size, 1, MAX_BATCH_SIZE, UsageError)
+    check_seed(args.seed, "--seed", UsageError)
+    if args.threads is not None:
+        check_count("--threads", args.threads, 1, MAX_THREADS, UsageError)
+    resolve_device(args.device)
+
+
+def check_output_folder(flag: str, path: str | Path) -> Path:
+    """`path` as a folder results can be written to (it may not exist yet), else UsageError
+    naming `flag`: an empty name, an existing file, a path under a file, a read-only, forbidden
+    or special (/proc, /sys) place. Checked before any work, so a failure costs nothing."""
+    text = str(path)
+    if not text.strip():
+        raise UsageError(f"{flag} must name a folder, got an empty string")
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{flag} {path} is a file, not a folder")
+    ancestor = path.absolute()
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise UsageError(f"{flag} {path}: {ancestor} is a file, not a folder")
+    real = ancestor.resolve()
+    if any(real == root or root in real.parents for root in SPECIAL_ROOTS):
+        raise UsageError(f"{flag} {path}: {real} is a special file system, not a place for results")
+    if not os.access(ancestor, os.W_OK | os.X_OK) or os.statvfs(ancestor).f_flag & os.ST_RDONLY:
+        raise UsageError(f"{flag} {path}: cannot write to {ancestor} (read-only or no permission)")
+    return path
+
+
+def _write_json(path: Path, value: Any) -> None:
+    """Strict JSON (non-finite numbers as null), written atomically: whole or not at all."""
+    from agnostic_sam.train.checkpoint import atomic_write_text
+    from agnostic_sam.train.rundir import strict_json
+
+    try:
+        atomic_write_text(path, strict_json(value, indent=2) + "\n")
+    except OSError as exc:
+        raise UsageError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def _write_figure(plot: Any, *args: Any, **kwargs: Any) -> Path:
+    try:
+        return plot(*args, **kwargs)
+    except OSError as exc:
+        raise UsageError(f"cannot write {exc.filename or args[-1]}: {exc.strerror or exc}") from None
 
 
 def run_hessian(args: argparse.Namespace) -> int:
     from agnostic_sam.analysis import hessian_trace, top_eigenvalues
+    from agnostic_sam.analysis.common import check_count, check_real
+    from agnostic_sam.analysis.hessian import MAX_EIGENVALUES, MAX_ITERATIONS
     from agnostic_sam.analysis.runs import check_run_dir, load_run, run_batches, run_loss
 
+    _check_common(args)
+    check_count("--k", args.k, 1, MAX_EIGENVALUES, UsageError)
+    check_count("--iters", args.iters, 1, MAX_ITERATIONS, UsageError)
+    check_real("--tol", args.tol, 0.0, error=UsageError)
+    check_count("--trace-samples", args.trace_samples, 0, MAX_ITERATIONS, UsageError)
     run_dir = check_run_dir(args.run)
+    check_output_folder("--run", run_dir)
     _set_threads(args.threads)
-    if args.trace_samples < 0:
-        raise UsageError(f"--trace-samples must be >= 0, got {args.trace_samples}")
     start = time.perf_counter()
     model, cfg = load_run(run_dir, args.device)
     data = run_batches(cfg, args.batches, batch_size=args.batch_size, seed=args.seed)
@@ -127,7 +195,7 @@ def run_hessian(args: argparse.Namespace) -> int:
                      "mode": "eval", "data": "train"},
     }
     out = run_dir / "hessian.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    _write_json(out, result)
     top = eigenvalues[0]
     log_text = f"{math.log(top):.3f}" if top > 0 else "undefined"
     trace_text = f", trace {trace:.4g}" if trace is not None else ""
@@ -137,17 +205,23 @@ def run_hessian(args: argparse.Namespace) -> int:
 
 def run_landscape(args: argparse.Namespace) -> int:
     from agnostic_sam.analysis import loss_surface
+    from agnostic_sam.analysis.common import check_count, check_real
+    from agnostic_sam.analysis.landscape import MAX_STEPS
     from agnostic_sam.analysis.plots import plot_landscape_contours, plot_landscape_surfaces
     from agnostic_sam.analysis.runs import check_run_dir, load_run, run_batches, run_loss
 
+    _check_common(args)
+    check_count("--steps", args.steps, 2, MAX_STEPS, UsageError)
+    check_real("--span", args.span, 0.0, low_open=True, error=UsageError)
+    if args.vmax is not None:
+        check_real("--vmax", args.vmax, 0.0, low_open=True, error=UsageError)
     runs = [check_run_dir(r) for r in args.run]
     if args.out is None and len(runs) > 1:
         raise UsageError("--out DIR is required with several --run")
     labels = _labels(runs, args.label)
+    out_dir = check_output_folder("--out" if args.out is not None else "--run",
+                                  args.out if args.out is not None else runs[0])
     _set_threads(args.threads)
-    out_dir = Path(args.out) if args.out is not None else runs[0]
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UsageError(f"--out {str(out_dir)!r} exists and is not a folder")
     surfaces = []
     for run_dir, label in zip(runs, labels):
         model, cfg = load_run(run_dir, args.device)
@@ -158,13 +232,14 @@ def run_landscape(args: argparse.Namespace) -> int:
         centre = surface["loss"][args.steps // 2][args.steps // 2]
         print(f"{run_dir}: loss {min(min(r) for r in surface['loss']):.4g}..{max(max(r) for r in surface['loss']):.4g}"
               f" on the grid, {centre:.4g} at the centre")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "landscape.json").write_text(json.dumps(
-        {"runs": surfaces, "settings": {"steps": args.steps, "span": args.span, "batches": args.batches,
-                                        "seed": args.seed, "filter_normalize": True,
-                                        "mode": "eval", "data": "train"}}, indent=2) + "\n")
-    contour = plot_landscape_contours(surfaces, labels, out_dir / "landscape_contour.png", vmax=args.vmax)
-    surface_png = plot_landscape_surfaces(surfaces, labels, out_dir / "landscape_surface.png", vmax=args.vmax)
+    _write_json(out_dir / "landscape.json",
+                {"runs": surfaces, "settings": {"steps": args.steps, "span": args.span, "batches": args.batches,
+                                                "seed": args.seed, "filter_normalize": True,
+                                                "mode": "eval", "data": "train"}})
+    contour = _write_figure(plot_landscape_contours, surfaces, labels, out_dir / "landscape_contour.png",
+                            vmax=args.vmax)
+    surface_png = _write_figure(plot_landscape_surfaces, surfaces, labels, out_dir / "landscape_surface.png",
+                                vmax=args.vmax)
     print(f"wrote {out_dir / 'landscape.json'}, {contour}, {surface_png}")
     return 0
 
@@ -176,6 +251,9 @@ def run_congruence(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.suffix.lower() != ".png":
         raise UsageError(f"--out must name a .png file, got {args.out!r}")
+    if out.is_dir():
+        raise UsageError(f"--out {out} is a folder, not a .png file")
+    check_output_folder("--out", out.parent)
     runs = [check_run_dir(r, need=("metrics.jsonl",)) for r in args.run]
     labels = _labels(runs, args.label)
     series = {}
@@ -188,6 +266,6 @@ def run_congruence(args: argparse.Namespace) -> int:
                          [float(r["cos_train_val"]) for r in rows])
     if not series:
         raise UsageError("no run has cos_train_val in metrics.jsonl: train with --optimizer agnostic-sam")
-    plot_congruence(series, out)
+    _write_figure(plot_congruence, series, out)
     print(f"wrote {out} ({len(series)} run{'s' if len(series) != 1 else ''})")
     return 0
