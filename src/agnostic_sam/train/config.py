@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from agnostic_sam.errors import UsageError
+from agnostic_sam.yamlio import read_yaml
 from agnostic_sam.methods import BASE_OPTIMIZERS, get_method
 from agnostic_sam.optim import split_sizes
 from agnostic_sam.optim._base import PERTURBATIONS
@@ -226,23 +227,9 @@ def validate_config(cfg: TrainConfig) -> TrainConfig:
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
-    """The mapping in a YAML config file; UsageError (one line naming the file) otherwise."""
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise UsageError(f"cannot read config file {path}: {exc.strerror or exc}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        where = getattr(exc, "problem_mark", None)
-        line = f" line {where.line + 1}" if where is not None else ""
-        raise UsageError(f"config file {path}{line} is not valid YAML") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise UsageError(f"config file {path} must hold a mapping of keys to values")
-    return data
+    """The mapping in a YAML config file (the strict reader of `agnostic_sam.yamlio`);
+    UsageError (one line naming the file) otherwise."""
+    return read_yaml(path)
 
 
 def _apply(values: dict[str, Any], layer: dict[str, Any], source: str) -> None:
