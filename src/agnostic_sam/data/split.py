@@ -11,7 +11,8 @@ __all__ = ["fixed_split", "stratified_holdout"]
 
 
 def fixed_split(n: int, ratio: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    r"""Split ``range(n)`` into disjoint ``(idx_t, idx_v)`` with :math:`|S^t| = \mathrm{round}(r n)`.
+    r"""Split ``range(n)`` into disjoint ``(idx_t, idx_v)`` with
+    :math:`|S^t| = \mathrm{round}(r n)`.
 
     The paper's non-overlap setting trains on :math:`S^t` batches and perturbs with
     :math:`S^v` batches drawn from a fixed partition :math:`S = S^t \cup S^v`. Both index
@@ -49,5 +50,7 @@ def stratified_holdout(
             index, test_size=float(fraction), stratify=targets.numpy(), random_state=int(seed)
         )
     except ValueError as exc:
-        raise UsageError(f"cannot hold out val_fraction={fraction} stratified by class: {exc}") from exc
+        raise UsageError(
+            f"cannot hold out val_fraction={fraction} stratified by class: {exc}"
+        ) from exc
     return torch.as_tensor(keep).sort().values, torch.as_tensor(held).sort().values

@@ -68,7 +68,8 @@ def _generator(seed: int, stream: int) -> torch.Generator:
 
 @register_dataset(
     "synthetic",
-    description="random Gaussian class prototypes + noise, deterministic by seed (benchmarks, smoke runs)",
+    description="random Gaussian class prototypes + noise, deterministic by seed "
+    "(benchmarks, smoke runs)",
     files="(generated in memory)",
     options=("num_classes", "in_channels", "train_size", "test_size"),
 )

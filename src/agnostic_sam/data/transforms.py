@@ -44,7 +44,9 @@ def cifar_transforms(
     """
     resize = [T.Resize(image_size)] if image_size != 32 else []
     tail = [T.ToTensor(), T.Normalize(mean, std)]
-    train = T.Compose([*resize, T.RandomCrop(image_size, padding=4), T.RandomHorizontalFlip(), *tail])
+    train = T.Compose(
+        [*resize, T.RandomCrop(image_size, padding=4), T.RandomHorizontalFlip(), *tail]
+    )
     return train, T.Compose([*resize, *tail])
 
 

@@ -77,18 +77,21 @@ class Flowers102Files(tvd.Flowers102):
 
 def open_dataset(name: str, req: DataRequest, files: str, factory: Callable[[], D],
                  downloadable: bool = True) -> D:
-    """Run ``factory()``; turn torchvision's "not found"/download errors into one-line UsageErrors."""
+    """Run ``factory()``; turn torchvision's "not found"/download errors into one-line
+    UsageErrors."""
     try:
         return factory()
     except (RuntimeError, FileNotFoundError) as exc:
         hint = ("pass --download to fetch it where a network exists" if not req.download
-                else f"the download did not provide them ({str(exc).splitlines()[0] if str(exc) else exc!r})")
+                else "the download did not provide them "
+                     f"({str(exc).splitlines()[0] if str(exc) else exc!r})")
         if not downloadable:
             hint = "it cannot be downloaded automatically: place the files there by hand"
-        raise UsageError(f"dataset {name!r} not found under {req.root}: expected {files}; {hint}") from exc
+        raise UsageError(f"dataset {name!r} not found under {req.root}: "
+                         f"expected {files}; {hint}") from exc
     except (pickle.UnpicklingError, EOFError) as exc:
-        raise UsageError(f"dataset {name!r} under {req.root} cannot be read ({exc}); expected {files}; "
-                         "delete the files and fetch them again") from exc
+        raise UsageError(f"dataset {name!r} under {req.root} cannot be read ({exc}); "
+                         f"expected {files}; delete the files and fetch them again") from exc
     except OSError as exc:  # urllib errors when downloading without a network
         raise UsageError(f"could not download dataset {name!r} into {req.root}: {exc}") from exc
 
@@ -122,12 +125,14 @@ CIFAR10_FILES = "cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta}
 CIFAR100_FILES = "cifar-100-python/{train, test, meta}"
 
 
-@register_dataset("cifar10", description="CIFAR-10, 32x32 RGB, 10 classes, 50k/10k", files=CIFAR10_FILES)
+@register_dataset("cifar10", description="CIFAR-10, 32x32 RGB, 10 classes, 50k/10k",
+                  files=CIFAR10_FILES)
 def build_cifar10(req: DataRequest) -> Source:
     return _cifar("cifar10", CIFAR10Files, CIFAR10_MEAN, CIFAR10_STD, 10, CIFAR10_FILES, req)
 
 
-@register_dataset("cifar100", description="CIFAR-100, 32x32 RGB, 100 classes, 50k/10k", files=CIFAR100_FILES)
+@register_dataset("cifar100", description="CIFAR-100, 32x32 RGB, 100 classes, 50k/10k",
+                  files=CIFAR100_FILES)
 def build_cifar100(req: DataRequest) -> Source:
     return _cifar("cifar100", CIFAR100Files, CIFAR100_MEAN, CIFAR100_STD, 100, CIFAR100_FILES, req)
 
@@ -159,7 +164,8 @@ FLOWERS_FILES = "flowers-102/{jpg/, imagelabels.mat, setid.mat}"
 @register_dataset("flowers102", description="Oxford Flowers-102 (train+val / test), 102 classes",
                   files=FLOWERS_FILES)
 def build_flowers102(req: DataRequest) -> Source:
-    """Training on the train and val splits together (1020 + 1020 images), testing on test (6149)."""
+    """Training on the train and val splits together (1020 + 1020 images), testing on test
+    (6149)."""
     root, dl = str(req.root), req.download
     return _small(
         "flowers102", FLOWERS_FILES, 102, req,
@@ -187,7 +193,8 @@ AIRCRAFT_FILES = ("fgvc-aircraft-2013b/data/{images/, variants.txt, "
                   "images_variant_trainval.txt, images_variant_test.txt}")
 
 
-@register_dataset("fgvc_aircraft", description="FGVC-Aircraft variants (trainval / test), 100 classes",
+@register_dataset("fgvc_aircraft",
+                  description="FGVC-Aircraft variants (trainval / test), 100 classes",
                   files=AIRCRAFT_FILES)
 def build_fgvc_aircraft(req: DataRequest) -> Source:
     root, dl = str(req.root), req.download
@@ -216,19 +223,24 @@ class _FolderWithClasses(tvd.ImageFolder):
         super().__init__(root, allow_empty=True)
 
     def find_classes(self, directory: str | os.PathLike[str]) -> tuple[list[str], dict[str, int]]:
-        extra = sorted(e.name for e in os.scandir(directory) if e.is_dir() and e.name not in self._given)
+        extra = sorted(e.name for e in os.scandir(directory)
+                       if e.is_dir() and e.name not in self._given)
         if extra:
-            raise UsageError(f"{directory} has class folders missing from train/: {', '.join(extra)}")
+            raise UsageError(f"{directory} has class folders missing from train/: "
+                             f"{', '.join(extra)}")
         return sorted(self._given, key=self._given.__getitem__), dict(self._given)
 
 
 IMAGEFOLDER_FILES = "train/<class>/<images> and test/<class>/<images> (your own images)"
 
 
-@register_dataset("imagefolder", description="your images: <data_dir>/train/<class>/*, <data_dir>/test/<class>/*",
+@register_dataset("imagefolder",
+                  description="your images: <data_dir>/train/<class>/*, "
+                              "<data_dir>/test/<class>/*",
                   files=IMAGEFOLDER_FILES)
 def build_imagefolder(req: DataRequest) -> Source:
-    """``data_dir/train`` and ``data_dir/test`` class trees; class indices from ``train/`` (sorted)."""
+    """``data_dir/train`` and ``data_dir/test`` class trees; class indices from ``train/``
+    (sorted)."""
     size = req.image_size or 224
     train_tf, eval_tf = small_data_transforms(size)
     train_dir, test_dir = Path(req.root) / "train", Path(req.root) / "test"
@@ -236,11 +248,13 @@ def build_imagefolder(req: DataRequest) -> Source:
     if missing:
         raise UsageError(f"dataset 'imagefolder' needs the folders {' and '.join(missing)} "
                          f"(layout: {IMAGEFOLDER_FILES})")
-    train = open_dataset("imagefolder", req, IMAGEFOLDER_FILES, lambda: tvd.ImageFolder(str(train_dir)))
+    train = open_dataset("imagefolder", req, IMAGEFOLDER_FILES,
+                         lambda: tvd.ImageFolder(str(train_dir)))
     return Source(
         train=train, train_targets=_targets(train),
-        load_test=lambda: open_dataset("imagefolder", req, IMAGEFOLDER_FILES,
-                                       lambda: _FolderWithClasses(str(test_dir), train.class_to_idx)),
+        load_test=lambda: open_dataset(
+            "imagefolder", req, IMAGEFOLDER_FILES,
+            lambda: _FolderWithClasses(str(test_dir), train.class_to_idx)),
         num_classes=len(train.classes), in_channels=3, image_size=size,
         train_transform=train_tf, eval_transform=eval_tf,
     )

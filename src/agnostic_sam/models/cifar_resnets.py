@@ -131,7 +131,8 @@ class WideResNet(nn.Module):
         return self.head(F.adaptive_avg_pool2d(out, 1).flatten(1))
 
 
-@register_model("resnet32", image_size=32, description="ResNet-32 (CIFAR, option-A shortcuts), 0.46M")
+@register_model("resnet32", image_size=32,
+                description="ResNet-32 (CIFAR, option-A shortcuts), 0.46M")
 def _resnet32(*, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
     return CifarResNet(num_classes, in_channels, n=5, width=16)
 

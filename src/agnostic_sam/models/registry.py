@@ -54,7 +54,8 @@ def list_models() -> list[str]:
 def create_model(
     name: str, *, num_classes: int, in_channels: int = 3, image_size: int = 32
 ) -> nn.Module:
-    """Build model ``name`` for ``num_classes`` outputs on ``(in_channels, image_size, image_size)``."""
+    """Build model ``name`` for ``num_classes`` outputs on
+    ``(in_channels, image_size, image_size)``."""
     if name not in MODELS:
         raise UsageError(f"unknown model {name!r}; choose one of: {', '.join(list_models())}")
     for key, value in (("num_classes", num_classes), ("in_channels", in_channels),

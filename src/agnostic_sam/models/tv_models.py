@@ -45,7 +45,8 @@ def resnet18(*, num_classes: int, in_channels: int, image_size: int,
 
 
 def densenet(*, num_classes: int, in_channels: int, image_size: int, growth_rate: int = 32,
-             block_config: tuple[int, ...] = (6, 12, 24, 16), num_init_features: int = 64) -> DenseNet:
+             block_config: tuple[int, ...] = (6, 12, 24, 16),
+             num_init_features: int = 64) -> DenseNet:
     """torchvision DenseNet-BC; the defaults are DenseNet-121."""
     model = DenseNet(growth_rate=growth_rate, block_config=block_config,
                      num_init_features=num_init_features, num_classes=num_classes)
@@ -66,7 +67,8 @@ _B0_STAGES = [(1, 3, 1, 32, 16, 1), (6, 3, 2, 16, 24, 2), (6, 5, 2, 24, 40, 2),
 
 def efficientnet(*, num_classes: int, in_channels: int, image_size: int, width_mult: float,
                  depth_mult: float, dropout: float) -> EfficientNet:
-    """torchvision EfficientNet (v1) scaled by width/depth multipliers (B3: 1.2/1.4, B4: 1.4/1.8)."""
+    """torchvision EfficientNet (v1) scaled by width/depth multipliers
+    (B3: 1.2/1.4, B4: 1.4/1.8)."""
     stages = [MBConvConfig(*s, width_mult=width_mult, depth_mult=depth_mult) for s in _B0_STAGES]
     model = EfficientNet(stages, dropout=dropout, num_classes=num_classes)
     stem = model.features[0][0]
@@ -106,12 +108,14 @@ def _efficientnet_b4(**kw: int) -> nn.Module:
     return efficientnet(**kw, width_mult=1.4, depth_mult=1.8, dropout=0.4)
 
 
-@register_model("efficientnet_b3_mini", image_size=224, description="EfficientNet, width/depth 0.25")
+@register_model("efficientnet_b3_mini", image_size=224,
+                description="EfficientNet, width/depth 0.25")
 def _efficientnet_b3_mini(**kw: int) -> nn.Module:
     return efficientnet(**kw, width_mult=0.25, depth_mult=0.25, dropout=0.3)
 
 
-@register_model("efficientnet_b4_mini", image_size=224, description="EfficientNet, width 0.3, depth 0.3")
+@register_model("efficientnet_b4_mini", image_size=224,
+                description="EfficientNet, width 0.3, depth 0.3")
 def _efficientnet_b4_mini(**kw: int) -> nn.Module:
     return efficientnet(**kw, width_mult=0.3, depth_mult=0.3, dropout=0.4)
 
