@@ -6,6 +6,7 @@ workers die with a killed launcher."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import subprocess
@@ -288,3 +289,22 @@ def test_killed_launcher_leaves_no_worker(tmp_path):
             parent.kill()
     cfg = TrainConfig(dataset="digits", model="mlp", epochs=10_000, seed=0, device="cpu", out=str(outs[0]))
     assert RunDir(outs[0]).state(cfg) == "partial"  # resumable: the lock went with the worker
+
+
+def test_slurm_does_not_submit_a_queued_run_twice(tmp_path, capsys, monkeypatch):
+    """A run submitted earlier whose job sacct still lists as pending is left to that job."""
+    pytest.importorskip("submitit")
+    import agnostic_sam.launch as launch_module
+
+    folder = tmp_path / "submitit"
+    folder.mkdir()
+    queued, fresh = tmp_path / "runs" / "queued", tmp_path / "runs" / "fresh"
+    (folder / "launch.json").write_text(json.dumps({str(queued.resolve()): "999_0"}))
+    monkeypatch.setattr(launch_module, "_job_states", lambda ids: {i: "PENDING" for i in ids})
+    lc = launcher_config({"kind": "slurm", "folder": str(folder), "gpus_per_run": 0})
+    summary = launch([_cfg(queued), _cfg(fresh, seed=1)], lc, dry_run=True, progress=False)
+    printed = capsys.readouterr().out
+    assert "slurm: job array of 1 task (of 2 runs" in printed
+    assert f"not submitted: {queued} (new -> queued)" in printed
+    assert "--gpus-per-node" not in printed  # no GPU asked for: no GPU line
+    assert [(r.action, r.job_id) for r in summary.runs] == [("queued", "999_0"), ("planned", None)]

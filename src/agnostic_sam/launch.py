@@ -562,19 +562,29 @@ def _read_ledger(folder: Path) -> dict[str, str]:
         return {}
 
 
-def _job_state(folder: Path, job_id: str) -> str:
-    """SLURM's state of a job submitted earlier (sacct through submitit); UNKNOWN if unreadable."""
-    submitit = _submitit()
+def _job_states(job_ids: Sequence[str]) -> dict[str, str]:
+    """SLURM's state of jobs submitted earlier (one sacct call through submitit's watcher);
+    UNKNOWN for a job sacct does not know (or without sacct)."""
+    if not job_ids:
+        return {}
+    watcher = _submitit().SlurmJob.watcher
     try:
-        return str(submitit.SlurmJob(folder / "%j", job_id).state).split()[0]
-    except Exception:  # noqa: BLE001 - no sacct on this machine, or the job is too old
-        return "UNKNOWN"
+        for job_id in job_ids:
+            watcher.register_job(job_id)
+        watcher.update()
+        infos = {job_id: watcher.get_info(job_id, mode="cache") for job_id in job_ids}
+    except Exception:  # noqa: BLE001 - no sacct on this machine: nothing is known to be queued
+        return {job_id: "UNKNOWN" for job_id in job_ids}
+    return {job_id: (str(info.get("State", "UNKNOWN")).split() or ["UNKNOWN"])[0]
+            for job_id, info in infos.items()}
 
 
 def _executor_parameters(lc: LauncherConfig, tasks: int) -> dict[str, Any]:
     """submitit AutoExecutor parameters for one array of ``tasks`` runs."""
     params: dict[str, Any] = dict(name="agnostic-sam", timeout_min=lc.time, nodes=1, tasks_per_node=1,
-                                  gpus_per_node=lc.gpus_per_run, cpus_per_task=lc.cpus_per_run)
+                                  cpus_per_task=lc.cpus_per_run)
+    if lc.gpus_per_run:
+        params["gpus_per_node"] = lc.gpus_per_run
     if lc.mem_gb is not None:
         params["mem_gb"] = lc.mem_gb
     if lc.submitit_cluster == "slurm":
@@ -591,7 +601,7 @@ def _sbatch_lines(lc: LauncherConfig, tasks: int, folder: Path) -> list[str]:
     from submitit.slurm.slurm import _make_sbatch_string
 
     kwargs: dict[str, Any] = dict(job_name="agnostic-sam", time=lc.time, nodes=1, ntasks_per_node=1,
-                                  gpus_per_node=lc.gpus_per_run, cpus_per_task=lc.cpus_per_run,
+                                  gpus_per_node=lc.gpus_per_run or None, cpus_per_task=lc.cpus_per_run,
                                   partition=lc.partition, map_count=tasks,
                                   array_parallelism=lc.max_parallel or tasks,
                                   additional_parameters=dict(lc.sbatch) or None)
@@ -602,25 +612,34 @@ def _sbatch_lines(lc: LauncherConfig, tasks: int, folder: Path) -> list[str]:
     return [line for line in text.splitlines() if line.startswith("#SBATCH")]
 
 
+def _absolute(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with its run and data folders absolute (neither is part of the run's identity)."""
+    data_dir = os.path.abspath(os.path.expanduser(cfg.data_dir)) if cfg.data_dir else cfg.data_dir
+    return dataclasses.replace(cfg, out=os.path.abspath(cfg.out), data_dir=data_dir)
+
+
 def _launch_slurm(planned: list[tuple[TrainConfig, str]], lc: LauncherConfig, *, dry_run: bool,
                   log: Callable[[str], None]) -> LaunchSummary:
     submitit = _submitit()
     folder = _folder(planned, lc)
     ledger = _read_ledger(folder) if lc.submitit_cluster == "slurm" else {}
+    earlier = [ledger[os.path.abspath(cfg.out)] for cfg, state in planned
+               if state in ("new", "partial") and os.path.abspath(cfg.out) in ledger]
+    job_states = _job_states(earlier)
     outcomes, todo = [], []
     for cfg, state in planned:
         outcome = _outcome(cfg, state)
-        key = os.path.abspath(cfg.out)
-        if state in ("new", "partial") and key in ledger and not dry_run:
-            job_state = _job_state(folder, ledger[key])
-            if job_state in _LIVE_JOB_STATES:  # submitted before and not over: do not submit twice
-                outcome.action, outcome.job_id = "queued", ledger[key]
-                log(f"queued       {cfg.out} (job {ledger[key]}, {job_state})")
+        job_id = ledger.get(os.path.abspath(cfg.out))
+        if state in ("new", "partial") and job_states.get(job_id) in _LIVE_JOB_STATES:
+            # submitted before and still pending or running: do not submit it twice
+            outcome.action, outcome.job_id = "queued", job_id
+            log(f"queued       {cfg.out} (job {job_id}, {job_states[job_id]})")
         if outcome.action in ("trained", "resumed"):
             todo.append((cfg, outcome))
         outcomes.append(outcome)
     if dry_run:
-        lines = [f"slurm: job array of {len(todo)} tasks (of {len(planned)} runs; "
+        lines = [f"slurm: job array of {len(todo)} task{'' if len(todo) == 1 else 's'} "
+                 f"(of {len(planned)} runs; "
                  f"at most {lc.max_parallel or len(todo)} at once), submitit folder {folder}"]
         if todo:
             lines += _sbatch_lines(lc, len(todo), folder)
@@ -638,7 +657,8 @@ def _launch_slurm(planned: list[tuple[TrainConfig, str]], lc: LauncherConfig, *,
         return summary
     executor = submitit.AutoExecutor(folder=folder / "%j", cluster=lc.submitit_cluster)
     executor.update_parameters(**_executor_parameters(lc, len(todo)))
-    jobs = executor.map_array(SubmititRun(), [cfg for cfg, _ in todo])
+    # absolute folders: a task's working directory is the scheduler's choice
+    jobs = executor.map_array(SubmititRun(), [_absolute(cfg) for cfg, _ in todo])
     for job, (cfg, outcome) in zip(jobs, todo):
         outcome.job_id = str(job.job_id)
         ledger[os.path.abspath(cfg.out)] = outcome.job_id
