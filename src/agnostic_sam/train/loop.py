@@ -341,7 +341,8 @@ def _result(parts: RunParts, state: RunState, *, status: str,
     }
     if error is not None:
         result["error"] = error
-        result["last_good_checkpoint_epoch"] = state.epoch  # checkpoint.pt holds this epoch
+        # checkpoint.pt holds this epoch (None: it diverged before the first checkpoint)
+        result["last_good_checkpoint_epoch"] = state.epoch or None
     return result
 
 
