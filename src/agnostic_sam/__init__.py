@@ -6,7 +6,7 @@
 from agnostic_sam.amp import LossScaler
 from agnostic_sam.optim import SAM, AgnosticSAM, Plain, accumulate, split_batch, split_sizes
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "AgnosticSAM", "SAM", "Plain", "LossScaler", "accumulate", "split_batch", "split_sizes",
