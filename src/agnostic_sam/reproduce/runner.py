@@ -163,11 +163,15 @@ def _train_runs(
     states = {rid: run_state(runs_root / rid, overrides) for rid, overrides in effective.items()}
     check_data([r for r in todo if states[r.run_id] in ("new", "partial")],
                data_dir=data_dir, download=download)
+    # run id -> the cells it feeds (a run id costs a resolved config: computed once per run)
+    cells_of: dict[str, set[str]] = {}
+    for r in runs:
+        if not r.pending:
+            cells_of.setdefault(r.run_id, set()).add(f"{r.table}:{r.cell}")
     cfgs = []
     for i, run in enumerate(todo, 1):
         state = states[run.run_id]
-        cells = ", ".join(sorted({f"{r.table}:{r.cell}" for r in runs if not r.pending
-                                  and r.run_id == run.run_id})) or f"tune {run.cell} r={run.radius:g}"
+        cells = ", ".join(sorted(cells_of.get(run.run_id, ()))) or f"tune {run.cell} r={run.radius:g}"
         if state in ("complete", "failed", "running"):
             log(f"[{label}{i}/{len(todo)}] {state:<8} {run.run_id} ({cells})")
             continue

@@ -144,6 +144,8 @@ class Run:
     # the candidates of a tuned final run (None: the config's own radii)
     tune: tuple[float, ...] | None = None
     row: str | None = None  # the report row (studies), e.g. "cnn/noise0.2"
+    # (overrides as text, id): run_id resolves a config, so it is cached until overrides change
+    _id_cache: tuple[str, str] | None = field(default=None, repr=False, compare=False)
 
     @property
     def pending(self) -> bool:
@@ -164,7 +166,10 @@ class Run:
         same run" for train, compare and reproduce."""
         from agnostic_sam.train.rundir import run_id
 
-        return run_id(self.config())
+        key = repr(sorted(self.overrides.items()))
+        if self._id_cache is None or self._id_cache[0] != key:
+            self._id_cache = (key, run_id(self.config()))
+        return self._id_cache[1]
 
 
 @dataclass
