@@ -191,3 +191,17 @@ def test_foreign_optimizer_is_refused():
     model, opt = acc.prepare(net, torch.optim.SGD(net.parameters(), lr=0.1))
     with pytest.raises(TypeError, match="needs an agnostic_sam optimizer"):
         SharpnessStep(acc, model, opt, lambda b: F.cross_entropy(model(b[0]), b[1]))
+
+
+def test_a_second_helper_replaces_the_first_guard():
+    acc = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    net = _net()
+    model, opt = acc.prepare(net, _opt("sam", net.parameters()))
+    f = lambda b: F.cross_entropy(model(b[0]), b[1])  # noqa: E731
+    SharpnessStep(acc, model, opt, f)
+    step = SharpnessStep(acc, model, opt, f)
+    x, y = _data(32)
+    for _ in range(2):
+        with acc.accumulate(model):
+            step((x, y))
+    assert float(opt.optimizer.stats["skipped"]) == 0.0

@@ -219,3 +219,18 @@ def test_refuses_manual_optimization():
 def test_refuses_clipping_set_twice():
     with pytest.raises(ValueError, match="gradient clipping is set twice"):
         _fit(Lit("agnostic", opt_kw={"max_grad_norm": 1.0}), steps=1, gradient_clip_val=0.5)
+
+
+def test_logging_at_theta_inside_training_step():
+    seen = []
+
+    class Logged(Lit):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step.__wrapped__(self, batch, batch_idx)
+            seen.append(self.sharpness_at_theta)
+            if self.sharpness_at_theta:
+                self.log("train_loss", loss)
+            return loss
+
+    _fit(Logged("sam"), steps=2)
+    assert seen == [True, False, True, False]  # SAM: pass at theta, pass at theta + e

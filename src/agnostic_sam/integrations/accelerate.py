@@ -27,6 +27,7 @@ and Megatron.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -37,6 +38,8 @@ from agnostic_sam.integrations._common import Batch, run_step
 from agnostic_sam.optim._base import SharpnessOptimizer
 
 __all__ = ["SharpnessStep"]
+
+_GUARDS: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 
 
 class SharpnessStep:
@@ -90,7 +93,11 @@ class SharpnessStep:
         self._pending: list[Batch] = []
         self._last_accumulate_step: int | None = None
         self._stepping = False
-        inner.register_step_pre_hook(self._guard)
+        # One guard per optimizer: a new SharpnessStep for it replaces the previous one's.
+        previous = _GUARDS.pop(inner, None)
+        if previous is not None:
+            previous.remove()
+        _GUARDS[inner] = inner.register_step_pre_hook(self._guard)
 
     def _guard(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         """Every step of the optimizer: one not taken by this helper while accumulate() is on

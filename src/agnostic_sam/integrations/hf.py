@@ -212,6 +212,8 @@ class SharpnessTrainer(Trainer):
             generator=self.split_generator,
             grad_scaler=self.accelerator.scaler,
             max_grad_norm=self.args.max_grad_norm if self.args.max_grad_norm > 0 else None,
+            # DDP: one all-reduce per pass, after its last micro-batch
+            no_sync=(lambda: self.accelerator.no_sync(model)) if hasattr(model, "no_sync") else None,
         )
         skipped = bool(opt.stats["skipped"])
         if accelerated is not None and hasattr(accelerated, "_is_overflow"):
@@ -222,6 +224,14 @@ class SharpnessTrainer(Trainer):
             self.optimizer = _StepTaken(self.optimizer)
         self.optimizer.__dict__["_taken"] = True
         return loss.detach().to(self.args.device)
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().train(*args, **kwargs)
+        finally:  # hand the Trainer its own optimizer back (a later train() prepares it again)
+            if isinstance(self.optimizer, _StepTaken):
+                self.optimizer = self.optimizer.__dict__["_wrapped"]
+            self._micro_batches = []
 
     def _clip_grad_norm(self, model: Any) -> Any:
         """Clipping already happened on the final gradient (max_grad_norm); the norm before it."""
