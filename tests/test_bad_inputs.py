@@ -232,7 +232,7 @@ def test_a_real_process_reports_a_binary_config_in_one_line(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_bytes(b"\xff\xfe\x00\x01binary")
     env = {**os.environ, "PYTHONPATH": str(SRC) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    done = subprocess.run([sys.executable, "-m", "agnostic_sam.cli", "train", "--config", str(cfg),
+    done = subprocess.run([sys.executable, "-m", "agnostic_sam", "train", "--config", str(cfg),
                            "--out", str(tmp_path / "r")], env=env, capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 2
