@@ -81,7 +81,8 @@ def batches(train_set: Dataset, tensors: tuple[Tensor, Tensor] | None, index: Te
         return
     loader = DataLoader(
         train_set, batch_sampler=index.tolist(), num_workers=cfg.workers,
-        generator=epoch_generator(cfg.seed + 1 + RANK_SEED_STRIDE * rank, epoch), worker_init_fn=_seed_worker,
+        generator=epoch_generator(cfg.seed + 1 + RANK_SEED_STRIDE * rank, epoch),
+        worker_init_fn=_seed_worker,
         pin_memory=device.type == "cuda",
     )
     for x, y in loader:

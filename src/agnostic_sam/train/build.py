@@ -91,7 +91,8 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def resolve_device(name: str) -> torch.device:
-    """"auto" -> cuda when available, else cpu; a malformed or unavailable device is a UsageError."""
+    """"auto" -> cuda when available, else cpu; a malformed or unavailable device is a
+    UsageError."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -100,9 +101,13 @@ def resolve_device(name: str) -> torch.device:
         raise UsageError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise UsageError(f"device '{name}' requested but CUDA is not available; use --device cpu")
+            raise UsageError(
+                f"device '{name}' requested but CUDA is not available; use --device cpu"
+            )
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UsageError(f"device '{name}' does not exist ({torch.cuda.device_count()} CUDA devices)")
+            raise UsageError(
+                f"device '{name}' does not exist ({torch.cuda.device_count()} CUDA devices)"
+            )
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise UsageError(f"device '{name}' requested but MPS is not available; use --device cpu")
     return device
@@ -118,11 +123,13 @@ def check_distributed(cfg: TrainConfig, world: int) -> None:
     """What a run over `world` processes cannot honour -> UsageError before any file is written."""
     local_batch_size(cfg.batch_size, world)
     split = get_method(cfg.optimizer).splits_batch
-    parts = global_split_sizes(cfg.batch_size, cfg.split_ratio, world) if split else (cfg.batch_size,)
+    parts = (
+        global_split_sizes(cfg.batch_size, cfg.split_ratio, world) if split else (cfg.batch_size,)
+    )
     if min(parts) // world < cfg.accumulate:
         raise UsageError(
-            f"accumulate {cfg.accumulate} exceeds the {min(parts) // world} samples each of the {world} "
-            "processes holds of the smallest batch part"
+            f"accumulate {cfg.accumulate} exceeds the {min(parts) // world} samples "
+            f"each of the {world} processes holds of the smallest batch part"
         )
 
 
@@ -168,11 +175,15 @@ def _fixed_split(cfg: TrainConfig, method: MethodInfo, n_train: int,
         raise UsageError(f"split 'fixed': {exc}") from None
     parts = global_split_sizes(cfg.batch_size, cfg.split_ratio, world)
     if len(fixed[0]) < parts[0]:
-        raise UsageError(f"batch_size {cfg.batch_size} is larger than S^t allows ({len(fixed[0])} samples)")
+        raise UsageError(
+            f"batch_size {cfg.batch_size} is larger than S^t allows ({len(fixed[0])} samples)"
+        )
     return fixed, parts
 
 
-def _model(cfg: TrainConfig, data: DataBundle, info: DistInfo) -> tuple[nn.Module, nn.Module, dict, int]:
+def _model(
+    cfg: TrainConfig, data: DataBundle, info: DistInfo
+) -> tuple[nn.Module, nn.Module, dict, int]:
     meta = {"num_classes": data.num_classes, "in_channels": data.in_channels,
             "image_size": data.image_size}
     model = create_model(cfg.model, **meta)

@@ -105,7 +105,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises RuntimeError/EOFError/UnpicklingError/... on bad files
         raise UsageError(
-            f"checkpoint {path} is corrupt or unreadable ({type(exc).__name__}); delete it to start over"
+            f"checkpoint {path} is corrupt or unreadable ({type(exc).__name__}); "
+            "delete it to start over"
         ) from None
     if not isinstance(obj, dict):
         raise UsageError(f"checkpoint {path} is not a training checkpoint (not a dict)")
@@ -117,7 +118,13 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 def _numpy_state_to_plain(state: tuple) -> tuple:
     name, keys, pos, has_gauss, cached = state
-    return (str(name), torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(pos), int(has_gauss), float(cached))
+    return (
+        str(name),
+        torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+        int(pos),
+        int(has_gauss),
+        float(cached),
+    )
 
 
 def _numpy_state_from_plain(state: tuple) -> tuple:
@@ -126,7 +133,8 @@ def _numpy_state_from_plain(state: tuple) -> tuple:
 
 
 def capture_rng(generators: dict[str, torch.Generator] | None = None) -> dict[str, Any]:
-    """Every random state a run consumes: python, numpy, torch CPU, all CUDA devices, and `generators`."""
+    """Every random state a run consumes: python, numpy, torch CPU, all CUDA devices, and
+    `generators`."""
     state: dict[str, Any] = {
         "python": random.getstate(),
         # numpy's state as plain values (its key array as a tensor) so that checkpoints load
@@ -139,7 +147,9 @@ def capture_rng(generators: dict[str, torch.Generator] | None = None) -> dict[st
     return state
 
 
-def restore_rng(state: dict[str, Any], generators: dict[str, torch.Generator] | None = None) -> None:
+def restore_rng(
+    state: dict[str, Any], generators: dict[str, torch.Generator] | None = None
+) -> None:
     """Inverse of `capture_rng`; generator states are restored into the given generator objects."""
     random.setstate(state["python"])
     np.random.set_state(_numpy_state_from_plain(state["numpy"]))

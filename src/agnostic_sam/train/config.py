@@ -20,10 +20,10 @@ from typing import Any
 import yaml
 
 from agnostic_sam.errors import UsageError
-from agnostic_sam.yamlio import read_yaml
 from agnostic_sam.methods import BASE_OPTIMIZERS, get_method
 from agnostic_sam.optim import split_sizes
 from agnostic_sam.optim._base import PERTURBATIONS
+from agnostic_sam.yamlio import read_yaml
 
 __all__ = [
     "LOGGERS",
@@ -48,7 +48,8 @@ MAX_SEED = 2**32  # seeds in [0, 2**32): numpy's range
 
 @dataclass
 class TrainConfig:
-    """Everything that defines a training run. Defaults suit the `digits` demo (a few seconds on CPU)."""
+    """Everything that defines a training run. Defaults suit the `digits` demo (a few seconds
+    on CPU)."""
 
     # data
     dataset: str = "digits"
@@ -71,14 +72,16 @@ class TrainConfig:
     epochs: int = 30
     batch_size: int = 64  # |B| = |B^t| + |B^v| for the Agnostic-SAM family
     lr: float = 0.05  # peak learning rate of the per-step cosine schedule
-    warmup_epochs: float = 0.0  # linear warm-up to the peak lr before the cosine (fractions allowed)
+    # linear warm-up to the peak lr before the cosine (fractions allowed)
+    warmup_epochs: float = 0.0
     momentum: float = 0.9
     nesterov: bool = False
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     adam_eps: float = 1e-8
     weight_decay: float = 5e-4
     label_smoothing: float = 0.0
-    max_grad_norm: float | None = None  # clip the final gradient (before the base step) to this norm
+    # clip the final gradient (before the base step) to this norm
+    max_grad_norm: float | None = None
     # sharpness radii: SAM uses rho; Agnostic-SAM uses rho1 (B^t ascent) and rho2 (B^v ascent)
     rho: float = 0.05
     rho1: float = 0.1
@@ -120,7 +123,9 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         if not isinstance(value, (list, tuple)):
             raise UsageError(f"config key '{key}' must be a list of {item.__name__}, got {value!r}")
         return [_coerce(key, v, item) for v in value]
-    allowed = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    allowed = (
+        typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    )
     if value is None:
         if type(None) in allowed:
             return None
@@ -211,7 +216,9 @@ def validate_config(cfg: TrainConfig) -> TrainConfig:
     if cfg.dataset != "synthetic":
         for key in ("num_classes", "train_size", "test_size"):
             if getattr(cfg, key) is not None:
-                raise UsageError(f"{key} applies to the synthetic data set only, not {cfg.dataset!r}")
+                raise UsageError(
+                    f"{key} applies to the synthetic data set only, not {cfg.dataset!r}"
+                )
     if method.splits_batch:
         try:
             n_t, n_v = split_sizes(cfg.batch_size, cfg.split_ratio)
@@ -219,7 +226,8 @@ def validate_config(cfg: TrainConfig) -> TrainConfig:
             raise UsageError(f"{exc}; use a larger batch") from None
         if min(n_t, n_v) < cfg.accumulate:
             raise UsageError(
-                f"accumulate {cfg.accumulate} exceeds the smaller batch part ({min(n_t, n_v)} samples)"
+                f"accumulate {cfg.accumulate} exceeds the smaller batch part "
+                f"({min(n_t, n_v)} samples)"
             )
     elif cfg.batch_size < cfg.accumulate:
         raise UsageError(f"accumulate {cfg.accumulate} exceeds batch_size {cfg.batch_size}")
@@ -249,7 +257,8 @@ def load_config(
 ) -> TrainConfig:
     """Build a validated TrainConfig from defaults < `base` < YAML at `path` < `overrides`.
 
-    `base` is a saved run's config (used by `--resume` so that flags not given keep the saved values).
+    `base` is a saved run's config (used by `--resume` so that flags not given keep the saved
+    values).
     Unknown keys and values of the wrong type raise UsageError naming the key.
     """
     values: dict[str, Any] = config_to_dict(TrainConfig())

@@ -82,7 +82,8 @@ class DistInfo:
 # ---- process group ---------------------------------------------------------------------------
 
 def launched_by_torchrun() -> bool:
-    """True when RANK and WORLD_SIZE are in the environment (torchrun, or a launcher that mimics it)."""
+    """True when RANK and WORLD_SIZE are in the environment (torchrun, or a launcher that
+    mimics it)."""
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
@@ -96,7 +97,10 @@ def _env_int(name: str, default: int | None = None) -> int:
     raw = os.environ.get(name)
     if raw is None:
         if default is None:
-            raise UsageError(f"{name} is not set; launch with torchrun, which sets RANK, WORLD_SIZE and LOCAL_RANK")
+            raise UsageError(
+                f"{name} is not set; launch with torchrun, which sets RANK, WORLD_SIZE and "
+                "LOCAL_RANK"
+            )
         return default
     try:
         value = int(raw)
@@ -129,7 +133,8 @@ def init_distributed(device: str | torch.device = "auto") -> DistInfo:
     if device.type == "cuda":
         if local_rank >= torch.cuda.device_count():
             raise UsageError(
-                f"LOCAL_RANK={local_rank} but this node has {torch.cuda.device_count()} CUDA devices; "
+                f"LOCAL_RANK={local_rank} but this node has "
+                f"{torch.cuda.device_count()} CUDA devices; "
                 "use --nproc_per_node <= the number of GPUs"
             )
         device = torch.device("cuda", local_rank)
@@ -138,7 +143,9 @@ def init_distributed(device: str | torch.device = "auto") -> DistInfo:
     elif device.type == "cpu":
         backend = "gloo"
     else:
-        raise UsageError(f"distributed training runs on cuda (nccl) or cpu (gloo), not on '{device}'")
+        raise UsageError(
+            f"distributed training runs on cuda (nccl) or cpu (gloo), not on '{device}'"
+        )
     if not dist.is_initialized():
         for name in ("MASTER_ADDR", "MASTER_PORT"):
             if name not in os.environ:
@@ -151,7 +158,9 @@ def init_distributed(device: str | torch.device = "auto") -> DistInfo:
                 f"an initialized process group (rank {dist.get_rank()} of {dist.get_world_size()}) "
                 f"disagrees with RANK={rank}, WORLD_SIZE={world}"
             )
-    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device, backend=backend)
+    return DistInfo(
+        rank=rank, world_size=world, local_rank=local_rank, device=device, backend=backend
+    )
 
 
 def cleanup(barrier: bool = True) -> None:
@@ -232,7 +241,9 @@ def wrap_model(model: nn.Module, info: DistInfo, *, sync_bn: bool = False) -> nn
         return model
     if sync_bn:
         if info.device.type != "cuda":
-            raise UsageError("--sync-bn needs CUDA devices (SyncBatchNorm has no CPU kernel); drop it on CPU")
+            raise UsageError(
+                "--sync-bn needs CUDA devices (SyncBatchNorm has no CPU kernel); drop it on CPU"
+            )
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     device_ids = [info.device.index] if info.device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
@@ -282,7 +293,9 @@ def verify_replicas(model: nn.Module) -> str:
     dist.all_gather_object(digests, digest)
     bad = [r for r, d in enumerate(digests) if d != digests[0]]
     if bad:
-        raise RuntimeError(f"model replicas differ from rank 0 on ranks {bad}: training state diverged")
+        raise RuntimeError(
+            f"model replicas differ from rank 0 on ranks {bad}: training state diverged"
+        )
     return digest
 
 
@@ -292,8 +305,8 @@ def local_batch_size(batch_size: int, world_size: int) -> int:
     """|B| / world, the samples each rank takes from every global batch."""
     if batch_size % world_size != 0:
         raise UsageError(
-            f"batch_size {batch_size} is not divisible by the {world_size} processes; the global batch "
-            f"is split evenly across ranks, so use a multiple of {world_size}"
+            f"batch_size {batch_size} is not divisible by the {world_size} processes; "
+            f"the global batch is split evenly across ranks, so use a multiple of {world_size}"
         )
     return batch_size // world_size
 
@@ -358,7 +371,9 @@ def all_reduce_sum(values: dict[str, Tensor]) -> dict[str, Tensor]:
     return dict(zip(keys, flat.unbind()))
 
 
-def accumulation_context(model: nn.Module, micro: int, count: int) -> contextlib.AbstractContextManager[Any]:
+def accumulation_context(
+    model: nn.Module, micro: int, count: int
+) -> contextlib.AbstractContextManager[Any]:
     """Context for micro-batch `micro` of `count` inside a closure: ``model.no_sync()`` for all
     but the last one, so DDP all-reduces the accumulated gradient once, on the last backward.
 

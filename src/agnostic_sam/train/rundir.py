@@ -160,7 +160,9 @@ class RunDir:
             try:
                 fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
             except OSError as exc:
-                raise UsageError(f"cannot write to --out {self.path}: {exc.strerror or exc}") from None
+                raise UsageError(
+                    f"cannot write to --out {self.path}: {exc.strerror or exc}"
+                ) from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
@@ -248,7 +250,8 @@ class RunDir:
                                  f"trained with {theirs[key]!r}")
             if mine[key] != theirs[key]:
                 raise UsageError(
-                    f"{self.path} holds a run with a different config ({key}: {theirs[key]!r}, this run "
+                    f"{self.path} holds a run with a different config "
+                    f"({key}: {theirs[key]!r}, this run "
                     f"{mine[key]!r}); choose another --out or delete that folder"
                 )
 
@@ -300,7 +303,9 @@ class RunDir:
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as exc:
-                    raise UsageError(f"{self.metrics_path}: line {number} is not JSON ({exc.msg})") from None
+                    raise UsageError(
+                        f"{self.metrics_path}: line {number} is not JSON ({exc.msg})"
+                    ) from None
         return rows
 
     def load_checkpoint(self) -> dict[str, Any]:
