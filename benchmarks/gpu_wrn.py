@@ -1,4 +1,4 @@
-"""Device benchmark: WRN-28-10, batch 128, bf16 autocast, channels-last, next to the paper's Table 6.
+"""Device benchmark: WRN-28-10, batch 128, bf16 autocast, channels-last, beside the paper's Table 6.
 
 Times SGD, SAM, Agnostic-SAM and Agnostic-SAM (simpler) on a synthetic CIFAR-100-shaped batch
 resident on the GPU (``agnostic-sam bench``), first eagerly and then, if the time budget leaves
@@ -36,7 +36,8 @@ def run_config(name: str, flags: list[str], args: argparse.Namespace, timeout_s:
            "--batch-size", str(args.batch_size), "--image-size", "32", "--channels", "3",
            "--num-classes", "100", "--device", args.device, "--amp", args.amp, "--channels-last",
            "--rounds", str(args.rounds), "--steps", str(args.steps), "--warmup", str(args.warmup),
-           "--threads", "1" if args.device == "cpu" else "0", "--time-budget", f"{max(timeout_s - 30, 5):.0f}", "--out", str(out),
+           "--threads", "1" if args.device == "cpu" else "0",
+           "--time-budget", f"{max(timeout_s - 30, 5):.0f}", "--out", str(out),
            *flags]
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SRC), env.get("PYTHONPATH")]))
@@ -113,8 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--budget-s", type=float, default=330.0,
-                    help="whole-script wall-clock budget; configurations that no longer fit are skipped")
-    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile configuration")
+                    help="whole-script wall-clock budget; "
+                         "configurations that no longer fit are skipped")
+    ap.add_argument("--no-compile", action="store_true",
+                    help="skip the torch.compile configuration")
     args = ap.parse_args(argv)
 
     t0 = time.perf_counter()

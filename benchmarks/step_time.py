@@ -78,9 +78,10 @@ def optimizer_only_times(cfg: BenchConfig, repeats: int) -> dict[str, float]:
         return loss
 
     def step_of(name: str):
-        opt = create_optimizer(name, params, torch.optim.SGD,
-                               dict(lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay),
-                               radii={"rho": cfg.rho, "rho1": cfg.rho1, "rho2": cfg.rho2}, model=model)
+        opt = create_optimizer(
+            name, params, torch.optim.SGD,
+            dict(lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay),
+            radii={"rho": cfg.rho, "rho1": cfg.rho1, "rho2": cfg.rho2}, model=model)
         closures = (closure, closure) if get_method(name).splits_batch else (closure,)
         return lambda: opt.step(*closures)
 

@@ -40,7 +40,8 @@ class CompareConfig:
         unknown = [o for o in self.optimizers if o not in known]
         if unknown or not self.optimizers:
             raise UsageError(
-                f"optimizers must be a non-empty subset of {', '.join(known)}; got {unknown or 'none'}"
+                f"optimizers must be a non-empty subset of {', '.join(known)}; "
+                f"got {unknown or 'none'}"
             )
         if len(set(self.optimizers)) != len(self.optimizers):
             raise UsageError(f"optimizers listed twice: {self.optimizers}")
@@ -62,7 +63,9 @@ class CompareConfig:
             raise UsageError(f"hessian must be true or false, got {self.hessian!r}")
         if not isinstance(self.launcher, LauncherConfig):
             if self.launcher is not None and not isinstance(self.launcher, Mapping):
-                raise UsageError(f"launcher must be a mapping of launcher keys, got {self.launcher!r}")
+                raise UsageError(
+                    f"launcher must be a mapping of launcher keys, got {self.launcher!r}"
+                )
             section = dict(self.launcher or {})
             if self.jobs > 1 and section.get("kind", "inline") in ("inline", "local"):
                 section.update(kind="local", jobs=self.jobs)  # `jobs: N` alone: local workers
@@ -99,8 +102,8 @@ def load_compare_config(
     """Defaults < YAML file < overrides (``None`` values in overrides mean "not given").
 
     The YAML holds train keys and the compare keys (``optimizers``, ``seeds``, ``jobs``,
-    ``tune``, ``rho2_ratio``, ``hessian``, a ``launcher:`` mapping) side by side; ``out`` is the comparison root
-    (default ``runs/compare-<dataset>-<model>``).
+    ``tune``, ``rho2_ratio``, ``hessian``, a ``launcher:`` mapping) side by side; ``out`` is
+    the comparison root (default ``runs/compare-<dataset>-<model>``).
     """
     file_values: dict[str, Any] = {}
     if path is not None:

@@ -25,7 +25,10 @@ __all__ = ["jsonable", "markdown", "paired", "read_run", "summaries", "write_rep
 def read_run(run: PlannedRun) -> dict:
     """``{"result": result.json, "curve": test accuracy per epoch}`` of a finished run."""
     run_dir = RunDir(run.cfg.out)
-    return {"result": run_dir.read_result(), "curve": [m["test_acc"] for m in run_dir.read_metrics()]}
+    return {
+        "result": run_dir.read_result(),
+        "curve": [m["test_acc"] for m in run_dir.read_metrics()],
+    }
 
 
 def summaries(
@@ -88,7 +91,8 @@ def markdown(
         f"# Optimizer comparison: {t.dataset} / {t.model}",
         "",
         f"noise rate {t.noise_rate:g}, {t.epochs} epochs, batch {t.batch_size}, lr {t.lr:g}; "
-        f"seeds {', '.join(map(str, cc.seeds))}. Accuracies in percent, mean ± sample std over seeds.",
+        f"seeds {', '.join(map(str, cc.seeds))}. "
+        "Accuracies in percent, mean ± sample std over seeds.",
         "",
         f"| optimizer | radius | final {metric} acc | best {metric} acc | n | seconds/run |"
         + (" top Hessian eigenvalue |" if cc.hessian else ""),
@@ -115,7 +119,8 @@ def markdown(
         cands = tuning["candidates"]
         lines += [
             "",
-            f"## Radius tuning on a held-out {tuning['val_fraction']:g} of the training set (test set unused)",
+            f"## Radius tuning on a held-out {tuning['val_fraction']:g} of the training set "
+            "(test set unused)",
             "",
             f"Mean final validation accuracy per candidate radius (Agnostic-SAM: rho1 = r, rho2 = "
             f"{cc.rho2_ratio:g} r); the best mean wins, ties go to the smaller radius.",
