@@ -205,3 +205,75 @@ def test_a_second_helper_replaces_the_first_guard():
         with acc.accumulate(model):
             step((x, y))
     assert float(opt.optimizer.stats["skipped"]) == 0.0
+
+
+# ---- DDP: 2 processes (gloo, CPU) under accelerate, accumulate() 2 micro-batches per rank ----
+
+WORLD = 2
+
+
+def _ddp_worker(rank: int, port: int, kind: str, out: str) -> None:
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(WORLD))
+    torch.set_num_threads(1)
+    acc = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    net = _net()
+    model, opt = acc.prepare(net, _opt(kind, net.parameters()))
+    step = SharpnessStep(acc, model, opt, lambda b: F.cross_entropy(model(b[0]), b[1]))
+    x, y = _data()
+    shard = BATCH // WORLD
+    for i in range(STEPS):
+        lo = i * BATCH + rank * shard
+        for k in range(2):  # two micro-batches of shard / 2 on each rank
+            a, b = lo + k * shard // 2, lo + (k + 1) * shard // 2
+            with acc.accumulate(model):
+                step((x[a:b], y[a:b]))
+    if rank == 0:
+        torch.save({"state": net.state_dict(), "type": str(acc.distributed_type), "ddp": type(model).__name__}, out)
+    acc.end_training()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def _ddp_reference(kind: str):
+    """One process: every pass's gradient is the mean over the union of the ranks' parts (DDP
+    averages equal-sized parts); each rank split its shard with the same generator draw."""
+    net = _net()
+    opt = _opt(kind, net.parameters())
+    gen = torch.Generator().manual_seed(0)
+    x, y = _data()
+    f = lambda xb, yb: F.cross_entropy(net(xb), yb)  # noqa: E731
+    shard = BATCH // WORLD
+    for i in range(STEPS):
+        xs = [x[i * BATCH + r * shard: i * BATCH + (r + 1) * shard] for r in range(WORLD)]
+        ys = [y[i * BATCH + r * shard: i * BATCH + (r + 1) * shard] for r in range(WORLD)]
+        if kind == "agnostic":
+            perm = torch.randperm(shard, generator=gen)
+            t, v = perm[:round(0.7 * shard)], perm[round(0.7 * shard):]
+            x_t, y_t = torch.cat([a[t] for a in xs]), torch.cat([b[t] for b in ys])
+            x_v, y_v = torch.cat([a[v] for a in xs]), torch.cat([b[v] for b in ys])
+            opt.step(accumulate(f, (x_t, y_t), 1, opt.backward), accumulate(f, (x_v, y_v), 1, opt.backward))
+        else:
+            opt.step(accumulate(f, (torch.cat(xs), torch.cat(ys)), 1, opt.backward))
+    return net
+
+
+@pytest.mark.slow  # spawns 2 processes
+@pytest.mark.parametrize("kind", ["agnostic", "sam"])
+def test_ddp_two_processes_equal_one_process(tmp_path, kind):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "rank0.pt"
+    mp.spawn(_ddp_worker, args=(port, kind, str(out)), nprocs=WORLD, join=True)
+    saved = torch.load(out, weights_only=False)
+    assert "MULTI_CPU" in saved["type"] and saved["ddp"] == "DistributedDataParallel"
+    ref = _ddp_reference(kind)
+    for (name, a), b in zip(saved["state"].items(), ref.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0, msg=name)

@@ -161,3 +161,11 @@ def test_underscore_names_are_refused_with_the_right_name():
     asam_timm.register()
     with pytest.raises(ValueError, match="not found"):
         create_optimizer_v2(_net(), "agnostic_sam", lr=0.1)
+
+
+def test_batch_with_per_sample_non_tensors_is_refused():
+    net = _net()
+    opt = asam_timm.create_optimizer(net, "agnostic-sam", lr=0.1)
+    x, y = _data(32)
+    with pytest.raises(TypeError, match="keep only tensors"):
+        asam_timm.train_step(opt, _loss(net), (x, y, ["a"] * 32))

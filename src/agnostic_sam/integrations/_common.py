@@ -32,8 +32,16 @@ def _leaves(batch: Batch) -> list[Tensor]:
 
 
 def _map(batch: Batch, fn: Callable[[Tensor], Tensor]) -> Batch:
+    """Apply `fn` to every tensor of `batch`. Scalars (None, bool, int, float, str) are kept; a
+    list or tuple without tensors (per-sample strings, lengths, ...) cannot be sliced per
+    sample alongside the tensors, so it is refused rather than left whole."""
     if isinstance(batch, Tensor):
         return fn(batch)
+    if isinstance(batch, (list, tuple)) and batch and not _leaves(batch):
+        raise TypeError(
+            f"the batch holds a {type(batch).__name__} without tensors (e.g. per-sample strings): a "
+            "sharpness-aware step slices and splits batches per sample, so keep only tensors in it"
+        )
     if isinstance(batch, dict):
         return type(batch)({k: _map(v, fn) for k, v in batch.items()})
     if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
