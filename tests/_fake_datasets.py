@@ -48,7 +48,9 @@ def write_cifar100(root: Path, n_train: int = 20, n_test: int = 8, seed: int = 0
         data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
         fine = rng.integers(0, 100, n).tolist()
         with open(folder / name, "wb") as f:
-            pickle.dump({"data": data, "fine_labels": fine, "coarse_labels": [x // 5 for x in fine]}, f)
+            pickle.dump(
+                {"data": data, "fine_labels": fine, "coarse_labels": [x // 5 for x in fine]}, f
+            )
         out[name] = (data, np.array(fine))
     with open(folder / "meta", "wb") as f:
         pickle.dump({"fine_label_names": [f"f{i}" for i in range(100)],
@@ -122,7 +124,8 @@ def write_stanford_cars(root: Path, seed: int = 0) -> dict[str, list[int]]:
     rng, base = _rng(seed), root / "stanford_cars"
     (base / "devkit").mkdir(parents=True)
     savemat(base / "devkit" / "cars_meta.mat",
-            {"class_names": np.array([["AM General Hummer"], ["Acura RL"], ["BMW M3"]], dtype=object).T})
+            {"class_names": np.array([["AM General Hummer"], ["Acura RL"], ["BMW M3"]],
+                                     dtype=object).T})
     labels: dict[str, list[int]] = {}
     annos = {"train": base / "devkit" / "cars_train_annos.mat",
              "test": base / "cars_test_annos_withlabels.mat"}
@@ -138,7 +141,8 @@ def write_stanford_cars(root: Path, seed: int = 0) -> dict[str, list[int]]:
     return labels
 
 
-def write_imagefolder(root: Path, train: dict[str, int], test: dict[str, int], seed: int = 0) -> None:
+def write_imagefolder(root: Path, train: dict[str, int], test: dict[str, int],
+                      seed: int = 0) -> None:
     """root/train/<class>/<k>.jpg and root/test/<class>/<k>.jpg with the given counts per class."""
     rng = _rng(seed)
     for split, counts in (("train", train), ("test", test)):

@@ -1,4 +1,5 @@
-"""`agnostic-sam hessian | landscape | congruence`: files written, numbers consistent, errors as one line."""
+"""`agnostic-sam hessian | landscape | congruence`: files written, numbers consistent, errors as
+one line."""
 
 from __future__ import annotations
 
@@ -35,7 +36,8 @@ def fake_model(seed: int) -> nn.Module:
 
 def fake_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(0)
-    return [(torch.randn(5, 4, generator=g), torch.randint(0, 3, (5,), generator=g)) for _ in range(2)]
+    return [(torch.randn(5, 4, generator=g), torch.randint(0, 3, (5,), generator=g))
+            for _ in range(2)]
 
 
 @pytest.fixture
@@ -51,7 +53,8 @@ def fake_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[Path]:
     seeds = {str(d): i for i, d in enumerate(dirs)}
     monkeypatch.setattr(runs_module, "load_run", lambda run_dir, device="auto": (
         fake_model(seeds[str(run_dir)]), SimpleNamespace(label_smoothing=0.0, optimizer="x")))
-    monkeypatch.setattr(runs_module, "run_batches", lambda cfg, n, batch_size=None, seed=0: fake_batches()[:n])
+    monkeypatch.setattr(runs_module, "run_batches",
+                        lambda cfg, n, batch_size=None, seed=0: fake_batches()[:n])
     return dirs
 
 
@@ -69,9 +72,12 @@ def test_hessian_command_writes_eigenvalues_log_and_trace(fake_runs: list[Path],
     assert "top eigenvalue" in capsys.readouterr().out
 
 
-def test_landscape_command_two_runs_share_directions_and_write_pngs(fake_runs: list[Path], tmp_path: Path) -> None:
+def test_landscape_command_two_runs_share_directions_and_write_pngs(
+    fake_runs: list[Path], tmp_path: Path
+) -> None:
     out = tmp_path / "figs"
-    args = ["landscape", "--out", str(out), "--steps", "5", "--span", "0.5", "--batches", "1", "--seed", "3"]
+    args = ["landscape", "--out", str(out), "--steps", "5", "--span", "0.5", "--batches", "1",
+            "--seed", "3"]
     for run in fake_runs:
         args += ["--run", str(run)]
     assert main(args) == 0
@@ -91,7 +97,8 @@ def write_metrics(run: Path, rows: list[dict]) -> None:
 
 
 def test_congruence_plots_runs_with_cosines_and_skips_others(tmp_path: Path, capsys) -> None:
-    write_metrics(tmp_path / "asam", [{"epoch": e, "train_loss": 1.0, "cos_train_val": 0.1 * e} for e in (1, 2, 3)])
+    write_metrics(tmp_path / "asam",
+                  [{"epoch": e, "train_loss": 1.0, "cos_train_val": 0.1 * e} for e in (1, 2, 3)])
     write_metrics(tmp_path / "sgd", [{"epoch": e, "train_loss": 1.0} for e in (1, 2, 3)])
     out = tmp_path / "cos.png"
     assert main(["congruence", "--run", str(tmp_path / "asam"), "--run", str(tmp_path / "sgd"),
@@ -103,7 +110,8 @@ def test_congruence_plots_runs_with_cosines_and_skips_others(tmp_path: Path, cap
 
 def test_congruence_without_any_cosine_is_a_usage_error(tmp_path: Path, capsys) -> None:
     write_metrics(tmp_path / "sgd", [{"epoch": 1, "train_loss": 1.0}])
-    assert main(["congruence", "--run", str(tmp_path / "sgd"), "--out", str(tmp_path / "c.png")]) == 2
+    assert main(["congruence", "--run", str(tmp_path / "sgd"),
+                 "--out", str(tmp_path / "c.png")]) == 2
     assert "cos_train_val" in capsys.readouterr().err
 
 
@@ -121,14 +129,16 @@ def test_run_without_checkpoint_is_one_line_exit_2(tmp_path: Path, capsys) -> No
     assert "checkpoint.pt" in capsys.readouterr().err
 
 
-def test_landscape_needs_out_with_several_runs_and_congruence_needs_png(fake_runs: list[Path], capsys) -> None:
+def test_landscape_needs_out_with_several_runs_and_congruence_needs_png(
+    fake_runs: list[Path], capsys
+) -> None:
     assert main(["landscape", "--run", str(fake_runs[0]), "--run", str(fake_runs[1])]) == 2
     assert "--out" in capsys.readouterr().err
     assert main(["congruence", "--run", str(fake_runs[0]), "--out", "x.pdf"]) == 2
     assert ".png" in capsys.readouterr().err
 
 
-# -- end to end on a real run (needs the `train` command) -------------------------------------------
+# -- end to end on a real run (needs the `train` command) ------------------------------------------
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -143,8 +153,9 @@ def test_end_to_end_on_a_trained_digits_run(trained_run: Path, tmp_path: Path) -
                  "--trace-samples", "5", "--device", "cpu"]) == 0
     result = json.loads((trained_run / "hessian.json").read_text())
     assert result["eigenvalues"][0] > 0
-    assert runs_module.top_eigenvalue_of_run(trained_run, batches=2, iters=20, device="cpu") == pytest.approx(
-        result["eigenvalues"][0], rel=1e-6)
+    assert runs_module.top_eigenvalue_of_run(
+        trained_run, batches=2, iters=20, device="cpu"
+    ) == pytest.approx(result["eigenvalues"][0], rel=1e-6)
     assert main(["landscape", "--run", str(trained_run), "--steps", "3", "--batches", "1",
                  "--device", "cpu"]) == 0
     assert_png(trained_run / "landscape_contour.png")

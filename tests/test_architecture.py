@@ -110,7 +110,8 @@ def test_tests_import_no_private_name() -> None:
     for path in (SRC.parent / "tests").glob("test_*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(PACKAGE):
-                bad += [f"{path.name}: {node.module}.{a.name}" for a in node.names if a.name.startswith("_")]
+                bad += [f"{path.name}: {node.module}.{a.name}"
+                        for a in node.names if a.name.startswith("_")]
     assert bad == []
 
 
@@ -118,7 +119,8 @@ def test_the_optimizer_core_imports_only_torch() -> None:
     # `import agnostic_sam` (the optimizers and the method registry) must work with the core
     # dependencies alone: none of the cli extra's packages may be loaded by it.
     # (torch itself may load tqdm for torch.hub: only what agnostic_sam adds counts.)
-    code = ("import sys, torch; before = set(sys.modules); import agnostic_sam, agnostic_sam.methods; "
+    code = ("import sys, torch; before = set(sys.modules); "
+            "import agnostic_sam, agnostic_sam.methods; "
             "extra = ('yaml', 'tqdm', 'torchvision', 'sklearn', 'scipy', 'matplotlib'); "
             "print([m for m in extra if m in sys.modules and m not in before])")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -15,9 +15,9 @@ from agnostic_sam.bench import BenchConfig, format_markdown, run_bench, write_re
 from agnostic_sam.bench.timing import add_ratios as _add_ratios
 from agnostic_sam.bench.timing import state_bytes as _state_bytes
 from agnostic_sam.bench.timing import time_steps as _time_steps
-from agnostic_sam.methods import METHODS
 from agnostic_sam.cli import main
 from agnostic_sam.errors import UsageError
+from agnostic_sam.methods import METHODS
 
 ROOT = Path(__file__).resolve().parents[1]
 ALL = ("sgd", "sam", "agnostic-sam", "agnostic-sam-simpler")
@@ -47,7 +47,8 @@ def test_ratios_closed_form():
         return {"ms_per_step": {"median": sorted(rounds)[len(rounds) // 2], "min": min(rounds)},
                 "round_median_ms": rounds, "samples_per_step": samples}
 
-    methods = {"sam": entry([10.0, 20.0, 30.0], 128), "agnostic-sam": entry([11.0, 18.0, 36.0], 128)}
+    methods = {"sam": entry([10.0, 20.0, 30.0], 128),
+               "agnostic-sam": entry([11.0, 18.0, 36.0], 128)}
     _add_ratios(methods)
     assert methods["sam"]["ratio_to_sam"] == 1.0
     assert methods["sam"]["ratio_to_sam_paired"] == {"median": 1.0, "min": 1.0, "max": 1.0}
@@ -60,7 +61,8 @@ def test_ratios_closed_form():
 
 
 def test_ratios_without_sam_are_none():
-    methods = {"sgd": {"ms_per_step": {"median": 1.0, "min": 1.0}, "round_median_ms": [1.0], "samples_per_step": 4}}
+    methods = {"sgd": {"ms_per_step": {"median": 1.0, "min": 1.0}, "round_median_ms": [1.0],
+                       "samples_per_step": 4}}
     _add_ratios(methods)
     assert methods["sgd"]["ratio_to_sam"] is None and methods["sgd"]["ratio_to_sam_paired"] is None
 

@@ -28,7 +28,8 @@ def tree(path: Path) -> dict[str, bytes]:
     """Every file under `path` with its bytes ({} when `path` does not exist)."""
     if not path.exists():
         return {}
-    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+    return {str(p.relative_to(path)): p.read_bytes()
+            for p in sorted(path.rglob("*")) if p.is_file()}
 
 
 @pytest.mark.parametrize(
@@ -64,8 +65,8 @@ def test_bad_flag_exits_2_with_one_line(tmp_path, capsys, flags, needle):
 def test_missing_data_dir_names_the_files_and_download(tmp_path, capsys):
     data = tmp_path / "nodata"
     out = tmp_path / "run"
-    rc, err = run_cli(["train", "--dataset", "cifar10", "--model", "mlp_mini", "--data-dir", str(data),
-                       "--out", str(out)], capsys)
+    rc, err = run_cli(["train", "--dataset", "cifar10", "--model", "mlp_mini",
+                       "--data-dir", str(data), "--out", str(out)], capsys)
     assert rc == 2 and err.count("\n") == 1
     assert "cifar-10-batches-py" in err and "download" in err and str(data) in err
     assert not out.exists()
@@ -91,7 +92,8 @@ def test_bad_flag_type_is_one_line(capsys):
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "foreign"])
 def test_corrupt_checkpoint_exits_2_and_keeps_files(tmp_path, capsys, damage):
     out = tmp_path / "run"
-    argv = ["train", "--device", "cpu", "--epochs", "1", "--max-steps", "2", "--no-progress", "--out", str(out)]
+    argv = ["train", "--device", "cpu", "--epochs", "1", "--max-steps", "2", "--no-progress",
+            "--out", str(out)]
     assert main(argv) == 0
     capsys.readouterr()
     ckpt = out / "checkpoint.pt"
@@ -112,7 +114,8 @@ def test_corrupt_checkpoint_exits_2_and_keeps_files(tmp_path, capsys, damage):
 def test_real_process_prints_one_line_and_exits_2(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(SRC) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     done = subprocess.run(
-        [sys.executable, "-m", "agnostic_sam", "train", "--split-ratio", "2", "--out", str(tmp_path / "r")],
+        [sys.executable, "-m", "agnostic_sam", "train", "--split-ratio", "2",
+         "--out", str(tmp_path / "r")],
         env=env, capture_output=True, text=True, timeout=120,
     )
     assert done.returncode == 2

@@ -14,13 +14,15 @@ from agnostic_sam.train.config import TrainConfig, load_config, save_config
 from agnostic_sam.train.rundir import IDENTITY_FIELDS as RESULT_FIELDS
 
 INTERFACE_FIELDS = [
-    "dataset", "data_dir", "download", "model", "weights", "optimizer", "epochs", "batch_size", "lr",
-    "momentum", "weight_decay", "nesterov", "label_smoothing", "rho", "rho1", "rho2", "adaptive",
-    "split_ratio", "split", "noise_rate", "val_fraction", "seed", "device", "workers", "threads", "out",
-    "resume", "amp", "compile", "channels_last", "check_finite", "perturbation", "sync_bn", "accumulate",
-    "image_size", "num_classes", "train_size", "test_size", "max_steps", "progress",
+    "dataset", "data_dir", "download", "model", "weights", "optimizer", "epochs", "batch_size",
+    "lr", "momentum", "weight_decay", "nesterov", "label_smoothing", "rho", "rho1", "rho2",
+    "adaptive", "split_ratio", "split", "noise_rate", "val_fraction", "seed", "device", "workers",
+    "threads", "out", "resume", "amp", "compile", "channels_last", "check_finite", "perturbation",
+    "sync_bn", "accumulate", "image_size", "num_classes", "train_size", "test_size", "max_steps",
+    "progress",
     # 0.2: base optimizer settings, warm-up, clipping, loggers, the small-data subset
-    "base_optimizer", "betas", "adam_eps", "warmup_epochs", "max_grad_norm", "log", "train_fraction",
+    "base_optimizer", "betas", "adam_eps", "warmup_epochs", "max_grad_norm", "log",
+    "train_fraction",
 ]
 
 
@@ -39,7 +41,8 @@ def write_yaml(tmp_path, data) -> str:
 def test_fields_match_the_shared_interface():
     assert sorted(f.name for f in dataclasses.fields(TrainConfig)) == sorted(INTERFACE_FIELDS)
     defaults = TrainConfig()
-    assert (defaults.dataset, defaults.model, defaults.optimizer) == ("digits", "mlp", "agnostic-sam")
+    assert (defaults.dataset, defaults.model, defaults.optimizer) == (
+        "digits", "mlp", "agnostic-sam")
     assert (defaults.split_ratio, defaults.split, defaults.amp) == (0.7, "batch", "none")
 
 

@@ -84,7 +84,9 @@ def test_unknown_dataset_and_unused_options_are_usage_errors() -> None:
         build_data("digits", noise_rate=1.2)
 
 
-def test_default_data_dir_reads_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_default_data_dir_reads_the_environment(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     monkeypatch.setenv("AGNOSTIC_SAM_DATA", str(tmp_path))
     assert default_data_dir() == tmp_path
     monkeypatch.delenv("AGNOSTIC_SAM_DATA")
@@ -117,8 +119,10 @@ def test_holdout_is_stratified_disjoint_clean_and_the_same_for_every_seed() -> N
     assert not any(tuple(r.tolist()) in train_rows for r in a.test.tensors[0].flatten(1))
     # held-out labels are clean: they agree with the original labels of those images
     full = build_data("digits")
-    index = {tuple(r.tolist()): int(y) for r, y in zip(full.train.tensors[0].flatten(1), full.train.tensors[1])}
-    assert [index[tuple(r.tolist())] for r in a.test.tensors[0].flatten(1)] == a.test.tensors[1].tolist()
+    index = {tuple(r.tolist()): int(y)
+             for r, y in zip(full.train.tensors[0].flatten(1), full.train.tensors[1])}
+    assert ([index[tuple(r.tolist())] for r in a.test.tensors[0].flatten(1)]
+            == a.test.tensors[1].tolist())
     assert torch.bincount(a.test.tensors[1]).min() >= 28  # stratified: ~28.8 per class
     assert int((a.train_targets != a.clean_train_targets).sum()) == round(0.3 * len(a.train))
 
@@ -135,7 +139,8 @@ def test_cifar10_reads_pickled_batches_with_eval_normalisation(tmp_path: Path) -
     data, labels = written["test_batch"]
     x, y = b.test[2]
     expected = torch.as_tensor(data[2], dtype=torch.float32).view(3, 32, 32) / 255
-    expected = (expected - torch.tensor(CIFAR10_MEAN).view(3, 1, 1)) / torch.tensor(CIFAR10_STD).view(3, 1, 1)
+    expected = ((expected - torch.tensor(CIFAR10_MEAN).view(3, 1, 1))
+                / torch.tensor(CIFAR10_STD).view(3, 1, 1))
     assert y == labels[2] and torch.allclose(x, expected, atol=1e-5)
     # the training transform is random (crop with padding, flip)
     torch.manual_seed(0)
@@ -200,7 +205,8 @@ def test_fgvc_aircraft_and_stanford_cars(tmp_path: Path) -> None:
 
 
 def test_imagefolder_takes_classes_from_train(tmp_path: Path) -> None:
-    fake.write_imagefolder(tmp_path, train={"cat": 2, "dog": 3, "eel": 1}, test={"dog": 2, "eel": 1})
+    fake.write_imagefolder(tmp_path, train={"cat": 2, "dog": 3, "eel": 1},
+                           test={"dog": 2, "eel": 1})
     b = build_data("imagefolder", data_dir=tmp_path, image_size=16)
     assert b.num_classes == 3 and b.train_targets.tolist() == [0, 0, 1, 1, 1, 2]
     assert _labels_of(b.test) == [1, 1, 2]  # indices of train/'s classes, not test/'s

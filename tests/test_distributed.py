@@ -50,7 +50,8 @@ STEPS = 3
 BATCH = 32  # global |B|; 16 per rank
 N_T, N_V = global_split_sizes(BATCH, 0.7, WORLD)  # (22, 10): 11 + 5 per rank
 D_IN, HIDDEN, CLASSES = 5, 8, 3
-LR, MOMENTUM, RHO, RHO1, RHO2 = 0.2, 0.9, 0.5, 0.5, 0.3  # large radii: local and synced differ clearly
+# large radii: local and synced differ clearly
+LR, MOMENTUM, RHO, RHO1, RHO2 = 0.2, 0.9, 0.5, 0.5, 0.3
 PASSES = {"full": 4, "simpler": 3, "sam": 2}
 # (optimizer, perturbation, accumulate)
 SCENARIOS = [
@@ -76,7 +77,9 @@ def _optimizer(kind: str, model: nn.Module, perturbation: str) -> Any:
     common = dict(model=model, perturbation=perturbation, lr=LR, momentum=MOMENTUM)
     if kind == "sam":
         return SAM(model.parameters(), torch.optim.SGD, rho=RHO, **common)
-    return AgnosticSAM(model.parameters(), torch.optim.SGD, rho1=RHO1, rho2=RHO2, variant=kind, **common)
+    return AgnosticSAM(
+        model.parameters(), torch.optim.SGD, rho1=RHO1, rho2=RHO2, variant=kind, **common
+    )
 
 
 def _closure(model: nn.Module, opt: Any, x: Tensor, y: Tensor, k: int) -> Any:
@@ -109,7 +112,10 @@ def _run(kind: str, perturbation: str, k: int, model: nn.Module, info: DistInfo,
             opt.step(_closure(model, opt, xs, ys, k))
         else:
             n_t = N_T // info.world_size
-            opt.step(_closure(model, opt, xs[:n_t], ys[:n_t], k), _closure(model, opt, xs[n_t:], ys[n_t:], k))
+            opt.step(
+                _closure(model, opt, xs[:n_t], ys[:n_t], k),
+                _closure(model, opt, xs[n_t:], ys[n_t:], k),
+            )
         if on_step is not None:
             on_step()
 
@@ -264,7 +270,9 @@ def _local_reference(kind: str) -> dict[str, Tensor]:
 
 @pytest.mark.slow  # spawns 2 processes
 @pytest.mark.parametrize("scenario", [s for s in SCENARIOS if s[1] == "synced"], ids=str)
-def test_synced_equals_single_process_on_global_batch(ddp_runs: list[dict[Any, Any]], scenario: tuple) -> None:
+def test_synced_equals_single_process_on_global_batch(
+    ddp_runs: list[dict[Any, Any]], scenario: tuple
+) -> None:
     kind, _, k = scenario
     single = _single(kind, "synced", 1)  # one process, mean loss over the global B^t / B^v
     assert _max_diff(ddp_runs[0][scenario]["params"], single) < 1e-6
@@ -286,7 +294,9 @@ def test_local_and_synced_give_different_weights(ddp_runs: list[dict[Any, Any]],
 
 @pytest.mark.slow  # spawns 2 processes
 @pytest.mark.parametrize("mode", ["synced", "local"])
-def test_accumulate_4_equals_accumulate_1_under_ddp(ddp_runs: list[dict[Any, Any]], mode: str) -> None:
+def test_accumulate_4_equals_accumulate_1_under_ddp(
+    ddp_runs: list[dict[Any, Any]], mode: str
+) -> None:
     run = ddp_runs[0]
     assert _max_diff(run[("full", mode, 4)]["params"], run[("full", mode, 1)]["params"]) < 1e-6
 
@@ -318,7 +328,9 @@ def test_ranks_end_bit_identical(ddp_runs: list[dict[Any, Any]], scenario: tuple
 
 
 @pytest.mark.slow  # spawns 2 processes
-def test_fp16_overflow_on_one_rank_skips_the_step_on_every_rank(ddp_runs: list[dict[Any, Any]]) -> None:
+def test_fp16_overflow_on_one_rank_skips_the_step_on_every_rank(
+    ddp_runs: list[dict[Any, Any]]
+) -> None:
     for run in ddp_runs:
         assert run["fp16_local"] == {"skipped": 1.0, "scale": 4.0, "unchanged": True}
 
@@ -326,7 +338,9 @@ def test_fp16_overflow_on_one_rank_skips_the_step_on_every_rank(ddp_runs: list[d
 @pytest.mark.slow  # spawns 2 processes
 def test_drifted_replica_is_reported_on_every_rank(ddp_runs: list[dict[Any, Any]]) -> None:
     for run in ddp_runs:
-        assert run["drift_caught"] == "model replicas differ from rank 0 on ranks [1]: training state diverged"
+        assert run["drift_caught"] == (
+            "model replicas differ from rank 0 on ranks [1]: training state diverged"
+        )
 
 
 @pytest.mark.slow  # spawns 2 processes
@@ -367,7 +381,8 @@ def test_indivisible_or_unsplittable_batches_are_usage_errors() -> None:
 
 @pytest.mark.parametrize("overrides, message", [
     ({"batch_size": 30}, "batch_size 30 is not divisible by the 4 processes"),
-    ({"batch_size": 32, "accumulate": 3}, "accumulate 3 exceeds the 2 samples each of the 4 processes"),
+    ({"batch_size": 32, "accumulate": 3},
+     "accumulate 3 exceeds the 2 samples each of the 4 processes"),
 ])
 def test_trainer_rejects_what_ddp_cannot_honour(overrides: dict[str, Any], message: str) -> None:
     from agnostic_sam.train import TrainConfig
@@ -382,7 +397,9 @@ def test_init_without_torchrun_is_a_single_process(monkeypatch: pytest.MonkeyPat
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(name, raising=False)
     info = init_distributed("cpu")
-    assert (info.rank, info.world_size, info.distributed, info.is_main, info.backend) == (0, 1, False, True, None)
+    assert (info.rank, info.world_size, info.distributed, info.is_main, info.backend) == (
+        0, 1, False, True, None
+    )
     model = nn.Linear(2, 2)
     assert wrap_model(model, info, sync_bn=True) is model
 
@@ -392,7 +409,9 @@ def test_init_without_torchrun_is_a_single_process(monkeypatch: pytest.MonkeyPat
     ({"RANK": "2", "WORLD_SIZE": "2"}, "RANK=2 is not below WORLD_SIZE=2"),
     ({"RANK": "x", "WORLD_SIZE": "2"}, "RANK='x' is not an integer"),
 ])
-def test_bad_launch_environment(monkeypatch: pytest.MonkeyPatch, env: dict[str, str], message: str) -> None:
+def test_bad_launch_environment(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], message: str
+) -> None:
     for name in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
@@ -434,7 +453,8 @@ def _torchrun(out: Path, *extra: str) -> subprocess.Popen[str]:
     """`torchrun --standalone --nproc_per_node 2 -m agnostic_sam train ...` in its own session
     (so the whole process group can be killed)."""
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD),
+        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        "--nproc_per_node", str(WORLD),
         "-m", "agnostic_sam", "train", "--dataset", "digits", "--model", "mlp_mini",
         "--optimizer", "agnostic-sam", "--perturbation", "local", "--accumulate", "2",
         "--epochs", str(TORCHRUN_EPOCHS), "--batch-size", "32", "--lr", "0.1", "--device", "cpu",
@@ -489,7 +509,9 @@ def test_torchrun_kill_and_resume_equals_uninterrupted_run(tmp_path: Path) -> No
     proc = _torchrun(broken)
     deadline = time.monotonic() + 300
     while not (broken / "checkpoint.pt").exists():
-        assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint before the run ended"
+        assert proc.poll() is None and time.monotonic() < deadline, (
+            "no checkpoint before the run ended"
+        )
         time.sleep(0.02)
     # Mid-run, as a dead node: both ranks (torchrun starts each in its own session), then torchrun.
     for pid in _children(proc.pid):
@@ -504,4 +526,5 @@ def test_torchrun_kill_and_resume_equals_uninterrupted_run(tmp_path: Path) -> No
     assert a["model"].keys() == b["model"].keys()
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert _metrics(whole) == _metrics(broken)
-    assert json.loads((broken / "result.json").read_text())["replica_sha256"] == result["replica_sha256"]
+    assert (json.loads((broken / "result.json").read_text())["replica_sha256"]
+            == result["replica_sha256"])

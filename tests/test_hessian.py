@@ -20,7 +20,9 @@ class Quadratic(nn.Module):
     def __init__(self, a: torch.Tensor) -> None:
         super().__init__()
         self.register_buffer("a", a)
-        self.x = nn.Parameter(torch.randn(a.shape[0], dtype=a.dtype, generator=torch.Generator().manual_seed(1)))
+        self.x = nn.Parameter(
+            torch.randn(a.shape[0], dtype=a.dtype, generator=torch.Generator().manual_seed(1))
+        )
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         return 0.5 * self.x @ self.a @ self.x
@@ -35,7 +37,9 @@ def quadratic_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def rotation(n: int, seed: int = 0) -> torch.Tensor:
-    q, _ = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)))
+    q, _ = torch.linalg.qr(
+        torch.randn(n, n, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    )
     return q
 
 
@@ -46,7 +50,8 @@ def tiny_net() -> nn.Module:
 
 def tiny_data(n: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(2)
-    return torch.randn(n, 3, dtype=torch.float64, generator=g), torch.randint(0, 3, (n,), generator=g)
+    return (torch.randn(n, 3, dtype=torch.float64, generator=g),
+            torch.randint(0, 3, (n,), generator=g))
 
 
 def dense_hessian(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -57,36 +62,43 @@ def dense_hessian(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.T
 
     def loss(theta: torch.Tensor) -> torch.Tensor:
         tensors = [t.view(s) for t, s in zip(theta.split([math.prod(s) for s in shapes]), shapes)]
-        return nn.functional.cross_entropy(functional_call(model, dict(zip(names, tensors)), (x,)), y)
+        return nn.functional.cross_entropy(
+            functional_call(model, dict(zip(names, tensors)), (x,)), y
+        )
 
     return torch.autograd.functional.hessian(loss, flat)
 
 
-# -- closed form ------------------------------------------------------------------------------------
+# -- closed form -----------------------------------------------------------------------------------
 
 def test_quadratic_eigenvalues_exact_including_negative() -> None:
     q = rotation(5)
     a = q @ torch.diag(torch.tensor([5.0, -3.0, 1.0, 0.5, 0.1], dtype=torch.float64)) @ q.T
-    found = top_eigenvalues(Quadratic(a), identity_loss, quadratic_batches(), k=3, iters=500, tol=1e-14)
+    found = top_eigenvalues(
+        Quadratic(a), identity_loss, quadratic_batches(), k=3, iters=500, tol=1e-14
+    )
     # Largest magnitude first: the negative eigenvalue comes second.
     assert found == pytest.approx([5.0, -3.0, 1.0], rel=1e-8)
 
 
 def test_quadratic_trace_exact_for_diagonal_hessian() -> None:
     diag = torch.tensor([2.0, -1.0, 7.0, 0.25], dtype=torch.float64)
-    trace = hessian_trace(Quadratic(torch.diag(diag)), identity_loss, quadratic_batches(), samples=3)
+    trace = hessian_trace(
+        Quadratic(torch.diag(diag)), identity_loss, quadratic_batches(), samples=3
+    )
     # z^T D z = sum_i d_i z_i^2 = tr(D) for every Rademacher z.
     assert trace == pytest.approx(float(diag.sum()), rel=1e-12)
 
 
 def test_hessian_vector_product_equals_a_times_v() -> None:
-    a = rotation(4) @ torch.diag(torch.tensor([3.0, 2.0, 1.0, -1.0], dtype=torch.float64)) @ rotation(4).T
+    a = (rotation(4) @ torch.diag(torch.tensor([3.0, 2.0, 1.0, -1.0], dtype=torch.float64))
+         @ rotation(4).T)
     v = torch.randn(4, dtype=torch.float64)
     (hv,) = hessian_vector_product(Quadratic(a), identity_loss, quadratic_batches(), [v])
     assert torch.allclose(hv, a @ v, rtol=1e-12, atol=1e-12)
 
 
-# -- independent reference: the dense Hessian ---------------------------------------------------------
+# -- independent reference: the dense Hessian ------------------------------------------------------
 
 @pytest.mark.parametrize("k", [1, 2])
 def test_top_eigenvalues_match_dense_hessian(k: int) -> None:
@@ -96,7 +108,9 @@ def test_top_eigenvalues_match_dense_hessian(k: int) -> None:
     by_magnitude = exact[exact.abs().argsort(descending=True)][:k].tolist()
     # Uneven batches (5 + 3) weighted by size give the Hessian of the mean over all 8 examples.
     batches = [(x[:5], y[:5]), (x[5:], y[5:])]
-    found = top_eigenvalues(model, nn.CrossEntropyLoss(), batches, k=k, iters=2000, tol=1e-12, seed=3)
+    found = top_eigenvalues(
+        model, nn.CrossEntropyLoss(), batches, k=k, iters=2000, tol=1e-12, seed=3
+    )
     for f, e in zip(found, by_magnitude):
         assert abs(f - e) <= 1e-3 * abs(e), (found, by_magnitude)
 
@@ -122,12 +136,12 @@ def test_trace_matches_dense_trace_within_monte_carlo_error() -> None:
     assert abs(estimate - float(torch.trace(h))) <= 4.0 * std_of_mean
 
 
-# -- the model is left exactly as found ---------------------------------------------------------------
+# -- the model is left exactly as found ------------------------------------------------------------
 
 def bn_dropout_net() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(), nn.Dropout(0.5),
-                         nn.Flatten(), nn.Linear(3 * 4 * 4, 4))
+    return nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(),
+                         nn.Dropout(0.5), nn.Flatten(), nn.Linear(3 * 4 * 4, 4))
 
 
 def snapshot(model: nn.Module) -> dict:
@@ -182,14 +196,18 @@ def test_model_restored_when_the_loss_raises() -> None:
         raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError, match="boom"):
-        top_eigenvalues(model, failing, [(torch.randn(2, 1, 4, 4), torch.zeros(2, dtype=torch.long))])
+        top_eigenvalues(
+            model, failing, [(torch.randn(2, 1, 4, 4), torch.zeros(2, dtype=torch.long))]
+        )
     assert_unchanged(model, before)
 
 
-# -- error inputs ---------------------------------------------------------------------------------------
+# -- error inputs ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("kwargs", "match"), [({"k": 0}, "k must be"), ({"iters": 0}, "iters must be"),
-                                               ({"tol": -1.0}, "tol must be"), ({"k": 99}, "exceeds")])
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"k": 0}, "k must be"), ({"iters": 0}, "iters must be"),
+    ({"tol": -1.0}, "tol must be"), ({"k": 99}, "exceeds"),
+])
 def test_bad_arguments_name_the_value(kwargs: dict, match: str) -> None:
     a = torch.eye(3, dtype=torch.float64)
     with pytest.raises(ValueError, match=match):

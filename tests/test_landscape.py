@@ -1,4 +1,5 @@
-"""Loss landscapes: filter normalization, the grid, the centre at theta, the model left untouched."""
+"""Loss landscapes: filter normalization, the grid, the centre at theta, the model left
+untouched."""
 
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ torch.set_num_threads(1)
 
 def conv_bn_net(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(), nn.Dropout(0.5),
-                         nn.Flatten(), nn.Linear(3 * 4 * 4, 4))
+    return nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(),
+                         nn.Dropout(0.5), nn.Flatten(), nn.Linear(3 * 4 * 4, 4))
 
 
 def batches(n: int = 8) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -109,7 +110,8 @@ def test_landscape_leaves_model_weights_grads_modes_and_buffers_exactly() -> Non
     assert all(torch.equal(b, s) for b, s in zip(model.buffers(), buffers))
 
 
-@pytest.mark.parametrize(("steps", "span", "match"), [(1, 1.0, "steps"), (5, 0.0, "span"), (5, -1.0, "span")])
+@pytest.mark.parametrize(("steps", "span", "match"),
+                         [(1, 1.0, "steps"), (5, 0.0, "span"), (5, -1.0, "span")])
 def test_bad_grid_raises(steps: int, span: float, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         loss_surface(conv_bn_net(), nn.CrossEntropyLoss(), batches(), steps=steps, span=span)

@@ -27,7 +27,9 @@ BUILT_IN = ("sgd", "sam", "agnostic-sam", "agnostic-sam-simpler")
 def test_built_in_records() -> None:
     assert list_methods()[:4] == list(BUILT_IN)
     assert [get_method(n).splits_batch for n in BUILT_IN] == [False, False, True, True]
-    assert [get_method(n).radius_keys for n in BUILT_IN] == [(), ("rho",), ("rho1", "rho2"), ("rho1", "rho2")]
+    assert [get_method(n).radius_keys for n in BUILT_IN] == [
+        (), ("rho",), ("rho1", "rho2"), ("rho1", "rho2")
+    ]
     # forward + backward work per step in batches: |B|, 2|B|, 2|B|, |B| + |B^t|
     assert [get_method(n).batch_equivalents(0.7) for n in BUILT_IN] == pytest.approx([1, 2, 2, 1.7])
     assert get_method("agnostic-sam").tuned_radii(0.2, 0.5) == {"rho1": 0.2, "rho2": 0.1}
@@ -73,7 +75,9 @@ def _run_cfg(tmp_path, **overrides):
 def test_a_method_registered_outside_the_package_trains_and_is_compared(tmp_path) -> None:
     assert "test-double-rho-sam" in list_methods()
     # train accepts it, and it is exactly SAM at twice the radius
-    mine = train(_run_cfg(tmp_path, optimizer="test-double-rho-sam", rho=0.1, out=str(tmp_path / "a")))
+    mine = train(
+        _run_cfg(tmp_path, optimizer="test-double-rho-sam", rho=0.1, out=str(tmp_path / "a"))
+    )
     train(_run_cfg(tmp_path, optimizer="sam", rho=0.2, out=str(tmp_path / "b")))
     assert mine["optimizer"] == "test-double-rho-sam" and mine["steps"] == 4
     wa = load_checkpoint(tmp_path / "a" / "checkpoint.pt")["model"]
@@ -98,7 +102,11 @@ def test_the_cli_offers_every_registered_method(capsys) -> None:
 
 # A name literal compared with ==, !=, in (...), or used as a match case: only methods.py may.
 _NAMES = "|".join(re.escape(n) for n in BUILT_IN)
-_COMPARISON = re.compile(rf"""(==|!=|\bin\b)\s*[(\[{{]?\s*["']({_NAMES})["']|["']({_NAMES})["']\s*(==|!=)|case\s+["']({_NAMES})["']""")
+_COMPARISON = re.compile(
+    rf"""(==|!=|\bin\b)\s*[(\[{{]?\s*["']({_NAMES})["']"""
+    rf"""|["']({_NAMES})["']\s*(==|!=)"""
+    rf"""|case\s+["']({_NAMES})["']"""
+)
 
 
 def test_no_module_outside_the_registry_compares_an_optimizer_name() -> None:

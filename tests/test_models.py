@@ -32,7 +32,9 @@ def test_mini_forward_backward_at_natural_size(name: str) -> None:
     torch.set_num_threads(1)
     spec = MODELS[name]
     torch.manual_seed(0)
-    model = create_model(name, num_classes=7, in_channels=spec.in_channels, image_size=spec.image_size)
+    model = create_model(
+        name, num_classes=7, in_channels=spec.in_channels, image_size=spec.image_size
+    )
     x = torch.randn(3, spec.in_channels, spec.image_size, spec.image_size)
     out = model(x)
     assert out.shape == (3, 7) and torch.isfinite(out).all()
@@ -85,7 +87,8 @@ def test_torchvision_models_at_224_match_torchvision_state_dicts(name: str, refe
 
 def test_cifar_stems_keep_resolution() -> None:
     r = create_model("resnet18_mini", num_classes=10, image_size=32)
-    assert r.conv1.kernel_size == (3, 3) and r.conv1.stride == (1, 1) and isinstance(r.maxpool, nn.Identity)
+    assert (r.conv1.kernel_size == (3, 3) and r.conv1.stride == (1, 1)
+            and isinstance(r.maxpool, nn.Identity))
     d = create_model("densenet121_mini", num_classes=10, image_size=32)
     assert d.features.conv0.stride == (1, 1) and isinstance(d.features.pool0, nn.Identity)
     e = create_model("efficientnet_b3_mini", num_classes=10, image_size=32)

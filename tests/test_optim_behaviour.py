@@ -53,7 +53,9 @@ def test_quadratic_closed_form(variant: str) -> None:
     theta_v = theta + rho2 * unit(av @ theta)
     gv = av @ theta_v if variant == "full" else av @ theta
     theta_t = theta + rho1 * unit(at @ theta) - rho2 * unit(gv)
-    expected_seen = [theta, theta_v, theta, theta_t] if variant == "full" else [theta, theta, theta_t]
+    expected_seen = (
+        [theta, theta_v, theta, theta_t] if variant == "full" else [theta, theta, theta_t]
+    )
     assert len(q.seen) == len(expected_seen)
     for got, want in zip(q.seen, expected_seen):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
@@ -77,7 +79,9 @@ def test_restore_is_bit_exact(variant: str) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(7, 9), nn.ReLU(), nn.Linear(9, 3))
     before = [p.detach().clone() for p in model.parameters()]
-    opt = AgnosticSAM(model.parameters(), torch.optim.SGD, rho1=0.37, rho2=0.11, variant=variant, lr=0.0)
+    opt = AgnosticSAM(
+        model.parameters(), torch.optim.SGD, rho1=0.37, rho2=0.11, variant=variant, lr=0.0
+    )
     x, y = torch.randn(10, 7), torch.randint(0, 3, (10,))
     xt, yt, xv, yv = split_batch(x, y, 0.7, torch.Generator().manual_seed(0))
     opt.step(ce_closure(model, xt, yt), ce_closure(model, xv, yv))
@@ -102,7 +106,10 @@ def mlp(seed: int = 0) -> nn.Module:
 
 @pytest.mark.parametrize(
     ("base", "kwargs"),
-    [(torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=1e-3)), (torch.optim.AdamW, dict(lr=1e-2))],
+    [
+        (torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=1e-3)),
+        (torch.optim.AdamW, dict(lr=1e-2)),
+    ],
     ids=["sgd", "adamw"],
 )
 @pytest.mark.parametrize("which", ["full", "simpler", "sam"])
@@ -115,7 +122,8 @@ def test_rho_zero_equals_base_optimizer(base, kwargs, which: str) -> None:
         opt = AgnosticSAM(model.parameters(), base, rho1=0.0, rho2=0.0, variant=which, **kwargs)
     g = torch.Generator().manual_seed(5)
     for _ in range(10):
-        x, y = torch.randn(16, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (16,), generator=g)
+        x, y = (torch.randn(16, 5, generator=g, dtype=torch.float64),
+                torch.randint(0, 3, (16,), generator=g))
         xt, yt = x[:11], y[:11]
         ref_opt.zero_grad()
         ce_closure(ref_model, xt if which != "sam" else x, yt if which != "sam" else y)()
@@ -128,7 +136,7 @@ def test_rho_zero_equals_base_optimizer(base, kwargs, which: str) -> None:
         assert torch.equal(a, b)
 
 
-# ---- the torch.optim contract ---------------------------------------------------------------------
+# ---- the torch.optim contract --------------------------------------------------------------------
 
 def test_param_groups_shared_and_scheduler_drives_base_lr() -> None:
     model = mlp()
@@ -169,7 +177,9 @@ def test_resume_parity_in_lockstep(base, which: str, tmp_path) -> None:
     path = tmp_path / "ckpt.pt"
     torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, path)
     state = opt.state_dict()["state"]
-    assert state and all(state[i] for i in state), "base optimizer state (momentum/moments) must be saved"
+    assert state and all(state[i] for i in state), (
+        "base optimizer state (momentum/moments) must be saved"
+    )
 
     model2 = mlp(seed=123)
     opt2 = build(model2)
@@ -188,7 +198,7 @@ def test_resume_parity_in_lockstep(base, which: str, tmp_path) -> None:
             assert torch.equal(torch.as_tensor(v), torch.as_tensor(s2["state"][k][name]))
 
 
-# ---- BatchNorm statistics ---------------------------------------------------------------------------
+# ---- BatchNorm statistics ------------------------------------------------------------------------
 
 def bn_model() -> nn.Module:
     torch.manual_seed(0)
@@ -210,7 +220,10 @@ def test_batchnorm_stats_only_from_theta_passes(which: str) -> None:
         opt.step(ce_closure(model, x, y))
         ref(x)  # the one pass at theta
     else:
-        opt = AgnosticSAM(model.parameters(), torch.optim.SGD, rho1=0.5, rho2=0.3, variant=which, lr=0.1, model=model)
+        opt = AgnosticSAM(
+            model.parameters(), torch.optim.SGD, rho1=0.5, rho2=0.3, variant=which, lr=0.1,
+            model=model,
+        )
         opt.step(ce_closure(model, xt, yt), ce_closure(model, xv, yv))
         ref(xv)  # B^v at theta, then B^t at theta
         ref(xt)
@@ -251,7 +264,7 @@ def test_batchnorm_settings_restored_when_closure_raises() -> None:
     assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))  # back at theta
 
 
-# ---- zero gradients, non-finite gradients, bad input --------------------------------------------------
+# ---- zero gradients, non-finite gradients, bad input ---------------------------------------------
 
 @pytest.mark.parametrize("which", ["full", "simpler", "sam"])
 def test_zero_gradient_gives_no_nan(which: str) -> None:
@@ -349,14 +362,16 @@ def test_stats_are_device_tensors() -> None:
     opt = AgnosticSAM(model.parameters(), lr=0.1, check_finite=False)
     x, y = torch.randn(10, 5, dtype=torch.float64), torch.randint(0, 3, (10,))
     loss = opt.step(ce_closure(model, x[:7], y[:7]), ce_closure(model, x[7:], y[7:]))
-    assert set(opt.stats) == {"loss_train", "loss_val", "grad_norm_train", "grad_norm_val", "cos_train_val", "skipped"}
+    assert set(opt.stats) == {
+        "loss_train", "loss_val", "grad_norm_train", "grad_norm_val", "cos_train_val", "skipped"
+    }
     assert all(isinstance(v, torch.Tensor) and v.dim() == 0 for v in opt.stats.values())
     assert -1.0 <= float(opt.stats["cos_train_val"]) <= 1.0
     assert not loss.requires_grad and torch.equal(loss, opt.stats["loss_train"])
     assert opt.buffer_bytes() == 2 * sum(p.numel() * 8 for p in model.parameters())
 
 
-# ---- float16 loss scaling -----------------------------------------------------------------------------
+# ---- float16 loss scaling ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("which", ["full", "sam"])
 def test_loss_scaling_overflow_skips_step_and_lowers_scale(which: str) -> None:
@@ -409,7 +424,8 @@ def test_loss_scaling_matches_unscaled_step() -> None:
 
 @pytest.mark.parametrize("which", ["full", "simpler", "sam"])
 def test_parameters_without_gradient_are_left_untouched(which: str) -> None:
-    """A parameter no closure uses gets no gradient: it is neither perturbed nor counted in the norm."""
+    """A parameter no closure uses gets no gradient: it is neither perturbed nor counted in the
+    norm."""
     model = mlp()
     unused = nn.Parameter(torch.ones(3, dtype=torch.float64))
     seen: list[torch.Tensor] = []

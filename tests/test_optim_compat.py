@@ -53,7 +53,9 @@ def build(kind: str, net: nn.Module, **kw):
         return Plain(net.parameters(), torch.optim.SGD, **common)
     if kind == "sam":
         return SAM(net.parameters(), torch.optim.SGD, rho=0.3, **common)
-    return AgnosticSAM(net.parameters(), torch.optim.SGD, rho1=0.3, rho2=0.1, variant=kind, **common)
+    return AgnosticSAM(
+        net.parameters(), torch.optim.SGD, rho1=0.3, rho2=0.1, variant=kind, **common
+    )
 
 
 def do_step(kind, opt, model, x, y, backward=None, step=None):
@@ -116,7 +118,8 @@ def test_grad_scaler_equals_loss_scaler_under_float16_autocast_with_real_overflo
     skipped = 0.0
     for x, y in data(STEPS, dtype=torch.float32):
         x = x * 100  # large logits: float16 overflows at the initial scale 2**16
-        ref_opt.step(c(ref, x[:22], y[:22], ref_opt.backward), c(ref, x[22:], y[22:], ref_opt.backward))
+        ref_opt.step(c(ref, x[:22], y[:22], ref_opt.backward),
+                     c(ref, x[22:], y[22:], ref_opt.backward))
         scaler.step(opt, c(model, x[:22], y[:22], lambda loss: scaler.scale(loss).backward()),
                     c(model, x[22:], y[22:], lambda loss: scaler.scale(loss).backward()))
         scaler.update()
@@ -126,8 +129,12 @@ def test_grad_scaler_equals_loss_scaler_under_float16_autocast_with_real_overflo
     assert same(ref, model)
 
 
-@pytest.mark.parametrize(("kind", "bad_pass"), [("sam", 0), ("full", 0), ("full", 1), ("simpler", 2)])
-def test_grad_scaler_overflow_in_one_early_pass_skips_and_backs_off_once(kind: str, bad_pass: int) -> None:
+@pytest.mark.parametrize(
+    ("kind", "bad_pass"), [("sam", 0), ("full", 0), ("full", 1), ("simpler", 2)]
+)
+def test_grad_scaler_overflow_in_one_early_pass_skips_and_backs_off_once(
+    kind: str, bad_pass: int
+) -> None:
     model = mlp(torch.float32)
     opt = build(kind, model)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
@@ -189,7 +196,8 @@ def test_grad_scaler_through_a_wrapper_hiding_the_keyword_raises() -> None:
     scaler.scale(torch.zeros(()))
     before = copy.deepcopy(model)
     with pytest.raises(RuntimeError, match="hides its grad_scaler keyword"):
-        scaler.step(opt, closure(model, *data(1, dtype=torch.float32)[0], lambda loss: scaler.scale(loss).backward()))
+        scaler.step(opt, closure(model, *data(1, dtype=torch.float32)[0],
+                                 lambda loss: scaler.scale(loss).backward()))
     assert same(before, model)
     assert not hasattr(opt, "grad_scale")  # a direct step afterwards works
     opt.step = inner
@@ -204,7 +212,8 @@ def test_grad_scaled_closure_stepped_directly_raises(kind: str) -> None:
     scaler = torch.amp.GradScaler("cpu")
     before = copy.deepcopy(model)
     with pytest.raises(RuntimeError, match=r"call scaler\.step\(opt, closure\)"):
-        do_step(kind, opt, model, *data(1, dtype=torch.float32)[0], lambda loss: scaler.scale(loss).backward())
+        do_step(kind, opt, model, *data(1, dtype=torch.float32)[0],
+                lambda loss: scaler.scale(loss).backward())
     assert same(before, model)
 
 
@@ -215,7 +224,8 @@ def test_grad_scaler_step_with_unscaled_closure_raises() -> None:
     scaler.scale(torch.zeros(()))
     before = copy.deepcopy(model)
     with pytest.raises(RuntimeError, match=r"call scaler\.scale\(loss\)\.backward\(\)"):
-        do_step("full", opt, model, *data(1, dtype=torch.float32)[0], step=lambda *c: scaler.step(opt, *c))
+        do_step("full", opt, model, *data(1, dtype=torch.float32)[0],
+                step=lambda *c: scaler.step(opt, *c))
     assert same(before, model)
 
 
@@ -247,7 +257,8 @@ def test_grad_scaler_unscale_before_step_raises() -> None:
     scaler.scale(torch.zeros(()))
     scaler.unscale_(opt)
     with pytest.raises(RuntimeError, match=r"scaler\.unscale_\(opt\) was called before"):
-        scaler.step(opt, closure(model, *data(1, dtype=torch.float32)[0], lambda loss: scaler.scale(loss).backward()))
+        scaler.step(opt, closure(model, *data(1, dtype=torch.float32)[0],
+                                 lambda loss: scaler.scale(loss).backward()))
 
 
 def test_grad_scaler_with_loss_scaler_raises() -> None:
@@ -265,7 +276,9 @@ def test_loss_scaler_with_plain_backward_raises(kind: str) -> None:
     opt = build(kind, model, loss_scaler=LossScaler())
     before = copy.deepcopy(model)
     x, y = data(1, dtype=torch.float32)[0]
-    with pytest.raises(RuntimeError, match=r"call opt\.backward\(loss\) instead of loss\.backward\(\)"):
+    with pytest.raises(
+        RuntimeError, match=r"call opt\.backward\(loss\) instead of loss\.backward\(\)"
+    ):
         do_step(kind, opt, model, x, y)  # closures call loss.backward()
     assert same(before, model)
 
@@ -355,7 +368,8 @@ def test_eps_and_foreach_reach_the_base_optimizer(which: str) -> None:
         opt = AgnosticSAM(model.parameters(), torch.optim.AdamW, rho1=0.0, rho2=0.0, **kw)
     else:
         opt = Plain(model.parameters(), torch.optim.AdamW, **kw)
-    assert opt.base_optimizer.defaults["eps"] == 1e-3 and opt.base_optimizer.defaults["foreach"] is False
+    assert (opt.base_optimizer.defaults["eps"] == 1e-3
+            and opt.base_optimizer.defaults["foreach"] is False)
     for x, y in data(5):
         ref_opt.zero_grad()
         closure(ref, x[:22], y[:22])()
@@ -378,7 +392,8 @@ def test_perturb_eps_is_the_wrappers_epsilon() -> None:
         return loss
 
     SAM([q], rho=1.0, perturb_eps=5.0, lr=0.0).step(run)
-    torch.testing.assert_close(seen[1] - seen[0], torch.tensor([0.3, 0.4], dtype=torch.float64))  # g/(5+5)
+    # g/(5+5)
+    torch.testing.assert_close(seen[1] - seen[0], torch.tensor([0.3, 0.4], dtype=torch.float64))
 
 
 # ---- 2. the standard closure keyword ------------------------------------------------------------
@@ -410,7 +425,7 @@ def test_missing_closure_errors_name_the_call() -> None:
         build("sam", model).step()
 
 
-# ---- 6. davda54/sam ports -------------------------------------------------------------------------
+# ---- 6. davda54/sam ports ------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("adaptive", [False, True])
@@ -465,7 +480,7 @@ def test_davda54_phase_misuse_raises() -> None:
         opt.step(closure(model, x, y))
 
 
-# ---- 5. accumulation inside the closure ------------------------------------------------------------
+# ---- 5. accumulation inside the closure ----------------------------------------------------------
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -492,7 +507,7 @@ def test_accumulate_rejects_bad_input() -> None:
         accumulate(f, (torch.ones(4),), 5, lambda loss: None)
 
 
-# ---- 8. max_grad_norm clips the final gradient --------------------------------------------------------
+# ---- 8. max_grad_norm clips the final gradient ---------------------------------------------------
 
 
 def test_max_grad_norm_sam_equals_hand_written_loop() -> None:
@@ -532,7 +547,9 @@ def test_max_grad_norm_plain_and_rho_zero_equal_sgd_with_clip(kind: str) -> None
     if kind == "plain":
         opt = Plain(model.parameters(), lr=0.1, momentum=0.9, max_grad_norm=0.05)
     else:
-        opt = AgnosticSAM(model.parameters(), rho1=0.0, rho2=0.0, lr=0.1, momentum=0.9, max_grad_norm=0.05)
+        opt = AgnosticSAM(
+            model.parameters(), rho1=0.0, rho2=0.0, lr=0.1, momentum=0.9, max_grad_norm=0.05
+        )
     for x, y in data(8):
         ref_opt.zero_grad()
         closure(ref, x[:22], y[:22])()
@@ -545,12 +562,14 @@ def test_max_grad_norm_plain_and_rho_zero_equal_sgd_with_clip(kind: str) -> None
     assert same(ref, model)
 
 
-# ---- 9. Plain --------------------------------------------------------------------------------------
+# ---- 9. Plain ------------------------------------------------------------------------------------
 
 
 def test_plain_equals_zero_grad_closure_base_step_float32() -> None:
     ref, model = mlp(torch.float32), mlp(torch.float32)
-    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3, nesterov=True)
+    ref_opt = torch.optim.SGD(
+        ref.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3, nesterov=True
+    )
     opt = Plain(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3, nesterov=True)
     for x, y in data(STEPS, dtype=torch.float32):
         ref_opt.zero_grad()
@@ -574,7 +593,7 @@ def test_plain_loss_scaler_skips_overflow() -> None:
     assert same(before, model)
 
 
-# ---- 10. at_theta ----------------------------------------------------------------------------------
+# ---- 10. at_theta --------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(("kind", "expected"), [
@@ -601,7 +620,7 @@ def test_at_theta_is_true_exactly_in_passes_at_theta(kind: str, expected: list[b
     assert seen == expected and opt.at_theta is False
 
 
-# ---- 7. state dicts ----------------------------------------------------------------------------------
+# ---- 7. state dicts ------------------------------------------------------------------------------
 
 
 def test_loss_scaler_state_travels_in_state_dict() -> None:
@@ -626,7 +645,7 @@ def test_loss_scaler_state_travels_in_state_dict() -> None:
     build("sam", mlp(torch.float32)).load_state_dict(opt.state_dict())
 
 
-# ---- 11. library faults -------------------------------------------------------------------------------
+# ---- 11. library faults --------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("base", [torch.optim.SGD, torch.optim.Adam], ids=["sgd", "adam"])
@@ -673,7 +692,9 @@ def test_radius_changed_in_param_groups_is_checked_at_step(key: str, value: floa
     opt = build("full", model)
     opt.param_groups[0][key] = value
     before = copy.deepcopy(model)
-    with pytest.raises(ValueError, match=rf"param group 0: invalid perturbation radius {key}={value!r}"):
+    with pytest.raises(
+        ValueError, match=rf"param group 0: invalid perturbation radius {key}={value!r}"
+    ):
         do_step("full", opt, model, *data(1)[0])
     assert same(before, model)
 

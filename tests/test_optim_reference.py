@@ -19,7 +19,9 @@ LR, MOMENTUM, WD = 0.05, 0.9, 5e-3
 
 def make_model() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 4)).double()
+    return nn.Sequential(
+        nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 4)
+    ).double()
 
 
 def batches(n_steps: int) -> list[tuple[torch.Tensor, ...]]:
@@ -61,7 +63,9 @@ def ref_sgd(theta: dict, g: dict, buf: dict | None) -> tuple[dict, dict]:
     return {k: theta[k] - LR * buf[k] for k in g}, buf
 
 
-def reference_run(method: str, adaptive: bool, rho1: float, rho2: float, eps: float = 1e-12) -> dict:
+def reference_run(
+    method: str, adaptive: bool, rho1: float, rho2: float, eps: float = 1e-12
+) -> dict:
     model = make_model()
     theta = {k: v.detach().clone() for k, v in model.named_parameters()}
     dloss = grad(ref_loss(model))
@@ -96,11 +100,14 @@ def closure(model, opt, x, y):
 
 def package_run(method: str, adaptive: bool, rho1: float, rho2: float, foreach: bool) -> dict:
     model = make_model()
-    kw = dict(lr=LR, momentum=MOMENTUM, weight_decay=WD, adaptive=adaptive, perturb_foreach=foreach, model=model)
+    kw = dict(lr=LR, momentum=MOMENTUM, weight_decay=WD, adaptive=adaptive,
+              perturb_foreach=foreach, model=model)
     if method == "sam":
         opt = SAM(model.parameters(), torch.optim.SGD, rho=rho1, **kw)
     else:
-        opt = AgnosticSAM(model.parameters(), torch.optim.SGD, rho1=rho1, rho2=rho2, variant=method, **kw)
+        opt = AgnosticSAM(
+            model.parameters(), torch.optim.SGD, rho1=rho1, rho2=rho2, variant=method, **kw
+        )
     for xt, yt, xv, yv in batches(STEPS):
         if method == "sam":
             x, y = torch.cat([xt, xv]), torch.cat([yt, yv])
@@ -121,7 +128,9 @@ CASES = [
 
 
 @pytest.mark.parametrize("foreach", [False, True], ids=["loop", "foreach"])
-@pytest.mark.parametrize(("method", "adaptive"), CASES, ids=[f"{m}-{'asam' if a else 'plain'}" for m, a in CASES])
+@pytest.mark.parametrize(
+    ("method", "adaptive"), CASES, ids=[f"{m}-{'asam' if a else 'plain'}" for m, a in CASES]
+)
 def test_matches_functional_reference(method: str, adaptive: bool, foreach: bool) -> None:
     # Radii large enough that the perturbation visibly changes the trajectory.
     rho1, rho2 = (0.5, 0.25) if not adaptive else (1.0, 0.5)
@@ -156,7 +165,10 @@ def test_per_group_radii_with_global_norm() -> None:
     dloss = grad(ref_loss(model))
     gt, gv = dloss(theta, xt, yt), dloss(theta, xv, yv)
     nt, nv = ref_norm(gt), ref_norm(gv)
-    pert = {k: theta[k] + rho1[k] * gt[k] / (nt + 1e-12) - rho2[k] * gv[k] / (nv + 1e-12) for k in theta}
+    pert = {
+        k: theta[k] + rho1[k] * gt[k] / (nt + 1e-12) - rho2[k] * gv[k] / (nv + 1e-12)
+        for k in theta
+    }
     g = dloss(pert, xt, yt)
     expected = {k: theta[k] - LR * g[k] for k in theta}
     opt.step(closure(model, opt, xt, yt), closure(model, opt, xv, yv))

@@ -36,7 +36,9 @@ def assert_same_run(a: Path, b: Path) -> None:
     for key, value in wa["model"].items():
         assert torch.equal(value, wb["model"][key]), key
     for pid, state in wa["optimizer"]["state"].items():
-        assert torch.equal(state["momentum_buffer"], wb["optimizer"]["state"][pid]["momentum_buffer"])
+        assert torch.equal(
+            state["momentum_buffer"], wb["optimizer"]["state"][pid]["momentum_buffer"]
+        )
     assert metrics_without_time(a) == metrics_without_time(b)
 
 
@@ -74,7 +76,8 @@ def interrupt_then_resume(cfg, monkeypatch, kill_at_save: int) -> None:
     ids=["batch", "fixed", "sam-bn", "fp16"],
 )
 def test_in_process_resume_is_exact(tmp_path, monkeypatch, overrides):
-    base = {"epochs": 4, "batch_size": 64, "threads": 1, "progress": False, "device": "cpu", **overrides}
+    base = {"epochs": 4, "batch_size": 64, "threads": 1, "progress": False, "device": "cpu",
+            **overrides}
     full = load_config(None, {**base, "out": str(tmp_path / "full")})
     cut = load_config(None, {**base, "out": str(tmp_path / "cut")})
     train(full)
@@ -111,7 +114,8 @@ def test_resume_is_exact_through_the_dataloader(tmp_path, monkeypatch):
 
 
 def test_resume_rejects_a_changed_setting_and_touches_nothing(tmp_path):
-    cfg = load_config(None, {"epochs": 1, "max_steps": 2, "progress": False, "device": "cpu", "out": str(tmp_path / "run")})
+    cfg = load_config(None, {"epochs": 1, "max_steps": 2, "progress": False, "device": "cpu",
+                             "out": str(tmp_path / "run")})
     train(cfg)
     before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()}
     with pytest.raises(UsageError, match="'lr' is 0.1 but the checkpoint was trained with 0.05"):
@@ -122,7 +126,8 @@ def test_resume_rejects_a_changed_setting_and_touches_nothing(tmp_path):
 
 
 def test_fresh_run_refuses_to_overwrite_a_run(tmp_path):
-    cfg = load_config(None, {"epochs": 1, "max_steps": 1, "progress": False, "device": "cpu", "out": str(tmp_path / "run")})
+    cfg = load_config(None, {"epochs": 1, "max_steps": 1, "progress": False, "device": "cpu",
+                             "out": str(tmp_path / "run")})
     train(cfg)
     with pytest.raises(UsageError, match="already holds a run"):
         train(cfg)
@@ -134,8 +139,8 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, split):
     """A real `python -m agnostic_sam train` killed with SIGKILL after its first checkpoint,
     restarted with --resume, ends bit-for-bit where an uninterrupted run ends."""
     env = {**os.environ, "PYTHONPATH": str(SRC) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    args = ["--epochs", "10", "--batch-size", "16", "--threads", "1", "--no-progress", "--split", split,
-            "--device", "cpu"]
+    args = ["--epochs", "10", "--batch-size", "16", "--threads", "1", "--no-progress",
+            "--split", split, "--device", "cpu"]
 
     def cmd(out: Path, *extra: str) -> list[str]:
         return [sys.executable, "-m", "agnostic_sam", "train", *args, "--out", str(out), *extra]
@@ -156,7 +161,9 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, split):
     done = load_checkpoint(cut / "checkpoint.pt")["epoch"]
     assert 1 <= done < 10
 
-    resumed = subprocess.run(cmd(cut, "--resume"), env=env, capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(
+        cmd(cut, "--resume"), env=env, capture_output=True, text=True, timeout=300
+    )
     assert resumed.returncode == 0, resumed.stderr
     assert_same_run(tmp_path / "full", cut)
     assert not list(cut.glob(".*.tmp"))  # no temporary file survived the kill

@@ -13,9 +13,10 @@ import yaml
 from agnostic_sam.cli import main
 from agnostic_sam.train import load_checkpoint, load_config, load_trained, train
 
-METRIC_KEYS = {"epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "epoch_seconds", "steps"}
-RESULT_KEYS = {"final_test_acc", "best_test_acc", "total_seconds", "noise_rate_realized", "torch_version",
-               "device", "git_commit", "num_params", "steps"}
+METRIC_KEYS = {"epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "epoch_seconds",
+               "steps"}
+RESULT_KEYS = {"final_test_acc", "best_test_acc", "total_seconds", "noise_rate_realized",
+               "torch_version", "device", "git_commit", "num_params", "steps"}
 
 
 
@@ -32,14 +33,17 @@ def read_metrics(run):
 
 def test_cli_train_writes_every_output(tmp_path, capsys):
     run = tmp_path / "run"
-    rc = main(["train", "--device", "cpu", "--epochs", "3", "--batch-size", "64", "--lr", "0.05", "--threads", "1",
-               "--no-progress", "--out", str(run), "--noise-rate", "0.2"])
+    rc = main(["train", "--device", "cpu", "--epochs", "3", "--batch-size", "64", "--lr", "0.05",
+               "--threads", "1", "--no-progress", "--out", str(run), "--noise-rate", "0.2"])
     assert rc == 0
     assert "final test acc" in capsys.readouterr().out
-    assert sorted(p.name for p in run.iterdir()) == ["checkpoint.pt", "config.yaml", "metrics.jsonl", "result.json"]
+    assert sorted(p.name for p in run.iterdir()) == [
+        "checkpoint.pt", "config.yaml", "metrics.jsonl", "result.json"
+    ]
 
     saved = yaml.safe_load((run / "config.yaml").read_text())
-    assert saved["epochs"] == 3 and saved["noise_rate"] == 0.2 and saved["optimizer"] == "agnostic-sam"
+    assert (saved["epochs"] == 3 and saved["noise_rate"] == 0.2
+            and saved["optimizer"] == "agnostic-sam")
 
     rows = read_metrics(run)
     assert [r["epoch"] for r in rows] == [1, 2, 3]
@@ -47,9 +51,11 @@ def test_cli_train_writes_every_output(tmp_path, capsys):
         assert METRIC_KEYS | {"cos_train_val"} <= row.keys()
         assert -1.0 <= row["cos_train_val"] <= 1.0
     # Cosine per step over the whole run: the lr at the start of each epoch strictly decreases.
-    assert rows[0]["lr"] == pytest.approx(0.05) and rows[0]["lr"] > rows[1]["lr"] > rows[2]["lr"] > 0
+    assert (rows[0]["lr"] == pytest.approx(0.05)
+            and rows[0]["lr"] > rows[1]["lr"] > rows[2]["lr"] > 0)
     steps_per_epoch = rows[0]["steps"]
-    assert steps_per_epoch == 1437 // 64  # digits train split: 1437 samples, last partial batch dropped
+    # digits train split: 1437 samples, last partial batch dropped
+    assert steps_per_epoch == 1437 // 64
 
     result = json.loads((run / "result.json").read_text())
     assert RESULT_KEYS <= result.keys()
@@ -157,7 +163,9 @@ def test_bf16_accuracy_close_to_float32(tmp_path):
 @pytest.mark.slow
 def test_compiled_matches_eager(tmp_path):
     eager = train(cfg_for(tmp_path / "a", max_steps=5, model="cnn_mini", optimizer="sam"))
-    compiled = train(cfg_for(tmp_path / "b", max_steps=5, model="cnn_mini", optimizer="sam", compile=True))
+    compiled = train(
+        cfg_for(tmp_path / "b", max_steps=5, model="cnn_mini", optimizer="sam", compile=True)
+    )
     we = load_checkpoint(tmp_path / "a" / "run" / "checkpoint.pt")["model"]
     wc = load_checkpoint(tmp_path / "b" / "run" / "checkpoint.pt")["model"]
     for key in we:

@@ -45,7 +45,9 @@ def _reference(cfg) -> dict[str, torch.Tensor]:
         opt = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.adam_eps,
                                 weight_decay=cfg.weight_decay)
     else:
-        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        opt = torch.optim.SGD(
+            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
     x_all, y_all = data.train.tensors
     n = len(y_all)
     steps_per_epoch = n // cfg.batch_size
