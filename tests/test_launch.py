@@ -218,6 +218,33 @@ def test_local_workers_equal_inline(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_killed_worker_takes_only_its_run(tmp_path):
+    """kill -9 of one local worker: its run is reported and stays partial, the other runs
+    finish (a new worker takes the slot), and the next launch resumes the killed run."""
+    import threading
+
+    cfgs = [_cfg(tmp_path / f"s{s}", seed=s, epochs=8, batch_size=32) for s in (0, 1, 2)]
+    box = {}
+    thread = threading.Thread(target=lambda: box.setdefault(
+        "summary", launch(cfgs, LauncherConfig(kind="local", jobs=2), progress=False)))
+    thread.start()
+    victim = tmp_path / "s0"
+    _wait_for(lambda: (victim / "checkpoint.pt").exists() and _lock_pid(victim), 240, "s0 to train")
+    assert not (victim / "result.json").exists()
+    os.kill(_lock_pid(victim), signal.SIGKILL)
+    thread.join(300)
+    summary = box["summary"]
+    assert [r.status for r in summary.runs] == ["error", "finished", "finished"]
+    assert "worker exited with status -9" in summary.runs[0].error
+    with pytest.raises(UsageError, match="1 run\\(s\\) failed; the first, .*s0: worker exited"):
+        summary.raise_for_errors()
+    again = launch(cfgs, progress=False)
+    assert [(r.state, r.action, r.status) for r in again.runs] == [
+        ("partial", "resumed", "finished"), ("finished", "skipped", "finished"),
+        ("finished", "skipped", "finished")]
+
+
+@pytest.mark.slow
 def test_submitit_preempted_and_killed_tasks_end_identical(tmp_path):
     """submitit's LocalExecutor (real processes, the code path of SLURM without a scheduler):
     task 0 gets the preemption signal (USR2) after its first epoch and is requeued by submitit;
@@ -238,7 +265,9 @@ def test_submitit_preempted_and_killed_tasks_end_identical(tmp_path):
                   f"the first checkpoint of {out}")
         assert not (out / "result.json").exists()  # interrupted mid-run, not after it
         os.kill(_lock_pid(out), sig)
-    _wait_for(lambda: (outs[0] / "result.json").exists(), 240, "the requeued task to finish")
+    # finished: its result written and its lock released (a moment later)
+    _wait_for(lambda: (outs[0] / "result.json").exists() and not RunDir(outs[0]).locked_by_other(),
+              240, "the requeued task to finish")
     _wait_for(lambda: not RunDir(outs[1]).locked_by_other(), 60, "the killed task's lock to go")
     logs = "".join(p.read_text(errors="replace") for p in (tmp_path / "submitit").rglob("*_log.*"))
     assert "Requeued job" in logs  # submitit checkpointed and requeued the preempted task
@@ -246,7 +275,7 @@ def test_submitit_preempted_and_killed_tasks_end_identical(tmp_path):
 
     relaunched = launch(cfgs, launcher_config({**vars(lc), "wait": True}), progress=False)
     assert [(r.action, r.status) for r in relaunched.runs] == [("skipped", "finished"),
-                                                               ("resumed", "finished")]
+                                                               ("resumed", "finished")], relaunched.text()
     for ref, out in zip(reference, outs):
         _assert_same_run(Path(ref.out), out)
 

@@ -12,9 +12,9 @@ identity) and then does only what is left::
 Launchers (`LauncherConfig.kind`):
 
 ``inline``  one run after another in this process.
-``local``   ``jobs`` worker processes on this machine (spawn, not fork), a fresh process per
-            run; with GPUs one run per GPU through ``CUDA_VISIBLE_DEVICES``. Workers die with
-            the launcher, kill -9 included: ``prctl(PR_SET_PDEATHSIG, SIGKILL)`` on Linux and a
+``local``   ``jobs`` worker processes on this machine (spawn, not fork), each training one
+            run after another; with GPUs one worker per GPU (``CUDA_VISIBLE_DEVICES``).
+            Workers die with the launcher, kill -9 included: ``prctl(PR_SET_PDEATHSIG, SIGKILL)`` on Linux and a
             thread that watches the parent PID everywhere. Every file a run writes is written
             atomically, so a killed sweep leaves the last checkpoints intact.
 ``slurm``   one submitit job array per sweep (partition, time, GPUs, CPUs and memory per run,
@@ -29,6 +29,7 @@ the numbers do not depend on the launcher or on ``jobs``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -482,59 +483,95 @@ def _die_with_parent(parent_pid: int) -> None:
     threading.Thread(target=watch, name="watch-launcher", daemon=True).start()
 
 
-def _local_worker(cfg: TrainConfig, gpu: str | None, parent_pid: int, conn: Any) -> None:
-    """A worker process: one run, then exit. Sends ``{"status", "error"}`` to the launcher."""
+def _local_worker(gpu: str | None, parent_pid: int, conn: Any) -> None:
+    """A worker process: trains the runs the launcher sends, one after another, answering each
+    with ``{"status", "error"}``; ends on None or when the launcher goes away."""
     _die_with_parent(parent_pid)
     if gpu is not None:  # before the first CUDA call (CUDA initializes lazily)
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu
-    try:
-        result = run_one(cfg)
-    except BaseException as exc:  # noqa: BLE001 - reported to the launcher, which goes on
-        result = {"status": "error", "error": _one_line(exc)}
-    conn.send(result)
-    conn.close()
+    while True:
+        try:
+            cfg = conn.recv()
+        except (EOFError, OSError):
+            return
+        if cfg is None:
+            return
+        try:
+            result = run_one(cfg)
+        except BaseException as exc:  # noqa: BLE001 - reported to the launcher, which goes on
+            result = {"status": "error", "error": _one_line(exc)}
+        conn.send(result)
+
+
+class _Worker:
+    """The launcher's end of one worker process and the run it is training."""
+
+    def __init__(self, context: Any, gpu: str | None) -> None:
+        self.conn, child = context.Pipe()
+        self.gpu = gpu
+        self.proc = context.Process(target=_local_worker, name="agnostic-sam-worker",
+                                    args=(gpu, os.getpid(), child))
+        self.proc.start()
+        child.close()  # the worker holds the only other end: EOF here when it dies
+        self.run: tuple[int, float] | None = None  # (outcome index, start time)
+
+    def give(self, k: int, cfg: TrainConfig) -> None:
+        self.conn.send(cfg)
+        self.run = (k, time.perf_counter())
+
+    def stop(self) -> None:
+        with contextlib.suppress(OSError):
+            self.conn.send(None)
+        self.proc.join()
+        self.conn.close()
 
 
 def _run_local(todo: list[tuple[int, TrainConfig]], outcomes: list[RunOutcome],
                slots: list[str | None], log: Callable[[str], None],
                on_done: Callable[[RunOutcome], None]) -> None:
-    """At most len(slots) worker processes at once, a fresh one per run."""
+    """One worker process per slot (at most one per run), each training one run after another:
+    a worker pays its imports once. A worker that dies takes only its run with it; a new one
+    takes its slot."""
     import multiprocessing
     from multiprocessing.connection import wait
 
     context = multiprocessing.get_context("spawn")
+    if len(slots) > 1:  # one progress bar per worker would interleave: the launcher's lines only
+        todo = [(k, dataclasses.replace(cfg, progress=False)) for k, cfg in todo]
     pending = deque(todo)
-    free = list(range(len(slots)))
-    running: dict[Any, tuple[Any, int, int, float]] = {}  # conn -> (process, outcome, slot, t0)
+    workers = [_Worker(context, gpu) for gpu in slots[: len(todo)]]
     done = 0
     try:
-        while pending or running:
-            while pending and free:
-                k, cfg = pending.popleft()
-                slot = free.pop(0)
-                recv, send = context.Pipe(duplex=False)
-                proc = context.Process(target=_local_worker, name=f"agnostic-sam-run-{k}",
-                                       args=(cfg, slots[slot], os.getpid(), send))
-                proc.start()
-                send.close()  # the worker holds the only writer: EOF when it dies
-                running[recv] = (proc, k, slot, time.perf_counter())
-            for recv in wait(list(running)):
-                proc, k, slot, started = running.pop(recv)
+        for w in workers:
+            w.give(*pending.popleft())
+        while any(w.run is not None for w in workers):
+            busy = {w.conn: w for w in workers if w.run is not None}
+            for conn in wait(list(busy)):
+                w = busy[conn]
+                k, started = w.run
+                w.run = None
                 try:
-                    result = recv.recv()
-                except EOFError:
-                    proc.join()
-                    result = {"status": "error", "error": f"worker exited with status {proc.exitcode}"}
-                recv.close()
-                proc.join()
-                free.append(slot)
+                    result = conn.recv()
+                except (EOFError, OSError):
+                    w.proc.join()
+                    result = {"status": "error", "error": f"worker exited with status {w.proc.exitcode}"}
+                    w.conn.close()
+                    workers.remove(w)
+                    if pending:  # a new worker takes the dead one's slot
+                        w = _Worker(context, w.gpu)
+                        workers.append(w)
                 done += 1
                 _finish(outcomes[k], result, started, log, done, len(todo))
                 on_done(outcomes[k])
+                if pending and w in workers:
+                    w.give(*pending.popleft())
+        for w in workers:
+            w.stop()
+        workers = []
     finally:  # an error or Ctrl-C here: no worker outlives the launcher
-        for proc, *_ in running.values():
-            proc.kill()
-            proc.join()
+        for w in workers:
+            w.proc.kill()
+            w.proc.join()
 
 
 # ----------------------------------------------------------------------------- slurm (submitit)
