@@ -155,6 +155,9 @@ def test_launcher_config_from_yaml_keys_and_flags():
     assert lc.sbatch == {"constraint": "h200", "account": "proj", "qos": "high", "requeue": True}
     local = launcher_from_args(parser.parse_args(["--jobs", "3"]))
     assert (local.kind, local.jobs) == ("local", 3)  # --jobs N alone means worker processes
+    yaml_local = {"kind": "local", "jobs": 2}
+    assert launcher_from_args(argparse.Namespace(jobs=1), yaml_local).jobs == 2  # a default --jobs 1
+    assert launcher_from_args(argparse.Namespace(jobs=1), {"kind": "slurm"}).kind == "slurm"
     assert launcher_config({"time": "02:30:00"}).time == 150
     assert launcher_config({"time": "90"}).time == 90
 

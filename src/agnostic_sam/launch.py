@@ -211,10 +211,12 @@ def launcher_from_args(args: Any, base: Mapping[str, Any] | None = None) -> Laun
              "mem_gb": getattr(args, "mem_gb", None), "folder": getattr(args, "submitit_folder", None),
              "max_parallel": getattr(args, "max_parallel", None), "sbatch": sbatch,
              "wait": getattr(args, "wait", None)}
-    kind = flags["kind"] or (base or {}).get("kind", "inline")
-    if kind != "local" and flags["jobs"] == 1:  # commands whose --jobs defaults to 1
+    kind = flags["kind"] or (base or {}).get("kind") or "inline"
+    # Commands whose --jobs defaults to 1: a 1 does not override the YAML's jobs, nor is it an
+    # error for a launcher without workers.
+    if flags["jobs"] == 1 and (kind != "local" or (base or {}).get("jobs") is not None):
         flags["jobs"] = None
-    if kind == "inline" and flags["jobs"] not in (None, 1):  # --jobs N alone: local workers
+    if kind == "inline" and flags["jobs"] is not None and flags["jobs"] > 1:  # --jobs N: workers
         flags["kind"] = "local"
     return launcher_config(base, **flags)
 
