@@ -38,9 +38,9 @@ class Case:
     holding `config` (bytes or text), `{file}` an existing plain file, `{run}` a missing run."""
 
     argv: tuple[str, ...]
-    needle: str  # must appear in the error line
+    needle: str  # must appear in the error line (placeholders allowed)
     config: bytes | str | None = None
-    extra: dict = field(default_factory=dict)
+    files: dict[str, bytes] = field(default_factory=dict)  # made under {out} beforehand
 
 
 TRAIN = ("train", "--model", "mlp", "--epochs", "1", "--max-steps", "3", "--no-progress",
@@ -95,6 +95,14 @@ CASES = {
     "train-out-is-a-file": Case(TRAIN[:-1] + ("{file}",), "file"),
     "train-out-under-a-file": Case(TRAIN[:-1] + ("{file}/run",), "file"),
     "train-out-in-proc": Case(TRAIN[:-1] + ("/proc/agnostic-sam-test-run",), "/proc"),
+    # --- a fresh run never overwrites files of a run --------------------------------------------
+    "train-fresh-over-empty-metrics": Case(TRAIN, "{out}", files={"metrics.jsonl": b""}),
+    "train-fresh-over-result": Case(TRAIN, "{out}", files={"result.json": b"{}\n"}),
+    "train-fresh-over-checkpoint": Case(TRAIN, "{out}", files={"checkpoint.pt": b"junk"}),
+    "train-fresh-over-other-config": Case(TRAIN, "{out}", files={"config.yaml": b"epochs: 7\n"}),
+    "train-resume-saved-config-duplicate": Case((*TRAIN, "--resume"), "duplicate key 'lr'",
+                                                files={"config.yaml": b"lr: 0.1\nlr: 0.2\n",
+                                                       "checkpoint.pt": b"junk"}),
     # --- YAML config files ---------------------------------------------------------------------
     "yaml-binary": yaml_case(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe", "not UTF-8 text"),
     "yaml-latin-1": yaml_case("lr: 0.1  # d\u00e9j\u00e0 vu\n".encode("latin-1"), "not UTF-8 text"),
@@ -207,6 +215,9 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case: Case, tmp_path, m
     names = {"out": str(tmp_path / "out"), "cfg": str(cfg), "file": str(tmp_path / "a_file"),
              "run": str(tmp_path / "no_run"), "tmp": str(tmp_path)}
     argv = [a.format(**names) for a in case.argv]
+    for name, content in case.files.items():
+        (tmp_path / "out").mkdir(exist_ok=True)
+        (tmp_path / "out" / name).write_bytes(content)
     before = tree(tmp_path)
 
     rc, err = run_main(argv, capsys)
@@ -216,9 +227,24 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case: Case, tmp_path, m
     assert len(lines) == 1, err
     assert lines[0].startswith("agnostic-sam") and ": error: " in lines[0]
     assert "Traceback" not in err
-    assert case.needle in lines[0]
+    assert case.needle.format(**names) in lines[0]
     assert tree(tmp_path) == before  # nothing created, nothing changed
     assert len(lines[0]) < 400  # a line, not a dump of an expanded value
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes to read-only folders")
+def test_a_read_only_out_is_one_line(tmp_path, capsys):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o500)
+    try:
+        for argv in ([*TRAIN[:-1], str(folder / "run")], ["bench", "--out", str(folder / "b")],
+                     ["landscape", "--run", str(tmp_path), "--out", str(folder / "l")]):
+            rc, err = run_main(argv, capsys)
+            assert rc == 2 and err.count("\n") == 1 and str(folder) in err, err
+        assert list(folder.iterdir()) == []
+    finally:
+        folder.chmod(0o700)
 
 
 def test_the_table_is_large_and_covers_every_command():
