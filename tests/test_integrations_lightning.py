@@ -63,11 +63,13 @@ class Lit(SharpnessAwareMixin, L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
-def _fit(module, *, micro: int = BATCH, steps: int = STEPS, accumulate_grad_batches: int = 1, **trainer_kw):
+def _fit(module, *, micro: int = BATCH, steps: int = STEPS, accumulate_grad_batches: int = 1, devices: int = 1,
+         sampler=None, **trainer_kw):
     x, y = _data()
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=micro, shuffle=False)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=micro, shuffle=False,
+                                         sampler=sampler)
     trainer = L.Trainer(
-        accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
+        accelerator="cpu", devices=devices, max_steps=steps, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
         accumulate_grad_batches=accumulate_grad_batches, **trainer_kw,
     )
@@ -234,3 +236,41 @@ def test_logging_at_theta_inside_training_step():
 
     _fit(Logged("sam"), steps=2)
     assert seen == [True, False, True, False]  # SAM: pass at theta, pass at theta + e
+
+
+class _RankShards(torch.utils.data.Sampler):
+    """Rank r of 2 gets samples 32 i + 16 r ... 32 i + 16 r + 15 of global batch i (read at
+    iteration time, in the spawned process)."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self):
+        return self.n // 2
+
+    def __iter__(self):
+        r = torch.distributed.get_rank()
+        return iter([i * BATCH + r * (BATCH // 2) + j for i in range(self.n // BATCH) for j in range(BATCH // 2)])
+
+
+@pytest.mark.slow  # spawns 2 processes
+def test_ddp_spawn_two_processes_equal_one_process():
+    # Each rank accumulates 2 micro-batches of 8 and splits its 16 with the same generator draw;
+    # DDP averages the equal-sized parts, so each pass's gradient is that of their union.
+    lit = Lit("agnostic")
+    _fit(lit, micro=8, accumulate_grad_batches=2, strategy="ddp_spawn", devices=2, use_distributed_sampler=False,
+         sampler=_RankShards(STEPS * BATCH))
+    net = _net()
+    opt = _make_opt("agnostic", net.parameters())
+    gen = torch.Generator().manual_seed(0)
+    x, y = _data()
+    f = lambda xb, yb: F.cross_entropy(net(xb), yb)  # noqa: E731
+    half = BATCH // 2
+    for i in range(STEPS):
+        xs = [x[i * BATCH + r * half:i * BATCH + (r + 1) * half] for r in range(2)]
+        ys = [y[i * BATCH + r * half:i * BATCH + (r + 1) * half] for r in range(2)]
+        perm = torch.randperm(half, generator=gen)
+        t, v = perm[:round(0.7 * half)], perm[round(0.7 * half):]
+        opt.step(accumulate(f, (torch.cat([a[t] for a in xs]), torch.cat([b[t] for b in ys])), 1, opt.backward),
+                 accumulate(f, (torch.cat([a[v] for a in xs]), torch.cat([b[v] for b in ys])), 1, opt.backward))
+    _assert_close(lit, net)

@@ -21,10 +21,12 @@ gradient, the one the base optimizer steps with. `precision="16-mixed"` drives t
 plugin's GradScaler (`scaler.step(opt, closure, val_closure)`); "bf16-mixed", "32-true",
 "64-true", "16-true" and "bf16-true" need no scaling.
 
-Refused with one line (they cannot be made exact here): more than one process (Lightning forbids
-a None training step there), strategies that accumulate themselves (DeepSpeed) or other
-precision plugins, ``gradient_clip_algorithm="value"``, an overridden `optimizer_step` or
-`configure_gradient_clipping`, and a non-agnostic_sam optimizer.
+Under DDP (``strategy="ddp"``/``"ddp_spawn"``) every pass all-reduces once, after its last
+micro-batch (each rank splits its own batch with the same generator). Refused with one line
+(they cannot be made exact here): other strategies (FSDP, DeepSpeed, ...) or precision plugins,
+DDP with ``find_unused_parameters=True``, ``gradient_clip_algorithm="value"``, an overridden
+`optimizer_step` or `configure_gradient_clipping`, manual optimization, and a non-agnostic_sam
+optimizer.
 """
 
 from __future__ import annotations
@@ -60,6 +62,11 @@ def _wrap_training_step(step: Any) -> Any:
         # Called by Lightning's loop: record the batch; the step runs in optimizer_step.
         self._sharpness_check()
         self._sharpness_pending.append(batch)
+        if self.trainer.world_size > 1:
+            # Lightning refuses a None step under DDP: hand it a loss whose backward the mixin's
+            # backward hook skips (it touches no parameter, so DDP's reducer never starts).
+            self.__dict__["_sharpness_skip_backward"] = True
+            return torch.zeros((), device=self.device, requires_grad=True)
         return None
 
     training_step._sharpness_wrapped = True  # type: ignore[attr-defined]
@@ -149,11 +156,18 @@ class SharpnessAwareMixin:
                 "automatic_optimization = False (the mixin builds the closures)"
             )
         trainer = self.trainer  # type: ignore[attr-defined]
-        if trainer.world_size > 1 or trainer.strategy.handles_gradient_accumulation:
+        from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+
+        strategy = trainer.strategy
+        if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)) or strategy.handles_gradient_accumulation:
             raise RuntimeError(
-                f"SharpnessAwareMixin supports one process without strategy-side accumulation, got "
-                f"{type(trainer.strategy).__name__} with world_size={trainer.world_size}: use "
-                "agnostic_sam.integrations.accelerate or the agnostic-sam train command under torchrun"
+                f"SharpnessAwareMixin supports the single-device and DDP strategies, got "
+                f"{type(strategy).__name__}: use strategy='ddp' (or 'auto' on one device)"
+            )
+        if isinstance(strategy, DDPStrategy) and strategy._ddp_kwargs.get("find_unused_parameters", False):
+            raise RuntimeError(
+                "SharpnessAwareMixin cannot run with DDP find_unused_parameters=True (Lightning's own "
+                "backward is skipped, which that reducer mode does not allow): use strategy='ddp'"
             )
         plugin = trainer.precision_plugin
         if type(plugin) not in (Precision, MixedPrecision, HalfPrecision, DoublePrecision):
@@ -168,6 +182,12 @@ class SharpnessAwareMixin:
                 "gradient_clip_algorithm='value' cannot be applied to the final gradient of a "
                 "sharpness-aware step: use gradient_clip_algorithm='norm'"
             )
+
+    def backward(self, loss: Tensor, *args: Any, **kwargs: Any) -> None:
+        """Lightning's backward hook: skipped for the placeholder loss of a recording call."""
+        if self.__dict__.pop("_sharpness_skip_backward", False):
+            return
+        super().backward(loss, *args, **kwargs)  # type: ignore[misc]
 
     # ---- the step ------------------------------------------------------------------------
 
@@ -191,6 +211,9 @@ class SharpnessAwareMixin:
         def loss_fn(part: Any) -> Tensor:
             return _loss_of(trainer.strategy.training_step(part, batch_idx))
 
+        ddp = trainer.strategy.model
+        no_sync = ddp.no_sync if hasattr(ddp, "no_sync") else None  # one all-reduce per pass
+
         self.__dict__["_sharpness_inner_flag"] = True
         self.__dict__["_sharpness_opt"] = opt
         try:
@@ -202,6 +225,7 @@ class SharpnessAwareMixin:
                 generator=self.sharpness_generator,
                 grad_scaler=scaler,
                 max_grad_norm=clip if clip else None,
+                no_sync=no_sync,
             )
         finally:
             self.__dict__["_sharpness_inner_flag"] = False
