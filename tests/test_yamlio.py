@@ -145,7 +145,7 @@ def test_a_recursive_alias_is_refused():
     ("a: [1, 2\n", "line 2 is not valid YAML"), ("a: b: c\n", "line 1 is not valid YAML"),
     ("a: 1\n---\nb: 2\n", "line 2 is not valid YAML"), ("a:\n\t- 1\n", "is not valid YAML"),
     ("[" * 3000 + "]" * 3000, "nested too deeply"), ("a: \x07\n", "not UTF-8 text"),
-    ("{[1, 2]: x}\n", "keys must be scalars"),
+    ("{[1, 2]: x}\n", "keys must be scalars"), ("seed: " + "9" * 5000 + "\n", "5000 characters"),
 ])
 def test_broken_yaml_names_the_line(text, needle):
     assert needle in refused(text)

@@ -44,6 +44,7 @@ __all__ = ["MAX_BYTES", "MAX_NODES", "parse_yaml", "read_yaml"]
 MAX_BYTES = 4 * 2**20  # a config file is a few KiB; this bounds what a wrong path can cost
 MAX_NODES = 100_000  # nodes after alias expansion; the largest shipped config has ~500
 MAX_ALIASES = 1_000  # alias references in one document
+MAX_NUMBER_CHARS = 100  # no setting needs more digits; Python refuses ints of > 4300 anyway
 
 _TAG = "tag:yaml.org,2002:"
 _NULL, _BOOL, _INT, _FLOAT, _STR = (_TAG + t for t in ("null", "bool", "int", "float", "str"))
@@ -222,6 +223,9 @@ def _check_scalar(node: ScalarNode, path: tuple[str, ...], line: int) -> None:
     where = _where(path)
     if node.tag == _AMBIGUOUS:
         raise _Refused(line, f"{where}: {_short(node.value)} is {_surprise(node.value)}")
+    if node.tag in (_INT, _FLOAT) and len(node.value) > MAX_NUMBER_CHARS:
+        raise _Refused(line, f"{where}: a number of {len(node.value)} characters "
+                             f"(at most {MAX_NUMBER_CHARS})")
     if node.tag in (_NULL, _BOOL, _INT, _FLOAT) and getattr(node, "explicit_tag", False):
         # An explicit !!int / !!float / !!bool / !!null: the literal must be one by the core schema.
         why = _surprise(node.value)
