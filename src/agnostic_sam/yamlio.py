@@ -42,7 +42,7 @@ from agnostic_sam.errors import UsageError
 __all__ = ["MAX_BYTES", "MAX_NODES", "parse_yaml", "read_yaml"]
 
 MAX_BYTES = 4 * 2**20  # a config file is a few KiB; this bounds what a wrong path can cost
-MAX_NODES = 100_000  # nodes after alias expansion; the largest shipped config has ~500
+MAX_NODES = 100_000  # nodes after alias expansion; the largest shipped config has 181
 MAX_ALIASES = 1_000  # alias references in one document
 MAX_NUMBER_CHARS = 100  # no setting needs more digits; Python refuses ints of > 4300 anyway
 
