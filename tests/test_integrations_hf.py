@@ -237,3 +237,51 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path):
     _train(tmp_path / "cut", steps=STEPS, save_strategy="steps", save_steps=10, stop_at=10, momentum_args=True)
     _, resumed = _train(tmp_path / "cut", steps=STEPS, resume=str(tmp_path / "cut" / "checkpoint-10"), momentum_args=True)
     _assert_close(resumed, full.net)
+
+
+# ---- DDP: 2 gloo processes, gradient_accumulation_steps=2 -------------------------------------
+
+def _ddp_worker(rank: int, port: int, out: str) -> None:
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2")
+    torch.set_num_threads(1)
+    import pathlib
+    trainer, model = _train(pathlib.Path(out).parent / f"run{rank}", micro=8, accum=2, ddp_backend="gloo")
+    if rank == 0:
+        torch.save({"state": model.net.state_dict(), "type": str(trainer.accelerator.distributed_type),
+                    "steps": trainer.state.global_step}, out)
+
+
+@pytest.mark.slow  # spawns 2 processes
+def test_ddp_two_processes_equal_one_process(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "rank0.pt"
+    mp.spawn(_ddp_worker, args=(port, str(out)), nprocs=2, join=True)
+    saved = torch.load(out, weights_only=False)
+    assert "MULTI_CPU" in saved["type"] and saved["steps"] == STEPS
+    # accelerate shards the sequential batches of 8 round-robin: in step i rank r gets samples
+    # 32 i + 8 r + [0, 8) and 32 i + 16 + 8 r + [0, 8); each rank splits its 16 with the same draw.
+    net = nn.Sequential(nn.Linear(DIM, 16), nn.Tanh(), nn.Linear(16, 3))
+    net.load_state_dict(_init_state())
+    groups = [{"params": [net[0].weight, net[2].weight], "weight_decay": 0.0},
+              {"params": [net[0].bias, net[2].bias], "weight_decay": 0.0}]
+    opt = AgnosticSAM(groups, torch.optim.SGD, rho1=0.1, rho2=0.05, lr=0.1)
+    gen = torch.Generator().manual_seed(0)
+    x, y = _data()
+    f = lambda xb, yb: F.cross_entropy(net(xb), yb)  # noqa: E731
+    for i in range(STEPS):
+        idx = [torch.cat([torch.arange(8) + i * BATCH + 8 * r, torch.arange(8) + i * BATCH + 16 + 8 * r]) for r in range(2)]
+        perm = torch.randperm(16, generator=gen)
+        t = torch.cat([ix[perm[:11]] for ix in idx])
+        v = torch.cat([ix[perm[11:]] for ix in idx])
+        opt.step(accumulate(f, (x[t], y[t]), 1, opt.backward), accumulate(f, (x[v], y[v]), 1, opt.backward))
+    for (name, a), b in zip(saved["state"].items(), net.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0, msg=name)
