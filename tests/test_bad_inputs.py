@@ -312,10 +312,7 @@ def _library_cases() -> dict:
         "split_batch-ratio-nan": (lambda: split_batch(*_batch(), nan), ValueError, "nan"),
         "split_sizes-batch-1": (lambda: split_sizes(1, 0.5), ValueError, "1"),
         "LossScaler-init-scale-0": (lambda: LossScaler(init_scale=0), ValueError, "0"),
-        "LossScaler-init-scale-nan": pytest.param(
-            lambda: LossScaler(init_scale=nan), ValueError, "nan",
-            marks=pytest.mark.xfail(strict=True, reason="amp.LossScaler checks `init_scale > 0` only "
-                                                        "(nan passes); fix in amp.py")),
+        "LossScaler-init-scale-nan": (lambda: LossScaler(init_scale=nan), ValueError, "nan"),
         "LossScaler-growth-factor-1": (lambda: LossScaler(growth_factor=1.0), ValueError, "1.0"),
         "LossScaler-backoff-2": (lambda: LossScaler(backoff_factor=2.0), ValueError, "2.0"),
         "LossScaler-interval-0": (lambda: LossScaler(growth_interval=0), ValueError, "0"),

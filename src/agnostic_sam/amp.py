@@ -29,6 +29,7 @@ its ``_step_supports_amp_scaling`` protocol and give the same steps as `LossScal
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -48,8 +49,8 @@ class LossScaler:
         growth_interval: int = 2000,
         device: torch.device | str | None = None,
     ) -> None:
-        if init_scale <= 0:
-            raise ValueError(f"init_scale must be > 0, got {init_scale}")
+        if not (math.isfinite(init_scale) and init_scale > 0):
+            raise ValueError(f"init_scale must be a finite number > 0, got {init_scale}")
         if growth_factor <= 1.0:
             raise ValueError(f"growth_factor must be > 1, got {growth_factor}")
         if not 0.0 < backoff_factor < 1.0:

@@ -48,6 +48,9 @@ class CompareConfig:
         seeds = _as_list(self.seeds, "seeds")
         if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
             raise UsageError(f"seeds must be a non-empty list of integers, got {self.seeds!r}")
+        bad = [s for s in seeds if not 0 <= s < 2**32]
+        if bad:
+            raise UsageError(f"seeds must be in [0, 2**32), got {bad[0]}")
         if len(set(seeds)) != len(seeds):
             raise UsageError(f"seeds listed twice: {seeds}")
         self.seeds = list(seeds)

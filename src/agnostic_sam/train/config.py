@@ -113,11 +113,8 @@ def _field_types() -> dict[str, Any]:
 
 
 def _coerce(key: str, value: Any, annotation: Any) -> Any:
-    """Check `value` against the field's annotation; ints are accepted for floats.
-
-    Strings such as "1e-3" are accepted for float fields because PyYAML reads exponent notation
-    without a dot as a string.
-    """
+    """Check `value` against the field's annotation; ints are accepted for floats (the YAML
+    reader reads ``1e-3`` as a float, YAML 1.2 style; a quoted string is not a number)."""
     if typing.get_origin(annotation) is list:
         (item,) = typing.get_args(annotation)
         if not isinstance(value, (list, tuple)):
@@ -139,11 +136,6 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
     elif float in allowed:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
     elif str in allowed:
         if isinstance(value, str):
             return value

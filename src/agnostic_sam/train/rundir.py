@@ -271,12 +271,14 @@ class RunDir:
         return "partial" if self.checkpoint_path.is_file() else "new"
 
     def check_fresh(self, cfg: TrainConfig) -> None:
-        """A fresh run must not destroy another: UsageError when the directory has results, or
-        a config.yaml of another run."""
-        if self.has_results():
-            held = ", ".join(n for n in RUN_FILES if (self.path / n).exists())
-            raise UsageError(f"{self.path} already holds a run ({held}); pass --resume to "
-                             "continue it or choose another --out")
+        """A fresh run must not destroy another: UsageError when the directory holds any run
+        file, except a start of this very run that has nothing to lose (its own config.yaml and
+        an empty metrics.jsonl: killed before its first checkpoint), which it starts over."""
+        held = [n for n in RUN_FILES if (self.path / n).exists()]
+        restart = not self.has_results() and CONFIG_NAME in held
+        if held and not restart:
+            raise UsageError(f"{self.path} already holds a run ({', '.join(held)}); pass --resume "
+                             "to continue it or choose another --out")
         self.check_holds(cfg)
 
     # ---- reading and writing ------------------------------------------------------------------
