@@ -708,13 +708,13 @@ def _launch_slurm(planned: list[tuple[TrainConfig, str]], lc: LauncherConfig, *,
     log(f"submitted job array {array}: {len(jobs)} tasks; watch: squeue -j {array}; "
         f"logs: {folder}/{array}_<task>/")
     if lc.wait:
+        submitted = time.perf_counter()  # the times logged are since submission
         for done, (job, (_, outcome)) in enumerate(zip(jobs, todo), 1):
-            started = time.perf_counter()
             try:
                 result = job.result()
             except Exception as exc:  # the array goes on; the summary names the run
                 result = {"status": "error", "error": _one_line(exc)}
-            _finish(outcome, result, started, log, done, len(todo))
+            _finish(outcome, result, submitted, log, done, len(todo))
     else:
         for outcome in (o for _, o in todo):
             outcome.action = "submitted"
