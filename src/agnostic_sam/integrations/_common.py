@@ -12,9 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from agnostic_sam.optim import AgnosticSAM
-from agnostic_sam.optim._base import SharpnessOptimizer
-from agnostic_sam.optim.split import split_sizes
+from agnostic_sam.optim import AgnosticSAM, SharpnessOptimizer, split_sizes
 
 __all__ = ["batch_len", "concat", "ensure_scale", "micro_closure", "run_step", "split", "take"]
 

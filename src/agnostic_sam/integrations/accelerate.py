@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from agnostic_sam.integrations._common import Batch, run_step
-from agnostic_sam.optim._base import SharpnessOptimizer
+from agnostic_sam.optim import SharpnessOptimizer
 
 __all__ = ["SharpnessStep"]
 

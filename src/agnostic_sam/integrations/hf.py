@@ -35,8 +35,8 @@ import torch
 from torch import Tensor
 
 from agnostic_sam.integrations._common import run_step
-from agnostic_sam.optim import SAM, AgnosticSAM, Plain
-from agnostic_sam.optim._base import SharpnessOptimizer
+from agnostic_sam.methods import create_optimizer, get_method, list_methods
+from agnostic_sam.optim import SharpnessOptimizer
 
 try:
     from transformers import Trainer
@@ -45,10 +45,9 @@ except ImportError as exc:  # pragma: no cover - the extra is missing
         "agnostic_sam.integrations.hf needs transformers: pip install 'agnostic-sam[transformers]'"
     ) from exc
 
-__all__ = ["SharpnessTrainer", "METHODS"]
+__all__ = ["SharpnessTrainer"]
 
 SPLIT_STATE = "agnostic_sam_split.pt"
-METHODS = ("agnostic-sam", "agnostic-sam-simpler", "sam", "asam", "plain")
 
 
 class _StepTaken:
@@ -78,8 +77,10 @@ class SharpnessTrainer(Trainer):
     """A `transformers.Trainer` with a sharpness-aware step.
 
     Args:
-        sharpness: ``"agnostic-sam"`` (Algorithm 1), ``"agnostic-sam-simpler"`` (Sec. 5.1),
-            ``"sam"``, ``"asam"`` (adaptive SAM) or ``"plain"`` (the base optimizer alone).
+        sharpness: a method of the registry (`agnostic_sam.methods`): ``"agnostic-sam"``
+            (Algorithm 1), ``"agnostic-sam-simpler"`` (Sec. 5.1), ``"sam"`` (ASAM with
+            ``sharpness_kwargs={"adaptive": True}``), ``"sgd"`` (the base optimizer alone, the
+            one-pass `Plain`, whatever the Trainer's base optimizer is) or one of your own.
         rho: SAM's radius; rho1, rho2: AgnosticSAM's radii.
         split_ratio: |B^t| / |B| for AgnosticSAM.
         split_seed: seed of the split generator ``self.split_generator``; its state is saved
@@ -101,8 +102,11 @@ class SharpnessTrainer(Trainer):
         sharpness_kwargs: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
-        if sharpness not in METHODS:
-            raise ValueError(f"invalid sharpness={sharpness!r}: expected one of {METHODS}")
+        try:
+            get_method(sharpness)
+        except ValueError:
+            raise ValueError(f"invalid sharpness={sharpness!r}: expected one of "
+                             f"{', '.join(list_methods())}") from None
         for name in ("_clip_grad_norm", "_get_grad_norm"):
             if not hasattr(Trainer, name):
                 raise ImportError(
@@ -142,15 +146,9 @@ class SharpnessTrainer(Trainer):
                 f"SharpnessTrainer wraps a torch.optim.Optimizer class, but args.optim={self.args.optim!r} "
                 f"gives {getattr(base, '__name__', base)!r}: use e.g. optim='adamw_torch' or 'sgd'"
             )
-        kw = {**base_kwargs, **self.sharpness_kwargs}
-        if self.sharpness.startswith("agnostic-sam"):
-            variant = "simpler" if self.sharpness.endswith("simpler") else "full"
-            self.optimizer = AgnosticSAM(groups, base, rho1=self.rho1, rho2=self.rho2, variant=variant, **kw)
-        elif self.sharpness in ("sam", "asam"):
-            kw.setdefault("adaptive", self.sharpness == "asam")
-            self.optimizer = SAM(groups, base, rho=self.rho, **kw)
-        else:
-            self.optimizer = Plain(groups, base, **kw)
+        radii = {"rho": self.rho, "rho1": self.rho1, "rho2": self.rho2}
+        self.optimizer = create_optimizer(self.sharpness, groups, base, base_kwargs, radii=radii,
+                                          **self.sharpness_kwargs)
         return self.optimizer
 
     def _sharpness_optimizer(self) -> tuple[SharpnessOptimizer, Any]:

@@ -21,8 +21,7 @@ import yaml
 
 from agnostic_sam.errors import UsageError
 from agnostic_sam.methods import BASE_OPTIMIZERS, get_method
-from agnostic_sam.optim import split_sizes
-from agnostic_sam.optim._base import PERTURBATIONS
+from agnostic_sam.optim import PERTURBATIONS, split_sizes
 from agnostic_sam.yamlio import read_yaml
 
 __all__ = [
