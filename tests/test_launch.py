@@ -140,6 +140,29 @@ def test_a_directory_holding_another_run_is_refused(tmp_path):
         launch([_cfg(out, max_steps=2, seed=7)], progress=False)
 
 
+def test_submitit_task_decides_resume_when_it_starts(tmp_path):
+    """What a requeued array task does, by the state it finds: a task preempted before its
+    first checkpoint starts afresh, a partial run resumes, a finished one is left as it is;
+    `checkpoint` requeues the same call."""
+    pytest.importorskip("submitit")
+    from agnostic_sam.launch import SubmititRun
+
+    out = tmp_path / "run"
+    cfg = _cfg(out, max_steps=4)
+    RunDir(out).path.mkdir()
+    RunDir(out).write_config(cfg)  # what a kill in the first epoch leaves
+    RunDir(out).write_metrics([])
+    task = SubmititRun()
+    assert task(cfg) == {"status": "finished", "error": None}
+    expected = _numbers(out)[0]
+    before = _mtimes(out)
+    assert task(cfg)["status"] == "finished" and _mtimes(out) == before  # finished: untouched
+    (out / "result.json").unlink()
+    assert task(cfg)["status"] == "finished" and _numbers(out)[0] == expected  # resumed
+    again = task.checkpoint(cfg)
+    assert again.function is task and again.args == (cfg,)
+
+
 # ----------------------------------------------------------------------------- configuration
 
 
