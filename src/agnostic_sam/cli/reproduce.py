@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from agnostic_sam.launch import add_launcher_arguments, launcher_from_args
 from agnostic_sam.reproduce.tables import STUDIES, TABLES
+from agnostic_sam.train.config import LOGGERS
 
 __all__ = ["register", "run"]
 
@@ -49,8 +51,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="replace every config's seeds (e.g. 0 for a single-seed pass)")
     p.add_argument("--tune-seeds", type=_seeds, default=None, metavar="S1,S2,..",
                    help="replace the seeds of the radius-tuning runs (digits studies)")
-    p.add_argument("--jobs", type=_jobs, default=1,
-                   help="runs trained at once, in worker processes (default 1); numbers do not depend on it")
+    p.add_argument("--jobs", type=_jobs, default=None,
+                   help="runs trained at once in local worker processes (--launcher local; default "
+                        "1, or one per GPU); numbers do not depend on it")
     p.add_argument("--threads", type=_jobs, default=None,
                    help="CPU threads per run (default 1)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
@@ -61,17 +64,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                       help="write the report from the runs already in --out; train nothing")
     p.add_argument("--smoke", action="store_true",
                    help="every run for 2 steps: *_mini models on synthetic data of the real shapes")
+    p.add_argument("--log", nargs="+", choices=LOGGERS, default=[],
+                   help="every run also logs to TensorBoard and/or Weights & Biases")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    add_launcher_arguments(p, jobs=False)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from agnostic_sam.reproduce import reproduce
 
+    launcher = launcher_from_args(args)
     reproduce(
         args.table, out=args.out, data_dir=args.data_dir, download=args.download, seeds=args.seeds,
         tune_seeds=args.tune_seeds, smoke=args.smoke, device=args.device, dry_run=args.dry_run,
-        report_only=args.report_only, jobs=args.jobs, threads=args.threads,
-        progress=args.progress and not args.smoke,
+        report_only=args.report_only, jobs=launcher.jobs or 1, threads=args.threads,
+        progress=args.progress and not args.smoke, launcher=launcher, log_to=args.log,
     )
     return 0

@@ -10,6 +10,7 @@ Layout under ``out`` (default ``runs/reproduce``)::
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -107,38 +108,17 @@ def _write_smoke_weights(overrides: dict[str, Any]) -> None:
         torch.save(model.state_dict(), path)
 
 
-def _launch(cfgs: list[Any], jobs: int, log: Callable[[str], None]) -> list[str]:
-    """Train ``cfgs``, ``jobs`` at a time, through `agnostic_sam.launch.run_one` (fixed thread
-    count; a diverged run is a result); the run directories that failed or diverged.
+def _launch(cfgs: list[Any], lc: Any, log: Callable[[str], None], *,
+            dry_run: bool = False) -> tuple[list[str], bool]:
+    """Train ``cfgs`` with the sweep launcher ``lc`` (`agnostic_sam.launch`: inline, local
+    workers that die with this process, or a SLURM job array); returns the run directories
+    that failed or diverged, and whether every run is done here (False after a dry run or a
+    SLURM submission that was not waited for)."""
+    from agnostic_sam.launch import launch
 
-    ``jobs == 1``: `agnostic_sam.launch.launch` inline, in this process. ``jobs > 1``: a pool of
-    ``jobs`` "spawn" worker processes, each training one run after another. Not the ``local``
-    launcher: it starts a fresh interpreter per run, about 4 s of imports each, which for the
-    digits studies' 1-8 s runs would double the wall time.
-    """
-    from agnostic_sam.launch import LauncherConfig, launch, run_one
-
-    if jobs == 1 or len(cfgs) <= 1:
-        summary = launch(cfgs, LauncherConfig(kind="inline"), log=log)
-        return [str(r.out) for r in summary.failed]
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-
-    failed: list[str] = []
-    start = time.perf_counter()
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=min(jobs, len(cfgs)), mp_context=context) as pool:
-        futures = {pool.submit(run_one, cfg): cfg for cfg in cfgs}
-        for k, future in enumerate(as_completed(futures), 1):
-            cfg = futures[future]
-            exc = future.exception()
-            outcome = ({"status": "error", "error": f"{type(exc).__name__}: {exc}"}
-                       if exc is not None else future.result())
-            if outcome["status"] != "finished":
-                failed.append(str(cfg.out))
-            what = outcome["status"] + (f": {outcome['error']}" if outcome.get("error") else "")
-            log(f"[{k}/{len(cfgs)}] {Path(cfg.out).name} -> {what} ({time.perf_counter() - start:.0f} s)")
-    return failed
+    summary = launch(cfgs, lc, dry_run=dry_run, log=log)
+    done = not any(r.action in ("planned", "submitted", "queued") for r in summary.runs)
+    return [str(r.out) for r in summary.failed], done
 
 
 def _train_runs(
@@ -150,19 +130,23 @@ def _train_runs(
     download: bool,
     device: str,
     progress: bool,
-    jobs: int,
+    launcher: Any,
     threads: int | None,
+    log_to: list[str],
     label: str,
     log: Callable[[str], None],
-) -> list[str]:
-    """Train the runs of ``todo`` not finished yet (resuming partial ones); the failed ones."""
+    dry_run: bool = False,
+) -> tuple[list[str], bool]:
+    """Train the runs of ``todo`` not finished yet (resuming partial ones) with ``launcher``;
+    the failed ones, and whether all are done (see `_launch`)."""
     from agnostic_sam.train import load_config
 
     runs_root = out / "runs"
     effective = {run.run_id: _effective(run, out) for run in todo}
     states = {rid: run_state(runs_root / rid, overrides) for rid, overrides in effective.items()}
-    check_data([r for r in todo if states[r.run_id] in ("new", "partial")],
-               data_dir=data_dir, download=download)
+    if not dry_run:  # before anything is submitted: --download fetches on this (login) node
+        check_data([r for r in todo if states[r.run_id] in ("new", "partial")],
+                   data_dir=data_dir, download=download)
     # run id -> the cells it feeds (a run id costs a resolved config: computed once per run)
     cells_of: dict[str, set[str]] = {}
     for r in runs:
@@ -173,20 +157,24 @@ def _train_runs(
         state = states[run.run_id]
         cells = ", ".join(sorted(cells_of.get(run.run_id, ()))) or f"tune {run.cell} r={run.radius:g}"
         if state in ("complete", "failed", "running"):
-            log(f"[{label}{i}/{len(todo)}] {state:<8} {run.run_id} ({cells})")
+            if not dry_run:
+                log(f"[{label}{i}/{len(todo)}] {state:<8} {run.run_id} ({cells})")
             continue
-        log(f"[{label}{i}/{len(todo)}] {'resume' if state == 'partial' else 'train '}   {run.run_id} ({cells})")
+        if not dry_run:
+            what = "resume" if state == "partial" else "train "
+            log(f"[{label}{i}/{len(todo)}] {what}   {run.run_id} ({cells})")
         overrides = effective[run.run_id]
-        if run.overrides.get("weights") == SMOKE_WEIGHTS:
+        if run.overrides.get("weights") == SMOKE_WEIGHTS and not dry_run:
             _write_smoke_weights(overrides)
         # one thread per run unless told otherwise: with --jobs N the N runs share the cores,
         # and the numbers do not depend on N (threads is not part of a run's identity)
         cfgs.append(load_config(None, {
             **overrides, "out": str(runs_root / run.run_id), "resume": state == "partial",
             "device": device, "data_dir": data_dir, "download": download,
-            "progress": progress and jobs == 1, "threads": threads or 1,
+            "progress": progress and launcher.kind == "inline", "threads": threads or 1,
+            "log": list(log_to),
         }))
-    return _launch(cfgs, jobs, log)
+    return _launch(cfgs, launcher, log, dry_run=dry_run)
 
 
 def reproduce(
@@ -204,6 +192,8 @@ def reproduce(
     jobs: int = 1,
     threads: int | None = None,
     progress: bool = True,
+    launcher: Any = None,
+    log_to: list[str] | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any] | None:
     """Train every run of ``table`` (a paper table, ``all``, or a digits study), then report.
@@ -211,14 +201,24 @@ def reproduce(
     Finished runs (result.json present, config matching) are skipped, partial ones resumed from
     their checkpoint. A study with tuned radii (``STUDIES``) first trains the held-out tuning
     runs, chooses each tuned cell's radius (`agnostic_sam.reproduce.tuning`), then trains the
-    final runs. ``jobs`` runs train at once, each with ``threads`` CPU threads (default 1).
-    ``dry_run`` only logs the plan (tuned final runs whose tuning has not finished are listed
-    as pending) and returns None; ``report_only`` writes the report from whatever runs exist.
-    Returns the report dict.
+    final runs. Runs train with ``launcher`` (an `agnostic_sam.launch.LauncherConfig`: inline,
+    local worker processes, or a SLURM job array through submitit); without one, ``jobs`` > 1
+    means that many local workers. Each run uses ``threads`` CPU threads (default 1) and logs
+    to ``log_to`` (tensorboard, wandb). ``dry_run`` only logs the plan (tuned final runs whose
+    tuning has not finished are listed as pending; with a launcher other than inline also what
+    it would start, e.g. the job array) and returns None; ``report_only`` writes the report
+    from whatever runs exist. A SLURM submission that is not waited for returns None: run the
+    same command again when its jobs have ended (finished runs are skipped). Returns the
+    report dict.
     """
+    from agnostic_sam.launch import LauncherConfig
+
     if not isinstance(jobs, int) or jobs < 1:
         raise UsageError(f"--jobs must be an integer >= 1, got {jobs!r}")
+    lc = launcher or (LauncherConfig(kind="local", jobs=jobs) if jobs > 1 else LauncherConfig())
     out = Path(out)
+    if lc.kind == "slurm" and lc.folder is None:
+        lc = dataclasses.replace(lc, folder=str(out / "submitit"))
     runs_root = out / "runs"
     runs = plan(table, seeds=seeds, smoke=smoke)
     for run in runs:  # the device is part of a run's identity (rundir.IDENTITY_FIELDS)
@@ -226,24 +226,37 @@ def reproduce(
     spec = spec_of(table) if table in STUDIES else None
     tune_runs = tune_plan(runs, spec, seeds=tune_seeds) if spec is not None else []
     resolve(runs, choose(tune_runs, runs_root), spec)
+    common = dict(out=out, data_dir=data_dir, download=download, device=device,
+                  progress=progress, launcher=lc, threads=threads, log_to=log_to or [], log=log)
     if dry_run:
         log(format_plan(runs, tune_runs))
+        if lc.kind != "inline":  # what the launcher would start: the first phase's runs
+            first = unique_runs(tune_runs) if tune_runs else unique_runs(runs)
+            _train_runs(first, runs, label="", dry_run=True, **common)
         return None
     timings: dict[str, float] = {}
     failed: list[str] = []
-    common = dict(out=out, data_dir=data_dir, download=download, device=device,
-                  progress=progress, jobs=jobs, threads=threads, log=log)
     if not report_only:
         if tune_runs:
             start = time.perf_counter()
-            failed += _train_runs(unique_runs(tune_runs), runs, label="tune ", **common)
+            tune_failed, done = _train_runs(unique_runs(tune_runs), runs, label="tune ", **common)
+            failed += tune_failed
+            if not done:
+                log(f"{len(unique_runs(tune_runs))} tuning runs submitted; the final runs follow "
+                    "once they have finished: run the same command again")
+                return None
             timings["tuning_seconds"] = time.perf_counter() - start
             resolve(runs, choose(tune_runs, runs_root), spec)
             pending = sorted({r.cell for r in runs if r.pending})
             if pending:
                 log(f"no radius chosen for {len(pending)} cells (a tuning run failed): {', '.join(pending)}")
         start = time.perf_counter()
-        failed += _train_runs(unique_runs(runs), runs, label="", **common)
+        final_failed, done = _train_runs(unique_runs(runs), runs, label="", **common)
+        failed += final_failed
+        if not done:
+            log(f"{len(unique_runs(runs))} runs submitted; when they have finished, build the "
+                "report with the same command and --report-only")
+            return None
         timings["final_seconds"] = time.perf_counter() - start
     choices = choose(tune_runs, runs_root)
     report = build_report(runs, runs_root, spec=spec, choices=choices)
