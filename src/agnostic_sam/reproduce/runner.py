@@ -103,7 +103,10 @@ def _write_smoke_weights(overrides: dict[str, Any]) -> None:
     path = Path(overrides["weights"])
     if not path.exists():
         size = overrides.get("image_size") or 32
-        model = create_model(overrides["model"], num_classes=1000, in_channels=3, image_size=size)
+        with torch.random.fork_rng(devices=[]):  # the same stand-in weights in every sweep
+            torch.manual_seed(0)
+            model = create_model(overrides["model"], num_classes=1000, in_channels=3,
+                                 image_size=size)
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(model.state_dict(), path)
 
