@@ -37,14 +37,15 @@ def test_reproduce_smoke_local_workers_equal_inline(tmp_path) -> None:
 
 @pytest.mark.slow
 def test_compare_local_workers_equal_inline(tmp_path) -> None:
-    common = ["compare", "--optimizers", "sgd", "agnostic-sam", "--seeds", "0", "1", "--epochs", "1",
-              "--max-steps", "5", "--model", "mlp_mini", "--no-progress"]
+    common = ["compare", "--optimizers", "sgd", "agnostic-sam", "--seeds", "0", "1",
+              "--epochs", "1", "--max-steps", "5", "--model", "mlp_mini", "--no-progress"]
     assert main([*common, "--launcher", "inline", "--out", str(tmp_path / "inline")]) == 0
-    assert main([*common, "--launcher", "local", "--jobs", "2", "--out", str(tmp_path / "local")]) == 0
+    local = ["--launcher", "local", "--jobs", "2", "--out", str(tmp_path / "local")]
+    assert main([*common, *local]) == 0
     for method in ("sgd", "agnostic-sam"):
         for seed in (0, 1):
-            a = torch.load(tmp_path / "inline" / method / f"seed{seed}" / "checkpoint.pt", weights_only=True)
-            b = torch.load(tmp_path / "local" / method / f"seed{seed}" / "checkpoint.pt", weights_only=True)
+            a, b = (torch.load(tmp_path / kind / method / f"seed{seed}" / "checkpoint.pt",
+                               weights_only=True) for kind in ("inline", "local"))
             assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
             timeless = [[{k: v for k, v in m.items() if k != "epoch_seconds"} for m in c["metrics"]]
                         for c in (a, b)]

@@ -94,7 +94,8 @@ def _plan(
     return runs
 
 
-def _execute(runs: list[PlannedRun], cc: CompareConfig, *, dry_run: bool, report_only: bool) -> bool:
+def _execute(runs: list[PlannedRun], cc: CompareConfig, *, dry_run: bool,
+             report_only: bool) -> bool:
     """Train what is not finished yet with the comparison's launcher (finished runs are
     skipped, partial ones resumed). True when every run is done: False after a dry run or a
     submission to SLURM that was not waited for (run the same command again when it ends)."""
@@ -131,7 +132,8 @@ def _tune_grid(cc: CompareConfig, tunable: list[str], runs: list[PlannedRun]) ->
             mine = [x for x in runs if x.optimizer == o and x.radius == r]
             states = [_status(x) for x in mine]
             ok = all(s == "finished" for s in states)
-            accs = [float(RunDir(x.cfg.out).read_result()["final_test_acc"]) for x in mine] if ok else []
+            accs = [float(RunDir(x.cfg.out).read_result()["final_test_acc"]) for x in mine]
+            accs = accs if ok else []
             grid[o][r] = summarize(accs) if ok else Summary(math.nan, math.nan, 0)
             diverged[o][r] = states.count("diverged")
     return {

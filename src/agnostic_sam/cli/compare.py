@@ -3,7 +3,8 @@
 Every `agnostic-sam train` flag applies to all runs; `--optimizers`, `--seeds`, `--jobs`,
 `--tune`, `--rho2-ratio` and `--hessian` (or the same keys in `--config FILE.yaml`) shape the
 comparison; `--launcher inline|local|slurm` (or a `launcher:` mapping in the YAML) says where the
-runs train, `--dry-run` shows the plan and `--report-only` reports what has finished. `--out` is the comparison folder (runs go to OUT/<optimizer>/seed<k>/).
+runs train, `--dry-run` shows the plan and `--report-only` reports what has finished. `--out` is
+the comparison folder (runs go to OUT/<optimizer>/seed<k>/).
 """
 
 from __future__ import annotations
