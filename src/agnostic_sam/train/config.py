@@ -162,6 +162,13 @@ def validate_config(cfg: TrainConfig) -> TrainConfig:
         method = get_method(cfg.optimizer)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    _check_choices(cfg)
+    _check_numbers(cfg)
+    _check_sizes(cfg, method.splits_batch)
+    return cfg
+
+
+def _check_choices(cfg: TrainConfig) -> None:
     for key, value, choices in (("split", cfg.split, SPLITS), ("amp mode", cfg.amp, AMP_MODES),
                                 ("perturbation", cfg.perturbation, PERTURBATIONS),
                                 ("base optimizer", cfg.base_optimizer, tuple(BASE_OPTIMIZERS))):
@@ -174,6 +181,10 @@ def validate_config(cfg: TrainConfig) -> TrainConfig:
         raise UsageError(f"unknown device '{cfg.device}'; use auto, cpu, cuda, cuda:N or mps")
     if cfg.out is not None and not cfg.out.strip():
         raise UsageError("--out must name a directory, got an empty string")
+
+
+def _check_numbers(cfg: TrainConfig) -> None:
+    """Every real-valued setting finite and in its range."""
     inf = math.inf
     for key in ("rho", "rho1", "rho2"):
         value = getattr(cfg, key)
@@ -194,6 +205,10 @@ def validate_config(cfg: TrainConfig) -> TrainConfig:
         raise UsageError("nesterov needs momentum > 0, got momentum 0")
     if not 0 <= cfg.seed < MAX_SEED:
         raise UsageError(f"seed must be in [0, 2**32), got {cfg.seed}")
+
+
+def _check_sizes(cfg: TrainConfig, splits_batch: bool) -> None:
+    """Counts and sizes: positive, below what any run here can use, and a batch that splits."""
     for key, high in (("epochs", 10**6), ("batch_size", 10**7), ("accumulate", 10**6),
                       ("threads", 4096), ("max_steps", 10**12), ("image_size", MAX_IMAGE_SIZE),
                       ("num_classes", 10**6), ("train_size", 10**8), ("test_size", 10**8)):
@@ -210,7 +225,7 @@ def validate_config(cfg: TrainConfig) -> TrainConfig:
                 raise UsageError(
                     f"{key} applies to the synthetic data set only, not {cfg.dataset!r}"
                 )
-    if method.splits_batch:
+    if splits_batch:
         try:
             n_t, n_v = split_sizes(cfg.batch_size, cfg.split_ratio)
         except ValueError as exc:
@@ -222,7 +237,6 @@ def validate_config(cfg: TrainConfig) -> TrainConfig:
             )
     elif cfg.batch_size < cfg.accumulate:
         raise UsageError(f"accumulate {cfg.accumulate} exceeds batch_size {cfg.batch_size}")
-    return cfg
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
