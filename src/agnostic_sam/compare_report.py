@@ -54,6 +54,7 @@ def summaries(
             ),
             "per_seed": final,
             "curves": [v["curve"] for v in read.values()],
+            "runs": [str(r.cfg.out) for r in mine],  # each cell's run directories
         }
         if eigen is not None:
             entry["top_eigenvalue"] = summarize([eigen(r.cfg.out) for r in mine])
@@ -131,7 +132,20 @@ def markdown(
         for name, grid in tuning["grid"].items():
             cells = " | ".join(format_mean_std(grid[r]) if grid[r].n else "diverged" for r in cands)
             lines.append(f"| {name} | {cells} | {tuning['chosen'][name]:g} |")
+    root = Path(cc.train.out)
+    lines += ["", "## Runs", ""]
+    for name, e in summaries.items():
+        links = ", ".join(f"[{Path(r).name}]({_relative(r, root)})" for r in e["runs"])
+        lines.append(f"- {name}: {links}")
     return "\n".join(lines) + "\n"
+
+
+def _relative(run_dir: str, root: Path) -> str:
+    """The run directory as a link relative to the report (absolute when outside it)."""
+    try:
+        return str(Path(run_dir).resolve().relative_to(root.resolve()))
+    except ValueError:
+        return str(Path(run_dir).resolve())
 
 
 def jsonable(value: Any) -> Any:
