@@ -2,7 +2,8 @@
 
 Layout under ``out`` (default ``runs/reproduce``)::
 
-    out/runs/<run id>/      one training run (config.yaml, metrics.jsonl, result.json, checkpoint.pt)
+    out/runs/<run id>/      one training run (config.yaml, metrics.jsonl, result.json,
+                            checkpoint.pt)
     out/report.md           the paper's numbers next to ours, one table per paper table
     out/report.json         the same as data
     out/smoke_weights/      --smoke only: *_mini state dicts standing in for pretrained weights
@@ -158,7 +159,8 @@ def _train_runs(
     cfgs = []
     for i, run in enumerate(todo, 1):
         state = states[run.run_id]
-        cells = ", ".join(sorted(cells_of.get(run.run_id, ()))) or f"tune {run.cell} r={run.radius:g}"
+        cells = (", ".join(sorted(cells_of.get(run.run_id, ())))
+                 or f"tune {run.cell} r={run.radius:g}")
         if state in ("complete", "failed", "running"):
             if not dry_run:
                 log(f"[{label}{i}/{len(todo)}] {state:<8} {run.run_id} ({cells})")
@@ -239,28 +241,32 @@ def reproduce(
         return None
     timings: dict[str, float] = {}
     failed: list[str] = []
+
+    def phase(todo: list[Run], label: str, key: str, waiting: str) -> bool:
+        """Train one phase; False when its runs were submitted and not waited for."""
+        start = time.perf_counter()
+        phase_failed, done = _train_runs(todo, runs, label=label, **common)
+        failed.extend(phase_failed)
+        if not done:
+            log(f"{len(todo)} {waiting}")
+        timings[key] = time.perf_counter() - start
+        return done
+
     if not report_only:
         if tune_runs:
-            start = time.perf_counter()
-            tune_failed, done = _train_runs(unique_runs(tune_runs), runs, label="tune ", **common)
-            failed += tune_failed
-            if not done:
-                log(f"{len(unique_runs(tune_runs))} tuning runs submitted; the final runs follow "
-                    "once they have finished: run the same command again")
+            if not phase(unique_runs(tune_runs), "tune ", "tuning_seconds",
+                         "tuning runs submitted; the final runs follow once they have "
+                         "finished: run the same command again"):
                 return None
-            timings["tuning_seconds"] = time.perf_counter() - start
             resolve(runs, choose(tune_runs, runs_root), spec)
             pending = sorted({r.cell for r in runs if r.pending})
             if pending:
-                log(f"no radius chosen for {len(pending)} cells (a tuning run failed): {', '.join(pending)}")
-        start = time.perf_counter()
-        final_failed, done = _train_runs(unique_runs(runs), runs, label="", **common)
-        failed += final_failed
-        if not done:
-            log(f"{len(unique_runs(runs))} runs submitted; when they have finished, build the "
-                "report with the same command and --report-only")
+                log(f"no radius chosen for {len(pending)} cells (a tuning run failed): "
+                    f"{', '.join(pending)}")
+        if not phase(unique_runs(runs), "", "final_seconds",
+                     "runs submitted; when they have finished, build the report with the "
+                     "same command and --report-only"):
             return None
-        timings["final_seconds"] = time.perf_counter() - start
     choices = choose(tune_runs, runs_root)
     report = build_report(runs, runs_root, spec=spec, choices=choices)
     report["smoke"] = smoke
