@@ -57,9 +57,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from agnostic_sam.errors import UsageError
+from agnostic_sam.yamlio import read_yaml
 
 __all__ = [
     "CONFIG_DIR",
@@ -215,9 +214,7 @@ def _linked(values: list[Any]) -> bool:
 def parse_spec(path: Path) -> TableSpec:
     """One config file, checked: unknown keys, non-TrainConfig fields and unknown methods raise
     UsageError naming the file and the key."""
-    data = yaml.safe_load(path.read_text())
-    if not isinstance(data, dict):
-        raise UsageError(f"reproduce config {path.name} must hold a mapping")
+    data = read_yaml(path, what="reproduce config")  # the strict reader: a mapping or UsageError
     unknown = set(data) - _SPEC_KEYS
     if unknown:
         raise _fail(path, f"unknown key '{sorted(unknown)[0]}'")
