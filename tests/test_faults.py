@@ -46,7 +46,8 @@ def _install():
     mode = os.environ.get("FAULT")
     mark = Path(os.environ.get("FAULT_MARK", os.devnull))
     if mode == "hang-replace":
-        target, nth, real, count = os.environ["FAULT_TARGET"], int(os.environ["FAULT_CALL"]), os.replace, [0]
+        target, nth, real, count = (os.environ["FAULT_TARGET"], int(os.environ["FAULT_CALL"]),
+                                    os.replace, [0])
         def replace(src, dst, *args, **kwargs):
             if os.path.basename(os.fspath(dst)) == target:
                 count[0] += 1
@@ -96,7 +97,8 @@ def command(*args: str) -> list[str]:
     return [sys.executable, "-c", HOOK, *args]
 
 
-def run(*args: str, timeout: float = 300, preexec_fn=None, **fault: str) -> subprocess.CompletedProcess:
+def run(*args: str, timeout: float = 300, preexec_fn=None,
+        **fault: str) -> subprocess.CompletedProcess:
     return subprocess.run(command(*args), env=env(**fault), capture_output=True, text=True,
                           timeout=timeout, preexec_fn=preexec_fn)
 
@@ -309,7 +311,8 @@ def test_a_full_disk_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, ref
 
 # --- divergence is a failed run -------------------------------------------------------------------
 
-DIVERGED = re.compile(r"^agnostic-sam: error: training diverged at epoch (\d+), step (\d+): .*; lower --lr$")
+DIVERGED = re.compile(r"^agnostic-sam: error: training diverged at epoch (\d+), step (\d+): .*; "
+                      r"lower --lr$")
 
 
 @pytest.mark.parametrize("amp", ["none", "fp16"])
@@ -324,7 +327,8 @@ def test_a_huge_lr_diverges_with_exit_3_and_strict_json(tmp_path, amp):
     assert result["status"] == "diverged" and result["final_test_acc"] is None
     assert result["epochs_completed"] == int(match.group(1)) - 1
     if (out / "checkpoint.pt").exists():  # the last good epoch, and result.json names it
-        assert checkpoint(out)["epoch"] == result["last_good_checkpoint_epoch"] == int(match.group(1)) - 1
+        assert (checkpoint(out)["epoch"] == result["last_good_checkpoint_epoch"]
+                == int(match.group(1)) - 1)
     else:
         assert result["last_good_checkpoint_epoch"] is None
     assert temps(out) == [] and not (out / ".lock").exists()
@@ -389,7 +393,8 @@ def test_kill_9_of_compare_jobs_2_leaves_no_process(tmp_path):
         deadline = time.monotonic() + START_TIMEOUT
         while True:  # until both workers train (each has written its run's config.yaml)
             if proc.poll() is not None:
-                pytest.fail(f"compare exited with {proc.returncode}: {proc.communicate()[1][-3000:]}")
+                pytest.fail(f"compare exited with {proc.returncode}: "
+                            f"{proc.communicate()[1][-3000:]}")
             tree |= descendants(proc.pid)
             if len(list(out.glob("*/*/config.yaml"))) >= 2 and len(tree) >= 2:
                 break

@@ -50,7 +50,8 @@ def _opt(kind, params, **kw):
     return AgnosticSAM(params, torch.optim.SGD, lr=0.1, momentum=0.9, rho1=0.1, rho2=0.05, **kw)
 
 
-def _run(kind="agnostic", *, micro=BATCH, accum=1, mixed_precision="no", grad_scaler=None, max_grad_norm=None,
+def _run(kind="agnostic", *, micro=BATCH, accum=1, mixed_precision="no", grad_scaler=None,
+         max_grad_norm=None,
          sched=False, steps=STEPS):
     acc = Accelerator(cpu=True, mixed_precision=mixed_precision, gradient_accumulation_steps=accum)
     if grad_scaler is not None:
@@ -58,7 +59,8 @@ def _run(kind="agnostic", *, micro=BATCH, accum=1, mixed_precision="no", grad_sc
     net = _net()
     opt = _opt(kind, net.parameters())
     x, y = _data(steps * BATCH)
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=micro, shuffle=False)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=micro,
+                                         shuffle=False)
     sch = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5) if sched else None
     if sch is not None:
         model, opt, loader, sch = acc.prepare(net, opt, loader, sch)
@@ -76,7 +78,8 @@ def _run(kind="agnostic", *, micro=BATCH, accum=1, mixed_precision="no", grad_sc
     return net, opt, sch
 
 
-def _reference(kind="agnostic", *, micro_batches=1, autocast=None, loss_scaler=None, max_grad_norm=None,
+def _reference(kind="agnostic", *, micro_batches=1, autocast=None, loss_scaler=None,
+               max_grad_norm=None,
                sched=False, steps=STEPS):
     net = _net()
     opt = _opt(kind, net.parameters(), loss_scaler=loss_scaler, max_grad_norm=max_grad_norm)
@@ -137,7 +140,8 @@ def test_max_grad_norm_clips_the_final_gradient():
     net, _, _ = _run(max_grad_norm=0.05)
     clipped = _reference(max_grad_norm=0.05)
     _assert_close(net, clipped)
-    assert any((a - b).abs().max() > 1e-3 for a, b in zip(clipped.state_dict().values(), _reference().state_dict().values()))
+    assert any((a - b).abs().max() > 1e-3 for a, b in zip(clipped.state_dict().values(),
+                                                          _reference().state_dict().values()))
 
 
 def test_prepared_scheduler_steps_once_per_optimizer_step():
@@ -215,7 +219,8 @@ WORLD = 2
 def _ddp_worker(rank: int, port: int, kind: str, out: str) -> None:
     import os
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(WORLD),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(WORLD))
     torch.set_num_threads(1)
     acc = Accelerator(cpu=True, gradient_accumulation_steps=2)
@@ -231,7 +236,8 @@ def _ddp_worker(rank: int, port: int, kind: str, out: str) -> None:
             with acc.accumulate(model):
                 step((x[a:b], y[a:b]))
     if rank == 0:
-        torch.save({"state": net.state_dict(), "type": str(acc.distributed_type), "ddp": type(model).__name__}, out)
+        torch.save({"state": net.state_dict(), "type": str(acc.distributed_type),
+                    "ddp": type(model).__name__}, out)
     acc.end_training()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
@@ -254,7 +260,8 @@ def _ddp_reference(kind: str):
             t, v = perm[:round(0.7 * shard)], perm[round(0.7 * shard):]
             x_t, y_t = torch.cat([a[t] for a in xs]), torch.cat([b[t] for b in ys])
             x_v, y_v = torch.cat([a[v] for a in xs]), torch.cat([b[v] for b in ys])
-            opt.step(accumulate(f, (x_t, y_t), 1, opt.backward), accumulate(f, (x_v, y_v), 1, opt.backward))
+            opt.step(accumulate(f, (x_t, y_t), 1, opt.backward),
+                     accumulate(f, (x_v, y_v), 1, opt.backward))
         else:
             opt.step(accumulate(f, (torch.cat(xs), torch.cat(ys)), 1, opt.backward))
     return net

@@ -26,7 +26,8 @@ STEPS, BATCH, DIM = 20, 32, 6
 class TinyConfig(PretrainedConfig):
     model_type = "agnostic-sam-tiny"
 
-    def __init__(self, dim: int = DIM, hidden: int = 16, classes: int = 3, loss_mult: float = 1.0, **kwargs):
+    def __init__(self, dim: int = DIM, hidden: int = 16, classes: int = 3, loss_mult: float = 1.0,
+                 **kwargs):
         self.dim, self.hidden, self.classes, self.loss_mult = dim, hidden, classes, loss_mult
         super().__init__(**kwargs)
 
@@ -36,7 +37,8 @@ class TinyModel(PreTrainedModel):
 
     def __init__(self, config: TinyConfig):
         super().__init__(config)
-        self.net = nn.Sequential(nn.Linear(config.dim, config.hidden), nn.Tanh(), nn.Linear(config.hidden, config.classes))
+        self.net = nn.Sequential(nn.Linear(config.dim, config.hidden), nn.Tanh(),
+                                 nn.Linear(config.hidden, config.classes))
 
     def forward(self, x, labels=None):
         logits = self.net(x)
@@ -75,7 +77,8 @@ def _model(loss_mult=1.0):
     return m
 
 
-def _train(tmp_path, *, sharpness="agnostic-sam", micro=BATCH, accum=1, steps=STEPS, scheduler="constant",
+def _train(tmp_path, *, sharpness="agnostic-sam", micro=BATCH, accum=1, steps=STEPS,
+           scheduler="constant",
            max_grad_norm=0.0, grad_scaler=None, loss_mult=1.0, stop_at=None, resume=None,
            momentum_args=False, **kw):
     kw.setdefault("save_strategy", "no")
@@ -89,7 +92,8 @@ def _train(tmp_path, *, sharpness="agnostic-sam", micro=BATCH, accum=1, steps=ST
         train_sampling_strategy="sequential", dataloader_drop_last=True, seed=0, **kw,
     )
     model = _model(loss_mult)
-    trainer = SharpnessTrainer(model=model, args=args, train_dataset=_Dataset(), sharpness=sharpness,
+    trainer = SharpnessTrainer(model=model, args=args, train_dataset=_Dataset(),
+                               sharpness=sharpness,
                                rho=0.05, rho1=0.1, rho2=0.05, split_ratio=0.7, split_seed=0)
     if grad_scaler is not None:
         trainer.accelerator.scaler = grad_scaler
@@ -110,7 +114,8 @@ class _StopAt(transformers.TrainerCallback):
             control.should_training_stop = True
 
 
-def _reference(kind="agnostic-sam", *, micro_batches=1, steps=STEPS, autocast=None, loss_scaler=None,
+def _reference(kind="agnostic-sam", *, micro_batches=1, steps=STEPS, autocast=None,
+               loss_scaler=None,
                max_grad_norm=None, lr_lambda=None):
     net = nn.Sequential(nn.Linear(DIM, 16), nn.Tanh(), nn.Linear(16, 3))
     net.load_state_dict(_init_state())
@@ -174,7 +179,8 @@ def test_fp16_grad_scaler_path_equals_loss_scaler_path(tmp_path):
 def test_fp16_overflow_skips_the_step_and_the_scheduler(tmp_path):
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     # An infinite loss: every gradient overflows, every step is skipped and the scale backs off.
-    trainer, model = _train(tmp_path, grad_scaler=scaler, steps=3, scheduler="linear", loss_mult=float("inf"))
+    trainer, model = _train(tmp_path, grad_scaler=scaler, steps=3, scheduler="linear",
+                            loss_mult=float("inf"))
     assert scaler.get_scale() == 2.0**7 and trainer.state.global_step == 3
     _assert_close(model, _reference(steps=0))
     assert trainer.lr_scheduler.last_epoch == 0
@@ -194,13 +200,15 @@ def test_max_grad_norm_clips_the_final_gradient(tmp_path):
     clipped = _reference(max_grad_norm=0.05)
     _assert_close(model, clipped)
     unclipped = _reference()
-    assert any((a - b).abs().max() > 1e-3 for a, b in zip(clipped.state_dict().values(), unclipped.state_dict().values()))
+    assert any((a - b).abs().max() > 1e-3 for a, b in zip(clipped.state_dict().values(),
+                                                          unclipped.state_dict().values()))
 
 
 def test_trainer_lr_scheduler_steps_once_per_optimizer_step(tmp_path):
     trainer, model = _train(tmp_path, micro=16, accum=2, scheduler="linear")
     assert trainer.state.global_step == STEPS
-    _assert_close(model, _reference(micro_batches=2, lr_lambda=lambda s: max(0.0, (STEPS - s) / STEPS)))
+    _assert_close(model,
+                  _reference(micro_batches=2, lr_lambda=lambda s: max(0.0, (STEPS - s) / STEPS)))
 
 
 def test_refuses_a_foreign_optimizer(tmp_path):
@@ -234,8 +242,10 @@ def test_invalid_method_name():
 def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path):
     # The optimizer state (momentum) and the split generator are in the checkpoint.
     _, full = _train(tmp_path / "full", steps=STEPS, momentum_args=True)
-    _train(tmp_path / "cut", steps=STEPS, save_strategy="steps", save_steps=10, stop_at=10, momentum_args=True)
-    _, resumed = _train(tmp_path / "cut", steps=STEPS, resume=str(tmp_path / "cut" / "checkpoint-10"), momentum_args=True)
+    _train(tmp_path / "cut", steps=STEPS, save_strategy="steps", save_steps=10, stop_at=10,
+           momentum_args=True)
+    _, resumed = _train(tmp_path / "cut", steps=STEPS,
+                        resume=str(tmp_path / "cut" / "checkpoint-10"), momentum_args=True)
     _assert_close(resumed, full.net)
 
 
@@ -244,13 +254,16 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path):
 def _ddp_worker(rank: int, port: int, out: str) -> None:
     import os
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE="2",
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2")
     torch.set_num_threads(1)
     import pathlib
-    trainer, model = _train(pathlib.Path(out).parent / f"run{rank}", micro=8, accum=2, ddp_backend="gloo")
+    trainer, model = _train(pathlib.Path(out).parent / f"run{rank}", micro=8, accum=2,
+                            ddp_backend="gloo")
     if rank == 0:
-        torch.save({"state": model.net.state_dict(), "type": str(trainer.accelerator.distributed_type),
+        torch.save({"state": model.net.state_dict(),
+                    "type": str(trainer.accelerator.distributed_type),
                     "steps": trainer.state.global_step}, out)
 
 
@@ -278,10 +291,12 @@ def test_ddp_two_processes_equal_one_process(tmp_path):
     x, y = _data()
     f = lambda xb, yb: F.cross_entropy(net(xb), yb)  # noqa: E731
     for i in range(STEPS):
-        idx = [torch.cat([torch.arange(8) + i * BATCH + 8 * r, torch.arange(8) + i * BATCH + 16 + 8 * r]) for r in range(2)]
+        idx = [torch.cat([torch.arange(8) + i * BATCH + 8 * r,
+                          torch.arange(8) + i * BATCH + 16 + 8 * r]) for r in range(2)]
         perm = torch.randperm(16, generator=gen)
         t = torch.cat([ix[perm[:11]] for ix in idx])
         v = torch.cat([ix[perm[11:]] for ix in idx])
-        opt.step(accumulate(f, (x[t], y[t]), 1, opt.backward), accumulate(f, (x[v], y[v]), 1, opt.backward))
+        opt.step(accumulate(f, (x[t], y[t]), 1, opt.backward),
+                 accumulate(f, (x[v], y[v]), 1, opt.backward))
     for (name, a), b in zip(saved["state"].items(), net.state_dict().values()):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0, msg=name)

@@ -36,7 +36,8 @@ def _make_opt(kind: str, params, **kw):
     if kind == "agnostic":
         return AgnosticSAM(params, torch.optim.SGD, lr=0.1, momentum=0.9, rho1=0.1, rho2=0.05, **kw)
     if kind == "simpler":
-        return AgnosticSAM(params, torch.optim.SGD, lr=0.1, rho1=0.1, rho2=0.05, variant="simpler", **kw)
+        return AgnosticSAM(params, torch.optim.SGD, lr=0.1, rho1=0.1, rho2=0.05, variant="simpler",
+                           **kw)
     if kind == "sam":
         return SAM(params, torch.optim.AdamW, lr=0.01, rho=0.05, weight_decay=0.01, **kw)
     return Plain(params, torch.optim.SGD, lr=0.1, **kw)
@@ -63,13 +64,16 @@ class Lit(SharpnessAwareMixin, L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
-def _fit(module, *, micro: int = BATCH, steps: int = STEPS, accumulate_grad_batches: int = 1, devices: int = 1,
+def _fit(module, *, micro: int = BATCH, steps: int = STEPS, accumulate_grad_batches: int = 1,
+         devices: int = 1,
          sampler=None, **trainer_kw):
     x, y = _data()
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=micro, shuffle=False,
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=micro,
+                                         shuffle=False,
                                          sampler=sampler)
     trainer = L.Trainer(
-        accelerator="cpu", devices=devices, max_steps=steps, logger=False, enable_checkpointing=False,
+        accelerator="cpu", devices=devices, max_steps=steps, logger=False,
+        enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
         accumulate_grad_batches=accumulate_grad_batches, **trainer_kw,
     )
@@ -79,7 +83,8 @@ def _fit(module, *, micro: int = BATCH, steps: int = STEPS, accumulate_grad_batc
     return trainer
 
 
-def _reference(kind: str, *, micro_batches: int = 1, autocast=None, loss_scaler=None, steps: int = STEPS,
+def _reference(kind: str, *, micro_batches: int = 1, autocast=None, loss_scaler=None,
+               steps: int = STEPS,
                sched: bool = False, **kw):
     """The plain loop: same model init, data order, split generator (seed 0)."""
     net = _net()
@@ -153,7 +158,8 @@ def test_gradient_clip_val_clips_the_final_gradient():
     clipped = _reference("agnostic", max_grad_norm=0.05)
     _assert_close(lit, clipped)
     unclipped = _reference("agnostic")
-    assert any((a - b).abs().max() > 1e-3 for a, b in zip(clipped.state_dict().values(), unclipped.state_dict().values()))
+    assert any((a - b).abs().max() > 1e-3 for a, b in zip(clipped.state_dict().values(),
+                                                          unclipped.state_dict().values()))
 
 
 def test_scheduler_and_max_steps_follow_optimizer_steps():
@@ -187,7 +193,8 @@ def test_refuses_overridden_optimizer_step_and_clipping_hook():
         _fit(Custom(), steps=1)
 
     class Clip(Lit):
-        def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        def configure_gradient_clipping(self, optimizer, gradient_clip_val=None,
+                                        gradient_clip_algorithm=None):
             pass
 
     with pytest.raises(TypeError, match="configure_gradient_clipping"):
@@ -250,7 +257,8 @@ class _RankShards(torch.utils.data.Sampler):
 
     def __iter__(self):
         r = torch.distributed.get_rank()
-        return iter([i * BATCH + r * (BATCH // 2) + j for i in range(self.n // BATCH) for j in range(BATCH // 2)])
+        return iter([i * BATCH + r * (BATCH // 2) + j
+                     for i in range(self.n // BATCH) for j in range(BATCH // 2)])
 
 
 @pytest.mark.slow  # spawns 2 processes
@@ -258,7 +266,8 @@ def test_ddp_spawn_two_processes_equal_one_process():
     # Each rank accumulates 2 micro-batches of 8 and splits its 16 with the same generator draw;
     # DDP averages the equal-sized parts, so each pass's gradient is that of their union.
     lit = Lit("agnostic")
-    _fit(lit, micro=8, accumulate_grad_batches=2, strategy="ddp_spawn", devices=2, use_distributed_sampler=False,
+    _fit(lit, micro=8, accumulate_grad_batches=2, strategy="ddp_spawn", devices=2,
+         use_distributed_sampler=False,
          sampler=_RankShards(STEPS * BATCH))
     net = _net()
     opt = _make_opt("agnostic", net.parameters())
@@ -271,6 +280,8 @@ def test_ddp_spawn_two_processes_equal_one_process():
         ys = [y[i * BATCH + r * half:i * BATCH + (r + 1) * half] for r in range(2)]
         perm = torch.randperm(half, generator=gen)
         t, v = perm[:round(0.7 * half)], perm[round(0.7 * half):]
-        opt.step(accumulate(f, (torch.cat([a[t] for a in xs]), torch.cat([b[t] for b in ys])), 1, opt.backward),
-                 accumulate(f, (torch.cat([a[v] for a in xs]), torch.cat([b[v] for b in ys])), 1, opt.backward))
+        opt.step(accumulate(f, (torch.cat([a[t] for a in xs]), torch.cat([b[t] for b in ys])), 1,
+                            opt.backward),
+                 accumulate(f, (torch.cat([a[v] for a in xs]), torch.cat([b[v] for b in ys])), 1,
+                            opt.backward))
     _assert_close(lit, net)

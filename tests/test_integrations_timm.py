@@ -46,23 +46,27 @@ def _loss(net, autocast=None):
     return f
 
 
-def _run(name="agnostic-sam", *, micro_batches=1, autocast=None, loss_scaler=None, max_grad_norm=None, **kw):
+def _run(name="agnostic-sam", *, micro_batches=1, autocast=None, loss_scaler=None,
+         max_grad_norm=None, **kw):
     net = _net()
     opt = asam_timm.create_optimizer(net, name, lr=0.1, weight_decay=5e-4, **kw)
     gen = torch.Generator().manual_seed(0)
     x, y = _data()
     for i in range(STEPS):
         batch = (x[i * BATCH:(i + 1) * BATCH], y[i * BATCH:(i + 1) * BATCH])
-        asam_timm.train_step(opt, _loss(net, autocast), batch, generator=gen, micro_batches=micro_batches,
+        asam_timm.train_step(opt, _loss(net, autocast), batch, generator=gen,
+                             micro_batches=micro_batches,
                              loss_scaler=loss_scaler, max_grad_norm=max_grad_norm)
     return net, opt
 
 
-def _reference(method=AgnosticSAM, base=torch.optim.SGD, *, autocast=None, loss_scaler=None, max_grad_norm=None, **kw):
+def _reference(method=AgnosticSAM, base=torch.optim.SGD, *, autocast=None, loss_scaler=None,
+               max_grad_norm=None, **kw):
     net = _net()
     if base is torch.optim.SGD:
         kw.setdefault("momentum", 0.9)
-    opt = method(_groups(net, 5e-4), base, lr=0.1, loss_scaler=loss_scaler, max_grad_norm=max_grad_norm, **kw)
+    opt = method(_groups(net, 5e-4), base, lr=0.1, loss_scaler=loss_scaler,
+                 max_grad_norm=max_grad_norm, **kw)
     gen = torch.Generator().manual_seed(0)
     x, y = _data()
     f = _loss(net, autocast)
@@ -71,7 +75,8 @@ def _reference(method=AgnosticSAM, base=torch.optim.SGD, *, autocast=None, loss_
         xb, yb = x[i * BATCH:(i + 1) * BATCH], y[i * BATCH:(i + 1) * BATCH]
         if isinstance(opt, AgnosticSAM):
             x_t, y_t, x_v, y_v = split_batch(xb, yb, 0.7, gen)
-            opt.step(accumulate(g, (x_t, y_t), 1, opt.backward), accumulate(g, (x_v, y_v), 1, opt.backward))
+            opt.step(accumulate(g, (x_t, y_t), 1, opt.backward),
+                     accumulate(g, (x_v, y_v), 1, opt.backward))
         else:
             opt.step(accumulate(g, (xb, yb), 1, opt.backward))
     return net
@@ -134,7 +139,8 @@ def test_micro_batches_2x16_equal_1x32():
 def test_max_grad_norm_clips_the_final_gradient():
     net, _ = _run(max_grad_norm=0.05)
     _assert_close(net, _reference(max_grad_norm=0.05))
-    assert any((a - b).abs().max() > 1e-3 for a, b in zip(net.state_dict().values(), _reference().state_dict().values()))
+    assert any((a - b).abs().max() > 1e-3 for a, b in zip(net.state_dict().values(),
+                                                          _reference().state_dict().values()))
 
 
 @pytest.mark.parametrize("name", ["agnostic-sam", "sam-sgd"])

@@ -38,9 +38,11 @@ def _cfg(out: Path, seed: int = 0, **changes) -> TrainConfig:
 
 def _numbers(out: Path) -> tuple[list[dict], dict, dict]:
     """What a run computed: metrics rows (without wall times), result accuracies, final weights."""
-    rows = [{k: v for k, v in row.items() if k != "epoch_seconds"} for row in RunDir(out).read_metrics()]
+    rows = [{k: v for k, v in row.items() if k != "epoch_seconds"}
+            for row in RunDir(out).read_metrics()]
     result = RunDir(out).read_result()
-    accuracies = {k: result[k] for k in ("status", "final_test_acc", "best_test_acc", "final_test_loss")}
+    accuracies = {k: result[k] for k in ("status", "final_test_acc", "best_test_acc",
+                                         "final_test_loss")}
     return rows, accuracies, RunDir(out).load_checkpoint()["model"]
 
 
@@ -96,7 +98,8 @@ def test_finished_run_is_not_rerun(tmp_path):
     before = _mtimes(out)
     again = launch([_cfg(out, max_steps=5)], progress=False, on_done=reported.append)
     assert reported[1:] == again.runs
-    assert [(r.state, r.action, r.status) for r in again.runs] == [("finished", "skipped", "finished")]
+    assert ([(r.state, r.action, r.status) for r in again.runs]
+            == [("finished", "skipped", "finished")])
     assert _mtimes(out) == before  # no file written, touched or added (not even a lock file)
 
 
@@ -106,7 +109,8 @@ def test_partial_run_is_resumed(tmp_path):
     expected = _numbers(out)[0]
     (out / "result.json").unlink()  # a checkpoint without a result: killed at the very end
     summary = launch([_cfg(out, max_steps=5)], progress=False)
-    assert [(r.state, r.action, r.status) for r in summary.runs] == [("partial", "resumed", "finished")]
+    assert ([(r.state, r.action, r.status) for r in summary.runs]
+            == [("partial", "resumed", "finished")])
     assert _numbers(out)[0] == expected
 
 
@@ -114,18 +118,21 @@ def test_running_run_is_left_alone(tmp_path):
     out = tmp_path / "run"
     with RunDir(out).lock():  # another writer holds the run
         summary = launch([_cfg(out)], progress=False)
-    assert [(r.state, r.action, r.status) for r in summary.runs] == [("running", "left running", None)]
+    assert ([(r.state, r.action, r.status) for r in summary.runs]
+            == [("running", "left running", None)])
     assert not (out / "config.yaml").exists()
     assert "another process is writing it" in summary.text()
 
 
 def test_a_diverged_run_is_a_result_and_the_sweep_goes_on(tmp_path):
     bad, good = tmp_path / "bad", tmp_path / "good"
-    summary = launch([_cfg(bad, lr=1e12, epochs=1, max_steps=3), _cfg(good, max_steps=3)], progress=False)
+    summary = launch([_cfg(bad, lr=1e12, epochs=1, max_steps=3), _cfg(good, max_steps=3)],
+                     progress=False)
     assert [r.status for r in summary.runs] == ["diverged", "finished"]
     summary.raise_for_errors()  # diverging is not an error of the sweep
     again = launch([_cfg(bad, lr=1e12, epochs=1, max_steps=3)], progress=False)
-    assert [(r.state, r.action, r.status) for r in again.runs] == [("failed", "skipped", "diverged")]
+    assert ([(r.state, r.action, r.status) for r in again.runs]
+            == [("failed", "skipped", "diverged")])
 
 
 def test_two_runs_in_one_directory_are_refused(tmp_path):
@@ -170,16 +177,19 @@ def test_launcher_config_from_yaml_keys_and_flags():
     parser = argparse.ArgumentParser()
     add_launcher_arguments(parser)
     args = parser.parse_args(["--launcher", "slurm", "--partition", "gpu", "--time", "1-02:00:00",
-                              "--gpus-per-run", "2", "--sbatch", "account=proj", "--sbatch", "qos=high",
+                              "--gpus-per-run", "2", "--sbatch", "account=proj", "--sbatch",
+                              "qos=high",
                               "--sbatch", "requeue"])
-    lc = launcher_from_args(args, {"cpus_per_run": 8, "mem_gb": 64, "sbatch": {"constraint": "h200"}})
+    lc = launcher_from_args(args,
+                            {"cpus_per_run": 8, "mem_gb": 64, "sbatch": {"constraint": "h200"}})
     assert (lc.kind, lc.partition, lc.time, lc.gpus_per_run, lc.cpus_per_run, lc.mem_gb) == \
         ("slurm", "gpu", 26 * 60, 2, 8, 64)
     assert lc.sbatch == {"constraint": "h200", "account": "proj", "qos": "high", "requeue": True}
     local = launcher_from_args(parser.parse_args(["--jobs", "3"]))
     assert (local.kind, local.jobs) == ("local", 3)  # --jobs N alone means worker processes
     yaml_local = {"kind": "local", "jobs": 2}
-    assert launcher_from_args(argparse.Namespace(jobs=1), yaml_local).jobs == 2  # a default --jobs 1
+    # a default --jobs 1
+    assert launcher_from_args(argparse.Namespace(jobs=1), yaml_local).jobs == 2
     assert launcher_from_args(argparse.Namespace(jobs=1), {"kind": "slurm"}).kind == "slurm"
     assert launcher_config({"time": "02:30:00"}).time == 150
     assert launcher_config({"time": "90"}).time == 90
@@ -194,7 +204,8 @@ def test_launcher_config_from_yaml_keys_and_flags():
     ({"mem_gb": 0}, "launcher mem_gb must be a number > 0, got 0"),
     ({"sbatch": {"Bad Key": 1}}, "launcher sbatch option 'Bad Key' is not an sbatch option name"),
     ({"sbatch": "account=x"}, "launcher sbatch must map option names to values"),
-    ({"sbatch": {"qos": None}}, "launcher sbatch option 'qos' needs a value (or true for a bare flag)"),
+    ({"sbatch": {"qos": None}},
+     "launcher sbatch option 'qos' needs a value (or true for a bare flag)"),
     ({"gpu": 1}, "unknown launcher key 'gpu'; choose from kind, jobs, partition"),
 ])
 def test_bad_launcher_settings_are_one_line(values, message):
@@ -210,7 +221,8 @@ def test_slurm_dry_run_prints_the_job_array(tmp_path, capsys):
     pytest.importorskip("submitit")
     done = tmp_path / "runs" / "done"
     launch([_cfg(done, max_steps=2)], progress=False)
-    cfgs = [_cfg(done, max_steps=2)] + [_cfg(tmp_path / "runs" / f"s{s}", seed=s) for s in (1, 2, 3)]
+    cfgs = [_cfg(done, max_steps=2)] + [_cfg(tmp_path / "runs" / f"s{s}", seed=s)
+                                        for s in (1, 2, 3)]
     lc = launcher_config({"kind": "slurm", "partition": "gpu", "time": 90, "gpus_per_run": 1,
                           "cpus_per_run": 8, "mem_gb": 32, "max_parallel": 2,
                           "sbatch": {"account": "proj", "requeue": True}})
@@ -300,8 +312,8 @@ def test_submitit_preempted_and_killed_tasks_end_identical(tmp_path):
     assert RunDir(outs[1]).state(cfgs[1]) == "partial"
 
     relaunched = launch(cfgs, launcher_config({**vars(lc), "wait": True}), progress=False)
-    assert [(r.action, r.status) for r in relaunched.runs] == [("skipped", "finished"),
-                                                               ("resumed", "finished")], relaunched.text()
+    assert ([(r.action, r.status) for r in relaunched.runs]
+            == [("skipped", "finished"), ("resumed", "finished")]), relaunched.text()
     for ref, out in zip(reference, outs):
         _assert_same_run(Path(ref.out), out)
 
@@ -342,7 +354,8 @@ def test_killed_launcher_leaves_no_worker(tmp_path):
     finally:
         if parent.poll() is None:
             parent.kill()
-    cfg = TrainConfig(dataset="digits", model="mlp", epochs=10_000, seed=0, device="cpu", out=str(outs[0]))
+    cfg = TrainConfig(dataset="digits", model="mlp", epochs=10_000, seed=0, device="cpu",
+                      out=str(outs[0]))
     assert RunDir(outs[0]).state(cfg) == "partial"  # resumable: the lock went with the worker
 
 

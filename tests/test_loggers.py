@@ -38,7 +38,8 @@ def test_unknown_logger_is_one_line(tmp_path):
         make_logger(["mlflow"], tmp_path, {})
 
 
-@pytest.mark.parametrize("kind, module, extra", [("tensorboard", "torch.utils.tensorboard", "tensorboard"),
+@pytest.mark.parametrize("kind, module, extra",
+                         [("tensorboard", "torch.utils.tensorboard", "tensorboard"),
                                                   ("wandb", "wandb", "wandb")])
 def test_missing_package_names_the_extra(tmp_path, monkeypatch, kind, module, extra):
     real_import = builtins.__import__

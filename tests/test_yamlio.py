@@ -26,7 +26,8 @@ def refused(text: str) -> str:
 
 
 def alias_bomb(levels: int = 9, width: int = 9) -> str:
-    """The "billion laughs": level k lists `width` aliases of level k-1, so `lr` is width**levels."""
+    """The "billion laughs": level k lists `width` aliases of level
+    k-1, so `lr` is width**levels."""
     lines = ['l0: &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
     for k in range(1, levels):
         lines.append(f"l{k}: &l{k} [{', '.join([f'*l{k - 1}'] * width)}]")
@@ -75,7 +76,8 @@ def test_merge_keys_and_plain_aliases_still_work():
     ("0x10", "hexadecimal"), ("-0x1F", "hexadecimal"), ("0o17", "octal"), ("0b101", "binary"),
     ("017", "leading zero"), ("00", "leading zero"), ("1_000", "'_'"), ("1_000.5", "'_'"),
     ("1:30", "base-60"), ("190:20:30", "base-60"), ("yes", "boolean"), ("no", "boolean"),
-    ("on", "boolean"), ("Off", "boolean"), ("Y", "boolean"), ("!!int 0x10", "hexadecimal"), ("!!int 1.5", "not a plain int"),
+    ("on", "boolean"), ("Off", "boolean"), ("Y", "boolean"), ("!!int 0x10", "hexadecimal"),
+    ("!!int 1.5", "not a plain int"),
     ("!!bool yes", "boolean"), ("!!float 1_0", "'_'"),
 ])
 def test_yaml_1_1_surprises_are_refused_naming_line_key_and_literal(literal, why):

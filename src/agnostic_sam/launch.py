@@ -14,9 +14,9 @@ Launchers (`LauncherConfig.kind`):
 ``inline``  one run after another in this process.
 ``local``   ``jobs`` worker processes on this machine (spawn, not fork), each training one
             run after another; with GPUs one worker per GPU (``CUDA_VISIBLE_DEVICES``).
-            Workers die with the launcher, kill -9 included: ``prctl(PR_SET_PDEATHSIG, SIGKILL)`` on Linux and a
-            thread that watches the parent PID everywhere. Every file a run writes is written
-            atomically, so a killed sweep leaves the last checkpoints intact.
+            Workers die with the launcher, kill -9 included: ``prctl(PR_SET_PDEATHSIG, SIGKILL)``
+            on Linux and a thread that watches the parent PID everywhere. Every file a run writes
+            is written atomically, so a killed sweep leaves the last checkpoints intact.
 ``slurm``   one submitit job array per sweep (partition, time, GPUs, CPUs and memory per run,
             at most ``max_parallel`` tasks at once). Each task runs `SubmititRun`, which
             follows submitit's checkpointable protocol: on preemption or time-out submitit
@@ -124,15 +124,16 @@ def validate_launcher(lc: LauncherConfig) -> LauncherConfig:
     if lc.kind not in LAUNCHERS:
         raise UsageError(f"unknown launcher {lc.kind!r}; choose from {', '.join(LAUNCHERS)}")
     if lc.submitit_cluster not in SUBMITIT_CLUSTERS:
-        raise UsageError(f"launcher submitit_cluster must be one of {', '.join(SUBMITIT_CLUSTERS)}, "
-                         f"got {lc.submitit_cluster!r}")
+        raise UsageError("launcher submitit_cluster must be one of "
+                         f"{', '.join(SUBMITIT_CLUSTERS)}, got {lc.submitit_cluster!r}")
     lc.time = _parse_time(lc.time)
     _check_int("time (minutes)", lc.time, 1)
     _check_int("jobs", lc.jobs, 1, optional=True)
     _check_int("gpus_per_run", lc.gpus_per_run, 0)
     _check_int("cpus_per_run", lc.cpus_per_run, 1)
     _check_int("max_parallel", lc.max_parallel, 1, optional=True)
-    if lc.mem_gb is not None and (isinstance(lc.mem_gb, bool) or not isinstance(lc.mem_gb, (int, float))
+    if lc.mem_gb is not None and (isinstance(lc.mem_gb, bool)
+                                  or not isinstance(lc.mem_gb, (int, float))
                                   or lc.mem_gb <= 0):
         raise UsageError(f"launcher mem_gb must be a number > 0, got {lc.mem_gb!r}")
     if lc.partition is not None and (not isinstance(lc.partition, str) or not lc.partition.strip()):
@@ -163,11 +164,13 @@ def launcher_config(values: Mapping[str, Any] | None = None, **overrides: Any) -
             raise UsageError(f"the launcher section must be a mapping, got {layer!r}")
         for key, value in layer.items():
             if key not in LAUNCHER_KEYS:
-                raise UsageError(f"unknown launcher key '{key}'; choose from {', '.join(LAUNCHER_KEYS)}")
+                raise UsageError(f"unknown launcher key '{key}'; choose from "
+                                 f"{', '.join(LAUNCHER_KEYS)}")
             if value is not None:
                 merged[key] = value
     if "sbatch" in merged and not isinstance(merged["sbatch"], Mapping):
-        raise UsageError(f"launcher sbatch must map option names to values, got {merged['sbatch']!r}")
+        raise UsageError("launcher sbatch must map option names to values, got "
+                         f"{merged['sbatch']!r}")
     return validate_launcher(LauncherConfig(**merged))
 
 
@@ -175,7 +178,8 @@ def add_launcher_arguments(parser: Any, *, jobs: bool = True) -> None:
     """The launcher flags (``jobs=False`` when the command already has ``--jobs``)."""
     g = parser.add_argument_group("launcher")
     g.add_argument("--launcher", choices=LAUNCHERS, default=None,
-                   help="inline (this process), local (worker processes) or slurm (submitit job array)")
+                   help="inline (this process), local (worker processes) or slurm (submitit job "
+                        "array)")
     if jobs:
         g.add_argument("--jobs", type=int, default=None,
                        help="--launcher local: worker processes (default: one per GPU, 1 without)")
@@ -208,7 +212,8 @@ def launcher_from_args(args: Any, base: Mapping[str, Any] | None = None) -> Laun
              "partition": getattr(args, "partition", None), "time": getattr(args, "time", None),
              "gpus_per_run": getattr(args, "gpus_per_run", None),
              "cpus_per_run": getattr(args, "cpus_per_run", None),
-             "mem_gb": getattr(args, "mem_gb", None), "folder": getattr(args, "submitit_folder", None),
+             "mem_gb": getattr(args, "mem_gb", None),
+             "folder": getattr(args, "submitit_folder", None),
              "max_parallel": getattr(args, "max_parallel", None), "sbatch": sbatch,
              "wait": getattr(args, "wait", None)}
     kind = flags["kind"] or (base or {}).get("kind") or "inline"
@@ -271,7 +276,8 @@ class LaunchSummary:
         """UsageError naming the first run that raised (diverged runs are results, not errors)."""
         if self.errors:
             first = self.errors[0]
-            raise UsageError(f"{len(self.errors)} run(s) failed; the first, {first.out}: {first.error}")
+            raise UsageError(f"{len(self.errors)} run(s) failed; the first, {first.out}: "
+                             f"{first.error}")
 
 
 # ----------------------------------------------------------------------------- one run
@@ -378,7 +384,8 @@ def launch(
     once per run when the launcher is done with it: at once for the runs it does not train."""
     lc = validate_launcher(dataclasses.replace(lc or LauncherConfig()))
     if log is None:
-        log = (lambda line: print(line, file=sys.stderr, flush=True)) if progress else (lambda line: None)
+        log = ((lambda line: print(line, file=sys.stderr, flush=True)) if progress
+               else (lambda line: None))
     planned = _plan(cfgs)
     done = on_done or (lambda outcome: None)
     if lc.kind == "slurm":
@@ -417,7 +424,8 @@ def _finish(outcome: RunOutcome, result: dict[str, Any], started: float, log: Ca
             done: int, total: int) -> None:
     outcome.status, outcome.error = result["status"], result.get("error")
     what = outcome.status + (f": {outcome.error}" if outcome.error else "")
-    log(f"[{done}/{total}] {outcome.action} {outcome.out} -> {what} ({time.perf_counter() - started:.0f} s)")
+    log(f"[{done}/{total}] {outcome.action} {outcome.out} -> {what} "
+        f"({time.perf_counter() - started:.0f} s)")
 
 
 def _run_inline(todo: list[tuple[int, TrainConfig]], outcomes: list[RunOutcome],
@@ -556,7 +564,8 @@ def _run_local(todo: list[tuple[int, TrainConfig]], outcomes: list[RunOutcome],
                     result = conn.recv()
                 except (EOFError, OSError):
                     w.proc.join()
-                    result = {"status": "error", "error": f"worker exited with status {w.proc.exitcode}"}
+                    result = {"status": "error",
+                              "error": f"worker exited with status {w.proc.exitcode}"}
                     w.conn.close()
                     workers.remove(w)
                     if pending:  # a new worker takes the dead one's slot
@@ -620,8 +629,8 @@ def _job_states(job_ids: Sequence[str]) -> dict[str, str]:
 
 def _executor_parameters(lc: LauncherConfig, tasks: int) -> dict[str, Any]:
     """submitit AutoExecutor parameters for one array of ``tasks`` runs."""
-    params: dict[str, Any] = dict(name="agnostic-sam", timeout_min=lc.time, nodes=1, tasks_per_node=1,
-                                  cpus_per_task=lc.cpus_per_run)
+    params: dict[str, Any] = dict(name="agnostic-sam", timeout_min=lc.time, nodes=1,
+                                  tasks_per_node=1, cpus_per_task=lc.cpus_per_run)
     if lc.gpus_per_run:
         params["gpus_per_node"] = lc.gpus_per_run
     if lc.mem_gb is not None:
@@ -640,7 +649,8 @@ def _sbatch_lines(lc: LauncherConfig, tasks: int, folder: Path) -> list[str]:
     from submitit.slurm.slurm import _make_sbatch_string
 
     kwargs: dict[str, Any] = dict(job_name="agnostic-sam", time=lc.time, nodes=1, ntasks_per_node=1,
-                                  gpus_per_node=lc.gpus_per_run or None, cpus_per_task=lc.cpus_per_run,
+                                  gpus_per_node=lc.gpus_per_run or None,
+                                  cpus_per_task=lc.cpus_per_run,
                                   partition=lc.partition, map_count=tasks,
                                   array_parallelism=lc.max_parallel or tasks,
                                   additional_parameters=dict(lc.sbatch) or None)
@@ -682,7 +692,8 @@ def _launch_slurm(planned: list[tuple[TrainConfig, str]], lc: LauncherConfig, *,
                  f"at most {lc.max_parallel or len(todo)} at once), submitit folder {folder}"]
         if todo:
             lines += _sbatch_lines(lc, len(todo), folder)
-        lines += [f"  task {i}: {cfg.out} ({o.state} -> {o.action})" for i, (cfg, o) in enumerate(todo)]
+        lines += [f"  task {i}: {cfg.out} ({o.state} -> {o.action})"
+                  for i, (cfg, o) in enumerate(todo)]
         lines += [f"  not submitted: {o.out} ({o.state} -> {o.action})" for o in outcomes
                   if o.action not in ("trained", "resumed")]
         text = "\n".join(lines)

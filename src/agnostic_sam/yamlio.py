@@ -138,7 +138,8 @@ class _Loader(Reader, Scanner, Parser, _Composer, SafeConstructor, _Resolver):
 
 
 class _Refused(Exception):
-    """A rule of this module broken at `line` (1-based); turned into a UsageError naming the file."""
+    """A rule of this module broken at `line` (1-based); turned
+    into a UsageError naming the file."""
 
     def __init__(self, line: int, message: str) -> None:
         super().__init__(message)
@@ -190,7 +191,8 @@ def _check(root: Node) -> None:
                 for k, v in node.value:
                     if not isinstance(k, ScalarNode):
                         raise _Refused(k.start_mark.line + 1,
-                                       f"a key under {_where(path)} is a list or mapping; keys must be scalars")
+                                       f"a key under {_where(path)} is a list or mapping; keys "
+                                       "must be scalars")
                     _check_scalar(k, path, k.start_mark.line + 1)
                     name = _short(k.value)
                     same = _key_identity(k)
@@ -263,7 +265,8 @@ def parse_yaml(text: str, source: str) -> Any:
         problem = (exc.problem or exc.context or "syntax error").strip()
         raise UsageError(f"{source}{where} is not valid YAML: {_short(problem, 80)}") from None
     except yaml.YAMLError as exc:  # pragma: no cover - PyYAML raises marked errors above
-        raise UsageError(f"{source} is not valid YAML: {_short(str(exc).splitlines()[0], 80)}") from None
+        raise UsageError(f"{source} is not valid YAML: "
+                         f"{_short(str(exc).splitlines()[0], 80)}") from None
     finally:
         if loader is not None:
             loader.dispose()
@@ -288,7 +291,8 @@ def read_yaml(path: str | Path, *, what: str = "config file") -> dict[str, Any]:
     except UnicodeDecodeError as exc:
         raise UsageError(f"{source} is not UTF-8 text (byte {exc.start})") from None
     if "\x00" in text:
-        raise UsageError(f"{source} is not UTF-8 text (a NUL byte at character {text.index(chr(0))})")
+        raise UsageError(f"{source} is not UTF-8 text (a NUL byte at character "
+                         f"{text.index(chr(0))})")
     value = parse_yaml(text.removeprefix("\ufeff"), source)
     if value is None:
         return {}

@@ -40,8 +40,10 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 MAX_SEED = 2**32
 
 
-def check_count(name: str, value: object, low: int, high: int, error: type[Exception] = ValueError) -> int:
-    """`value` as an int in [low, high]; else `error` naming `name` and the value (bools refused)."""
+def check_count(name: str, value: object, low: int, high: int,
+                error: type[Exception] = ValueError) -> int:
+    """`value` as an int in [low, high]; else `error` naming `name`
+    and the value (bools refused)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {value!r}")
     if not low <= value <= high:
@@ -49,8 +51,8 @@ def check_count(name: str, value: object, low: int, high: int, error: type[Excep
     return int(value)
 
 
-def check_real(name: str, value: object, low: float, high: float = math.inf, *, low_open: bool = False,
-               error: type[Exception] = ValueError) -> float:
+def check_real(name: str, value: object, low: float, high: float = math.inf, *,
+               low_open: bool = False, error: type[Exception] = ValueError) -> float:
     """`value` as a finite float with low <= value (< if low_open) and value <= high."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, got {value!r}")
@@ -67,7 +69,8 @@ def check_seed(seed: object, name: str = "seed", error: type[Exception] = ValueE
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The parameters an optimizer would move (`requires_grad=True`), in `model.parameters()` order."""
+    """The parameters an optimizer would move (`requires_grad=True`),
+    in `model.parameters()` order."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError(f"model {type(model).__name__} has no parameter with requires_grad=True")
@@ -110,7 +113,8 @@ def materialize_batches(model: nn.Module, batches: Iterable[Batch]) -> list[Batc
     kept: list[Batch] = []
     for batch in batches:
         if not isinstance(batch, list | tuple) or len(batch) != 2:
-            raise ValueError(f"each batch must be a pair (inputs, targets), got {type(batch).__name__}")
+            raise ValueError("each batch must be a pair (inputs, targets), got "
+                             f"{type(batch).__name__}")
         inputs, targets = batch
         inputs = torch.as_tensor(inputs).to(device)
         if inputs.is_floating_point():
@@ -126,7 +130,8 @@ def materialize_batches(model: nn.Module, batches: Iterable[Batch]) -> list[Batc
     return kept
 
 
-def mean_loss(model: nn.Module, loss_fn: LossFn, batches: list[Batch]) -> Iterator[tuple[Tensor, float]]:
+def mean_loss(model: nn.Module, loss_fn: LossFn,
+              batches: list[Batch]) -> Iterator[tuple[Tensor, float]]:
     """Yield `(loss_b, w_b)` per batch with w_b = n_b / N, so sum_b w_b * loss_b is the mean loss.
 
     Weighting each batch mean by its size makes the result the mean over all N examples, also

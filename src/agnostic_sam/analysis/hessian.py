@@ -119,7 +119,8 @@ def top_eigenvalues(model: nn.Module, loss_fn: LossFn, batches: Iterable[Batch],
         bar = tqdm(total=k * iters, desc="hessian eigenvalues", disable=not progress, leave=False)
         for _ in range(k):
             # Drawn on the CPU so a seed gives the same start on every device.
-            v = [torch.randn(p.shape, generator=generator, dtype=p.dtype).to(p.device) for p in params]
+            v = [torch.randn(p.shape, generator=generator, dtype=p.dtype).to(p.device)
+                 for p in params]
             v = _orthonormalize(v, eigenvectors)
             value = None
             for _ in range(iters):

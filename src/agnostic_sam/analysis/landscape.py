@@ -75,7 +75,8 @@ def random_direction(model: nn.Module, generator: torch.Generator,
 
 
 def grid(steps: int, span: float) -> list[float]:
-    """`steps` evenly spaced points in [-span, span]; with odd `steps` the middle one is exactly 0."""
+    """`steps` evenly spaced points in [-span, span]; with odd
+    `steps` the middle one is exactly 0."""
     check_count("steps", steps, 2, MAX_STEPS)
     check_real("span", span, 0.0, low_open=True)
     # 2 i / (steps - 1) - 1 is exactly 0.0 at i = (steps - 1) / 2, unlike torch.linspace.
@@ -84,7 +85,8 @@ def grid(steps: int, span: float) -> list[float]:
 
 def _evaluate(model: nn.Module, loss_fn: LossFn, batches: list[Batch]) -> float:
     with torch.no_grad():
-        return float(sum(float(loss) * weight for loss, weight in mean_loss(model, loss_fn, batches)))
+        return float(sum(float(loss) * weight
+                         for loss, weight in mean_loss(model, loss_fn, batches)))
 
 
 def _scan(model: nn.Module, loss_fn: LossFn, batches: Iterable[Batch], directions: int,
@@ -100,7 +102,8 @@ def _scan(model: nn.Module, loss_fn: LossFn, batches: Iterable[Batch], direction
     with evaluation_state(model):
         kept = materialize_batches(model, batches)
         try:
-            for coords in tqdm(coordinates, desc="loss landscape", disable=not progress, leave=False):
+            for coords in tqdm(coordinates, desc="loss landscape", disable=not progress,
+                               leave=False):
                 with torch.no_grad():
                     # From the saved copy each time: no drift from repeated add/subtract.
                     for i, p in enumerate(params):
@@ -124,7 +127,8 @@ def loss_line(model: nn.Module, loss_fn: LossFn, batches: Iterable[Batch], *, st
     `loss[i]` = L(theta + alphas[i] d); `batches` is read once (a list or a DataLoader).
     """
     alphas = grid(steps, span)
-    loss = _scan(model, loss_fn, batches, 1, [(a,) for a in alphas], seed, filter_normalize, progress)
+    loss = _scan(model, loss_fn, batches, 1, [(a,) for a in alphas], seed, filter_normalize,
+                 progress)
     return {"alphas": alphas, "loss": loss, "steps": steps, "span": span, "seed": seed,
             "filter_normalize": filter_normalize}
 

@@ -35,14 +35,17 @@ __all__ = [
 ]
 
 
-def check_run_dir(run_dir: str | Path, *, need: tuple[str, ...] = (CONFIG_NAME, CHECKPOINT_NAME)) -> Path:
+def check_run_dir(run_dir: str | Path, *,
+                  need: tuple[str, ...] = (CONFIG_NAME, CHECKPOINT_NAME)) -> Path:
     """The run directory as a Path, or UsageError naming what is missing."""
     path = Path(run_dir)
     if not path.is_dir():
-        raise UsageError(f"run directory {str(path)!r} does not exist (make one with `agnostic-sam train --out DIR`)")
+        raise UsageError(f"run directory {str(path)!r} does not exist "
+                         "(make one with `agnostic-sam train --out DIR`)")
     for name in need:
         if not (path / name).is_file():
-            raise UsageError(f"run directory {str(path)!r} has no {name} (is it a finished `agnostic-sam train` run?)")
+            raise UsageError(f"run directory {str(path)!r} has no {name} (is it a finished "
+                             "`agnostic-sam train` run?)")
     return path
 
 
@@ -55,12 +58,14 @@ def load_run(run_dir: str | Path, device: str = "auto") -> tuple[nn.Module, Any]
 
 
 def run_loss(cfg: Any) -> nn.Module:
-    """The training criterion of the run (cross-entropy with its label smoothing), mean reduction."""
+    """The training criterion of the run (cross-entropy with its
+    label smoothing), mean reduction."""
     return nn.CrossEntropyLoss(label_smoothing=float(getattr(cfg, "label_smoothing", 0.0) or 0.0))
 
 
 def _train_with_eval_transforms(bundle: Any) -> torch.utils.data.Dataset:
-    """The training samples and labels with the test set's (eval) transform, where both are views."""
+    """The training samples and labels with the test set's (eval)
+    transform, where both are views."""
     from agnostic_sam.data import LabeledView
 
     train, test = bundle.train, bundle.test
@@ -69,8 +74,10 @@ def _train_with_eval_transforms(bundle: Any) -> torch.utils.data.Dataset:
     return train
 
 
-def run_batches(cfg: Any, batches: int, *, batch_size: int | None = None, seed: int = 0) -> list[Batch]:
-    """The first `batches` batches of the run's training set, in order (see the module docstring)."""
+def run_batches(cfg: Any, batches: int, *, batch_size: int | None = None,
+                seed: int = 0) -> list[Batch]:
+    """The first `batches` batches of the run's training set, in
+    order (see the module docstring)."""
     from agnostic_sam.data import build_data
 
     if batches < 1:
@@ -78,8 +85,8 @@ def run_batches(cfg: Any, batches: int, *, batch_size: int | None = None, seed: 
     size = int(batch_size or cfg.batch_size)
     if size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {size}")
-    bundle = build_data(cfg.dataset, data_dir=cfg.data_dir, download=False, noise_rate=cfg.noise_rate,
-                        seed=cfg.seed, val_fraction=cfg.val_fraction,
+    bundle = build_data(cfg.dataset, data_dir=cfg.data_dir, download=False,
+                        noise_rate=cfg.noise_rate, seed=cfg.seed, val_fraction=cfg.val_fraction,
                         train_fraction=cfg.train_fraction, image_size=cfg.image_size)
     loader = torch.utils.data.DataLoader(_train_with_eval_transforms(bundle), batch_size=size,
                                          shuffle=False, num_workers=0)
@@ -101,7 +108,8 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
 
 def top_eigenvalue_of_run(run_dir: str | Path, batches: int = 4, iters: int = 100, seed: int = 0, *,
                           tol: float = 1e-4, device: str = "auto", progress: bool = False) -> float:
-    """Largest-magnitude Hessian eigenvalue of a run's final model on its first `batches` training batches.
+    """Largest-magnitude Hessian eigenvalue of a run's final model on its
+    first `batches` training batches.
 
     Same loss, data and conventions as `agnostic-sam hessian` (power iteration, eval mode).
     """

@@ -47,7 +47,8 @@ def _check_real(name: str, value: Any, low: float, high: float, *, low_open: boo
           and (value < high if high_open else value <= high))
     if not ok:
         lo, hi = "(" if low_open else "[", ")" if high_open else "]"
-        raise UsageError(f"{_flag(name)} must be a finite number in {lo}{low:g}, {high:g}{hi}, got {value!r}")
+        raise UsageError(f"{_flag(name)} must be a finite number in {lo}{low:g}, {high:g}{hi}, got "
+                         f"{value!r}")
 
 
 @dataclass
@@ -175,7 +176,8 @@ def state_bytes(opt: Any) -> int:
 
 
 def _summary(values: list[float]) -> dict[str, float]:
-    q = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else [values[0]] * 3
+    q = (statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1
+         else [values[0]] * 3)
     return {"median": statistics.median(values), "q25": q[0], "q75": q[2],
             "min": min(values), "max": max(values), "n": len(values)}
 

@@ -26,18 +26,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Interleaved step-time benchmark on a fixed synthetic batch resident on the "
         "device. Writes bench.json and bench.md to --out.",
     )
-    p.add_argument("--model", default=d.model, help=f"a name from the model registry (default {d.model})")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"|B| (default {d.batch_size})")
+    p.add_argument("--model", default=d.model,
+                   help=f"a name from the model registry (default {d.model})")
+    p.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help=f"|B| (default {d.batch_size})")
     p.add_argument("--image-size", type=int, default=d.image_size, help=f"default {d.image_size}")
     p.add_argument("--channels", type=int, default=d.channels, help=f"default {d.channels}")
-    p.add_argument("--num-classes", type=int, default=d.num_classes, help=f"default {d.num_classes}")
-    p.add_argument("--device", default=d.device, help=f"cpu, cuda, cuda:N or auto (default {d.device})")
+    p.add_argument("--num-classes", type=int, default=d.num_classes,
+                   help=f"default {d.num_classes}")
+    p.add_argument("--device", default=d.device,
+                   help=f"cpu, cuda, cuda:N or auto (default {d.device})")
     p.add_argument("--threads", type=int, default=d.threads or 0,
                    help=f"torch CPU threads (fixed so timings compare; default {d.threads}); "
                         "0 keeps torch's default")
     p.add_argument("--amp", choices=["none", "bf16", "fp16"], default=d.amp)
     p.add_argument("--channels-last", action="store_true", default=d.channels_last)
-    p.add_argument("--compile", action="store_true", default=d.compile, help="torch.compile the model")
+    p.add_argument("--compile", action="store_true", default=d.compile,
+                   help="torch.compile the model")
     p.add_argument("--rounds", type=int, default=d.rounds,
                    help=f"interleaved rounds over the methods (default {d.rounds})")
     p.add_argument("--steps", type=int, default=d.steps,
@@ -73,7 +78,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         json_path, md_path = write_report(result, args.out)
     except OSError as exc:
-        raise UsageError(f"cannot write the report to --out {args.out}: {exc.strerror or exc}") from None
+        raise UsageError(f"cannot write the report to --out {args.out}: "
+                         f"{exc.strerror or exc}") from None
     print(format_markdown(result))
     print(f"wrote {json_path} and {md_path}")
     return 0

@@ -37,8 +37,9 @@ def _map(batch: Batch, fn: Callable[[Tensor], Tensor]) -> Batch:
         return fn(batch)
     if isinstance(batch, (list, tuple)) and batch and not _leaves(batch):
         raise TypeError(
-            f"the batch holds a {type(batch).__name__} without tensors (e.g. per-sample strings): a "
-            "sharpness-aware step slices and splits batches per sample, so keep only tensors in it"
+            f"the batch holds a {type(batch).__name__} without tensors (e.g. per-sample strings): "
+            "a sharpness-aware step slices and splits batches per sample, so keep only tensors in "
+            "it"
         )
     if isinstance(batch, dict):
         return type(batch)({k: _map(v, fn) for k, v in batch.items()})
@@ -77,7 +78,8 @@ def concat(batches: Sequence[Batch]) -> Batch:
         shapes = {tuple(f[i].shape[1:]) for f in flat}
         if len(shapes) > 1:
             raise ValueError(
-                f"the accumulated micro-batches differ in shape beyond the sample dimension {sorted(shapes)}: "
+                "the accumulated micro-batches differ in shape beyond the sample dimension "
+                f"{sorted(shapes)}: "
                 "a sharpness-aware step re-runs them all in every pass, so pad them to one length "
                 "(e.g. padding='max_length')"
             )
@@ -117,7 +119,8 @@ def micro_closure(
             with contextlib.nullcontext() if last or no_sync is None else no_sync():
                 loss = loss_fn(micro)
                 if not isinstance(loss, Tensor) or loss.numel() != 1:
-                    raise ValueError("the training step must return the scalar mean loss of its batch")
+                    raise ValueError("the training step must return the scalar mean loss of its "
+                                     "batch")
                 weighted = loss * (size / n)
                 backward(weighted)
             total = weighted.detach() if total is None else total + weighted.detach()
@@ -154,17 +157,20 @@ def run_step(
     """
     if not isinstance(opt, SharpnessOptimizer):
         raise TypeError(
-            f"expected an agnostic_sam optimizer (AgnosticSAM, SAM or Plain), got {type(opt).__name__}"
+            "expected an agnostic_sam optimizer (AgnosticSAM, SAM or Plain), got "
+            f"{type(opt).__name__}"
         )
     if not micro_batches:
         raise RuntimeError("no micro-batch was recorded for this optimizer step")
     k = len(micro_batches)
     batch = concat(list(micro_batches))
     if backward is None:
-        backward = (lambda loss: grad_scaler.scale(loss).backward()) if grad_scaler is not None else opt.backward
+        backward = ((lambda loss: grad_scaler.scale(loss).backward()) if grad_scaler is not None
+                    else opt.backward)
     if isinstance(opt, AgnosticSAM):
         b_t, b_v = split(batch, split_ratio, generator)
-        closures = (micro_closure(loss_fn, b_t, k, backward, no_sync), micro_closure(loss_fn, b_v, k, backward, no_sync))
+        closures = (micro_closure(loss_fn, b_t, k, backward, no_sync),
+                    micro_closure(loss_fn, b_v, k, backward, no_sync))
     else:
         closures = (micro_closure(loss_fn, batch, k, backward, no_sync),)
     saved = opt.max_grad_norm

@@ -71,21 +71,24 @@ class SharpnessStep:
         from accelerate.utils import DistributedType
 
         if accelerator.distributed_type not in (DistributedType.NO, DistributedType.MULTI_GPU,
-                                                DistributedType.MULTI_CPU, DistributedType.MULTI_XPU):
+                                                DistributedType.MULTI_CPU,
+                                                DistributedType.MULTI_XPU):
             raise RuntimeError(
-                f"SharpnessStep does not support {accelerator.distributed_type}: the sharpness-aware "
-                "step needs plain or DDP parameters"
+                f"SharpnessStep does not support {accelerator.distributed_type}: the "
+                "sharpness-aware step needs plain or DDP parameters"
             )
         inner = getattr(optimizer, "optimizer", optimizer)
         if not isinstance(inner, SharpnessOptimizer):
             raise TypeError(
-                f"SharpnessStep needs an agnostic_sam optimizer (AgnosticSAM, SAM or Plain), got {type(inner).__name__}"
+                "SharpnessStep needs an agnostic_sam optimizer (AgnosticSAM, SAM or Plain), got "
+                f"{type(inner).__name__}"
             )
         self.accelerator = accelerator
         self.model = model
         self.optimizer = inner
         # accelerate's wrapper of it (the prepared schedulers ask it whether the step was skipped)
-        self.prepared = next((o for o in getattr(accelerator, "_optimizers", []) if getattr(o, "optimizer", None) is inner), None)
+        self.prepared = next((o for o in getattr(accelerator, "_optimizers", [])
+                              if getattr(o, "optimizer", None) is inner), None)
         self.loss_fn = loss_fn
         self.split_ratio = split_ratio
         self.generator = torch.Generator().manual_seed(int(split_seed))
@@ -115,7 +118,8 @@ class SharpnessStep:
             if self._last_accumulate_step is not None and acc.step == self._last_accumulate_step:
                 raise RuntimeError(
                     "SharpnessStep(batch) with gradient_accumulation_steps > 1 must run inside "
-                    "`with accelerator.accumulate(model):` (it reads which micro-batch ends the window)"
+                    "`with accelerator.accumulate(model):` (it reads which micro-batch ends the "
+                    "window)"
                 )
             self._last_accumulate_step = acc.step
         params = [p for g in self.optimizer.param_groups for p in g["params"]]

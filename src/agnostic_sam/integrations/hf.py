@@ -110,7 +110,8 @@ class SharpnessTrainer(Trainer):
         for name in ("_clip_grad_norm", "_get_grad_norm"):
             if not hasattr(Trainer, name):
                 raise ImportError(
-                    f"SharpnessTrainer needs a transformers Trainer with {name} (transformers >= 5): upgrade transformers"
+                    f"SharpnessTrainer needs a transformers Trainer with {name} "
+                    "(transformers >= 5): upgrade transformers"
                 )
         self.sharpness = sharpness
         self.rho, self.rho1, self.rho2 = rho, rho1, rho2
@@ -143,8 +144,9 @@ class SharpnessTrainer(Trainer):
             k in base_kwargs for k in ("params", "model", "optimizer_dict")
         ):
             raise ValueError(
-                f"SharpnessTrainer wraps a torch.optim.Optimizer class, but args.optim={self.args.optim!r} "
-                f"gives {getattr(base, '__name__', base)!r}: use e.g. optim='adamw_torch' or 'sgd'"
+                "SharpnessTrainer wraps a torch.optim.Optimizer class, but "
+                f"args.optim={self.args.optim!r} gives {getattr(base, '__name__', base)!r}: use "
+                "e.g. optim='adamw_torch' or 'sgd'"
             )
         radii = {"rho": self.rho, "rho1": self.rho1, "rho2": self.rho2}
         self.optimizer = create_optimizer(self.sharpness, groups, base, base_kwargs, radii=radii,
@@ -174,7 +176,8 @@ class SharpnessTrainer(Trainer):
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is not None and os.path.isfile(os.path.join(checkpoint, SPLIT_STATE)):
-            self.split_generator.set_state(torch.load(os.path.join(checkpoint, SPLIT_STATE), weights_only=True))
+            self.split_generator.set_state(torch.load(os.path.join(checkpoint, SPLIT_STATE),
+                                                      weights_only=True))
 
     # ---- the step --------------------------------------------------------------------------
 
@@ -184,7 +187,8 @@ class SharpnessTrainer(Trainer):
         from accelerate.utils import DistributedType
 
         if self.accelerator.distributed_type not in (DistributedType.NO, DistributedType.MULTI_GPU,
-                                                     DistributedType.MULTI_CPU, DistributedType.MULTI_XPU):
+                                                     DistributedType.MULTI_CPU,
+                                                     DistributedType.MULTI_XPU):
             raise RuntimeError(
                 f"SharpnessTrainer does not support {self.accelerator.distributed_type}: its "
                 "sharpness-aware step needs plain (or DDP) parameters"
@@ -211,7 +215,8 @@ class SharpnessTrainer(Trainer):
             grad_scaler=self.accelerator.scaler,
             max_grad_norm=self.args.max_grad_norm if self.args.max_grad_norm > 0 else None,
             # DDP: one all-reduce per pass, after its last micro-batch
-            no_sync=(lambda: self.accelerator.no_sync(model)) if hasattr(model, "no_sync") else None,
+            no_sync=((lambda: self.accelerator.no_sync(model)) if hasattr(model, "no_sync")
+                     else None),
         )
         skipped = bool(opt.stats["skipped"])
         if accelerated is not None and hasattr(accelerated, "_is_overflow"):

@@ -143,12 +143,14 @@ class SharpnessAwareMixin:
         if cls.optimizer_step is not SharpnessAwareMixin.optimizer_step:
             raise TypeError(
                 f"{cls.__name__} overrides optimizer_step (or lists LightningModule before "
-                "SharpnessAwareMixin): put SharpnessAwareMixin first and do not override optimizer_step"
+                "SharpnessAwareMixin): put SharpnessAwareMixin first and do not override "
+                "optimizer_step"
             )
         if cls.configure_gradient_clipping is not pl.LightningModule.configure_gradient_clipping:
             raise TypeError(
-                f"{cls.__name__} overrides configure_gradient_clipping, which a sharpness-aware step "
-                "cannot call: use Trainer(gradient_clip_val=...) or the optimizer's max_grad_norm="
+                f"{cls.__name__} overrides configure_gradient_clipping, which a sharpness-aware "
+                "step cannot call: use Trainer(gradient_clip_val=...) or the optimizer's "
+                "max_grad_norm="
             )
         if not self.automatic_optimization:  # type: ignore[attr-defined]
             raise TypeError(
@@ -159,24 +161,29 @@ class SharpnessAwareMixin:
         from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 
         strategy = trainer.strategy
-        if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)) or strategy.handles_gradient_accumulation:
+        if (not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy))
+                or strategy.handles_gradient_accumulation):
             raise RuntimeError(
                 f"SharpnessAwareMixin supports the single-device and DDP strategies, got "
                 f"{type(strategy).__name__}: use strategy='ddp' (or 'auto' on one device)"
             )
-        if isinstance(strategy, DDPStrategy) and strategy._ddp_kwargs.get("find_unused_parameters", False):
+        if (isinstance(strategy, DDPStrategy)
+                and strategy._ddp_kwargs.get("find_unused_parameters", False)):
             raise RuntimeError(
-                "SharpnessAwareMixin cannot run with DDP find_unused_parameters=True (Lightning's own "
-                "backward is skipped, which that reducer mode does not allow): use strategy='ddp'"
+                "SharpnessAwareMixin cannot run with DDP find_unused_parameters=True (Lightning's "
+                "own backward is skipped, which that reducer mode does not allow): use "
+                "strategy='ddp'"
             )
         plugin = trainer.precision_plugin
         if type(plugin) not in (Precision, MixedPrecision, HalfPrecision, DoublePrecision):
             raise RuntimeError(
-                f"SharpnessAwareMixin does not support the precision plugin {type(plugin).__name__}: "
+                "SharpnessAwareMixin does not support the precision plugin "
+                f"{type(plugin).__name__}: "
                 "use precision='32-true', 'bf16-mixed', '16-mixed', 'bf16-true' or '16-true'"
             )
         clip = trainer.gradient_clip_val
-        algorithm = getattr(trainer.gradient_clip_algorithm, "value", trainer.gradient_clip_algorithm)
+        algorithm = getattr(trainer.gradient_clip_algorithm, "value",
+                            trainer.gradient_clip_algorithm)
         if clip is not None and clip > 0 and algorithm not in (None, "norm"):
             raise ValueError(
                 "gradient_clip_algorithm='value' cannot be applied to the final gradient of a "
@@ -191,7 +198,8 @@ class SharpnessAwareMixin:
 
     # ---- the step ------------------------------------------------------------------------
 
-    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any,
+                       optimizer_closure: Any = None) -> None:
         """Lightning's hook, once per optimizer step: run the sharpness-aware step on the recorded
         batches. (Lightning's own closure only records the current batch.)"""
         if optimizer_closure is not None:

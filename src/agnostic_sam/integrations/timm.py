@@ -39,7 +39,8 @@ from agnostic_sam.optim import SAM, AgnosticSAM
 __all__ = ["NAMES", "create_optimizer", "register", "train_step"]
 
 
-def _factory(method: type, base: type[torch.optim.Optimizer], **fixed: Any) -> Callable[..., torch.optim.Optimizer]:
+def _factory(method: type, base: type[torch.optim.Optimizer],
+             **fixed: Any) -> Callable[..., torch.optim.Optimizer]:
     def make(params: Any, **kwargs: Any) -> torch.optim.Optimizer:
         return method(params, base, **fixed, **kwargs)
 
@@ -49,14 +50,21 @@ def _factory(method: type, base: type[torch.optim.Optimizer], **fixed: Any) -> C
 
 # name -> (factory, description, has_momentum, has_betas, has_eps)
 _ENTRIES: dict[str, tuple[Callable[..., torch.optim.Optimizer], str, bool, bool, bool]] = {
-    "agnostic-sam": (_factory(AgnosticSAM, torch.optim.SGD), "Agnostic-SAM (Algorithm 1) over SGD with momentum", True, False, False),
-    "agnostic-sam-simpler": (_factory(AgnosticSAM, torch.optim.SGD, variant="simpler"), "Agnostic-SAM, simpler variant (Sec. 5.1), over SGD", True, False, False),
-    "agnostic-sam-adamw": (_factory(AgnosticSAM, torch.optim.AdamW), "Agnostic-SAM (Algorithm 1) over AdamW", False, True, True),
-    "agnostic-sam-simpler-adamw": (_factory(AgnosticSAM, torch.optim.AdamW, variant="simpler"), "Agnostic-SAM, simpler variant, over AdamW", False, True, True),
+    "agnostic-sam": (_factory(AgnosticSAM, torch.optim.SGD),
+                     "Agnostic-SAM (Algorithm 1) over SGD with momentum", True, False, False),
+    "agnostic-sam-simpler": (_factory(AgnosticSAM, torch.optim.SGD, variant="simpler"),
+                             "Agnostic-SAM, simpler variant (Sec. 5.1), over SGD", True, False,
+                             False),
+    "agnostic-sam-adamw": (_factory(AgnosticSAM, torch.optim.AdamW),
+                           "Agnostic-SAM (Algorithm 1) over AdamW", False, True, True),
+    "agnostic-sam-simpler-adamw": (_factory(AgnosticSAM, torch.optim.AdamW, variant="simpler"),
+                                   "Agnostic-SAM, simpler variant, over AdamW", False, True, True),
     "sam-sgd": (_factory(SAM, torch.optim.SGD), "SAM over SGD with momentum", True, False, False),
-    "asam-sgd": (_factory(SAM, torch.optim.SGD, adaptive=True), "adaptive SAM over SGD with momentum", True, False, False),
+    "asam-sgd": (_factory(SAM, torch.optim.SGD, adaptive=True),
+                 "adaptive SAM over SGD with momentum", True, False, False),
     "sam-adamw": (_factory(SAM, torch.optim.AdamW), "SAM over AdamW", False, True, True),
-    "asam-adamw": (_factory(SAM, torch.optim.AdamW, adaptive=True), "adaptive SAM over AdamW", False, True, True),
+    "asam-adamw": (_factory(SAM, torch.optim.AdamW, adaptive=True), "adaptive SAM over AdamW",
+                   False, True, True),
 }
 NAMES = tuple(_ENTRIES)
 
@@ -67,7 +75,8 @@ def register() -> tuple[str, ...]:
     from timm.optim._optim_factory import default_registry
 
     for name, (factory, description, momentum, betas, eps) in _ENTRIES.items():
-        if name in default_registry._optimizers and default_registry._optimizers[name].opt_class is factory:
+        if (name in default_registry._optimizers
+                and default_registry._optimizers[name].opt_class is factory):
             continue
         default_registry.register(OptimInfo(
             name=name, opt_class=factory, description=description,
@@ -85,8 +94,9 @@ def create_optimizer(model_or_params: Any, opt: str, **kwargs: Any) -> torch.opt
     for prefix in ("", "lookahead-"):
         if "_" in opt and spelled.startswith(prefix) and spelled[len(prefix):] in _ENTRIES:
             raise ValueError(
-                f"timm splits optimizer names at '_' and keeps the last part, so {opt!r} would not build "
-                f"{spelled[len(prefix):]}: use {opt.lower()[:len(prefix)] + spelled[len(prefix):]!r}"
+                f"timm splits optimizer names at '_' and keeps the last part, so {opt!r} would not "
+                f"build {spelled[len(prefix):]}: use "
+                f"{opt.lower()[:len(prefix)] + spelled[len(prefix):]!r}"
             )
     register()
     return create_optimizer_v2(model_or_params, opt, **kwargs)
@@ -114,11 +124,13 @@ def train_step(
     """
     scaler = getattr(loss_scaler, "_scaler", loss_scaler)
     if scaler is not None and not hasattr(scaler, "unscale_"):
-        raise TypeError(f"loss_scaler must be a torch.amp.GradScaler or timm's NativeScaler, got {type(loss_scaler).__name__}")
+        raise TypeError("loss_scaler must be a torch.amp.GradScaler or timm's NativeScaler, got "
+                        f"{type(loss_scaler).__name__}")
     from agnostic_sam.integrations._common import batch_len, take
 
     n = batch_len(batch)
-    if not isinstance(micro_batches, int) or isinstance(micro_batches, bool) or not 1 <= micro_batches <= n:
+    if (not isinstance(micro_batches, int) or isinstance(micro_batches, bool)
+            or not 1 <= micro_batches <= n):
         raise ValueError(f"invalid micro_batches={micro_batches!r}: must be an int in [1, {n}]")
     # run_step joins given micro-batches and re-slices them in as many parts: hand it the slices.
     slices = [take(batch, idx) for idx in torch.arange(n).tensor_split(micro_batches)]

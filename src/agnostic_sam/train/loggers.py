@@ -72,7 +72,8 @@ class Logger:
 
 
 class _TensorBoard:
-    """torch.utils.tensorboard's SummaryWriter, opened at the first scalar (see module docstring)."""
+    """torch.utils.tensorboard's SummaryWriter, opened at the first
+    scalar (see module docstring)."""
 
     def __init__(self, run_dir: Path, resumed: bool) -> None:
         try:
@@ -147,7 +148,8 @@ class _WandB:
         self.run.finish()
 
 
-def make_logger(kinds: Sequence[str] | None, run_dir: str | Path, cfg_dict: Mapping[str, Any]) -> Logger:
+def make_logger(kinds: Sequence[str] | None, run_dir: str | Path,
+                cfg_dict: Mapping[str, Any]) -> Logger:
     """A Logger writing to each of ``kinds`` (a subset of `LOGGER_KINDS`) for the run in
     ``run_dir`` with resolved config ``cfg_dict``; no kinds: a no-op Logger. A missing package
     is a one-line UsageError naming the extra that installs it."""
