@@ -31,7 +31,8 @@ from agnostic_sam.reproduce.tables import parse_spec
 
 # Cells per table: rows x columns of the paper (Table 2 counts SAM once; Figure 1: 2 data sets x
 # 3 architectures x {SAM, non-overlap, on-the-fly}).
-CELLS = {"table1": 18, "table2": 36, "table3": 9, "table4": 24, "table5": 18, "table6": 24, "figure1": 18}
+CELLS = {"table1": 18, "table2": 36, "table3": 9, "table4": 24, "table5": 18, "table6": 24,
+         "figure1": 18}
 
 
 
@@ -41,18 +42,21 @@ CELLS = {"table1": 18, "table2": 36, "table3": 9, "table4": 24, "table5": 18, "t
 def test_steps_per_epoch_closed_form():
     # full batches only, as the trainer: floor(N / |B|)
     assert steps_per_epoch({"dataset": "cifar10", "batch_size": 128, "optimizer": "sam"}) == 390
-    assert steps_per_epoch({"dataset": "fgvc_aircraft", "batch_size": 128, "optimizer": "sgd"}) == 52
-    assert steps_per_epoch({"dataset": "flowers102", "batch_size": 128, "optimizer": "agnostic-sam"}) == 15
+    assert steps_per_epoch({"dataset": "fgvc_aircraft", "batch_size": 128,
+                            "optimizer": "sgd"}) == 52
+    assert steps_per_epoch({"dataset": "flowers102", "batch_size": 128,
+                            "optimizer": "agnostic-sam"}) == 15
     # non-overlap: one pass over S^t = round(0.7 * 50000) = 35000 in |B^t| = round(0.7 * 128) = 90
-    fixed = {"dataset": "cifar100", "batch_size": 128, "optimizer": "agnostic-sam", "split": "fixed",
-             "split_ratio": 0.7}
+    fixed = {"dataset": "cifar100", "batch_size": 128, "optimizer": "agnostic-sam",
+             "split": "fixed", "split_ratio": 0.7}
     assert steps_per_epoch(fixed) == 35000 // 90
     # split: fixed means nothing to SAM
     assert steps_per_epoch({**fixed, "optimizer": "sam"}) == 390
 
 
 def _write_run(root: Path, run, value: float, epoch_seconds=(10.0, 6.0, 8.0)) -> None:
-    """A finished run directory in the trainer's format (config.yaml, metrics.jsonl, result.json)."""
+    """A finished run directory in the trainer's format (config.yaml, metrics.jsonl,
+    result.json)."""
     d = root / run.run_id
     d.mkdir(parents=True, exist_ok=True)
     (d / "config.yaml").write_text(yaml.safe_dump(run.overrides))
@@ -73,12 +77,14 @@ def test_report_puts_paper_and_ours_side_by_side(tmp_path):
     for r in runs:
         by.setdefault((r.table, r.cell), []).append(r)
     # Table 1, three seeds: 96, 97, 98 -> mean 97, sample std 1
-    for run, acc in zip(sorted(by["table1", "cifar10/wrn28_10/sam"], key=lambda r: r.overrides["seed"]),
+    for run, acc in zip(sorted(by["table1", "cifar10/wrn28_10/sam"],
+                               key=lambda r: r.overrides["seed"]),
                         (96.0, 97.0, 98.0)):
         _write_run(tmp_path, run, acc)
     # Table 2 SAM: best of three radii (the paper's protocol)
     for run in by["table2", "flowers102/resnet18/sam"]:
-        _write_run(tmp_path, run, {"sam-rho0.02": 70.0, "sam-rho0.05": 74.0, "sam-rho0.1": 72.0}[run.method])
+        _write_run(tmp_path, run,
+                   {"sam-rho0.02": 70.0, "sam-rho0.05": 74.0, "sam-rho0.1": 72.0}[run.method])
     # Table 6: seconds per epoch, first epoch (warm-up) dropped: (60 + 66) / 2 = 63 s = 1.05 min
     (t6,) = by["table6", "cifar100/wrn28_10/agnostic-sam"]
     _write_run(tmp_path, t6, 1.0, epoch_seconds=(600.0, 60.0, 66.0))
@@ -160,8 +166,10 @@ def test_configs_follow_the_paper():
     assert {r.overrides["weights"] for r in t3} == {"EfficientNet_B4_Weights.IMAGENET1K_V1"}
     assert all(r.overrides["lr"] == 0.01 and r.overrides["epochs"] == 100 for r in t3)
     assert {r.overrides["noise_rate"] for r in plan("table4")} == {0.1, 0.2, 0.3, 0.4}
-    assert {r.overrides["rho"] for r in plan("table2") if r.cell_method == "sam"} == {0.02, 0.05, 0.1}
-    assert {r.overrides.get("split") for r in runs if r.cell_method == "agnostic-sam-nonoverlap"} == {"fixed"}
+    assert ({r.overrides["rho"] for r in plan("table2") if r.cell_method == "sam"}
+            == {0.02, 0.05, 0.1})
+    assert ({r.overrides.get("split") for r in runs
+             if r.cell_method == "agnostic-sam-nonoverlap"} == {"fixed"})
     assert {r.overrides["seed"] for r in plan("table4", seeds=[5, 6])} == {5, 6}
 
 
@@ -261,7 +269,8 @@ def test_smoke_one_table_then_skip_and_resume(tmp_path, monkeypatch):
     small = {k: (32, c) for k, (_, c) in plan_module.SMOKE_SHAPES.items()}
     monkeypatch.setattr(plan_module, "SMOKE_SHAPES", small)
     logs: list[str] = []
-    report = reproduce("table3", out=tmp_path, smoke=True, device="cpu", progress=False, log=logs.append)
+    report = reproduce("table3", out=tmp_path, smoke=True, device="cpu", progress=False,
+                       log=logs.append)
     cells = report["tables"]["table3"]["cells"]
     assert len(cells) == 9
     for c in cells:
@@ -287,7 +296,8 @@ def test_smoke_one_table_then_skip_and_resume(tmp_path, monkeypatch):
 @pytest.mark.slow
 @pytest.mark.parametrize("table", TABLES)
 def test_smoke_every_table(tmp_path, table):
-    report = reproduce(table, out=tmp_path, smoke=True, device="cpu", progress=False, log=lambda s: None)
+    report = reproduce(table, out=tmp_path, smoke=True, device="cpu", progress=False,
+                       log=lambda s: None)
     cells = report["tables"][table]["cells"]
     assert len(cells) == CELLS[table]
     assert all(c["ours"]["n"] == c["ours"]["expected"] for c in cells)
@@ -306,7 +316,8 @@ def test_digits_studies_dry_run(capsys):
     for table, (n_runs, n_cells) in expected.items():
         assert main(["reproduce", table, "--dry-run"]) == 0
         out = capsys.readouterr().out
-        assert out.strip().splitlines()[-1].startswith(f"{n_runs} training runs, {n_cells} table cells, ")
+        assert out.strip().splitlines()[-1].startswith(
+            f"{n_runs} training runs, {n_cells} table cells, ")
         assert out.count(" tune ") == 2 * (4 if table == "table4-digits" else 3) * 3 * 4 * 2
         assert "test set never opened" in out
         # one run id per seed in a fixed-radius cell; tuned cells wait for the choice
@@ -372,7 +383,8 @@ def test_study_report_verdicts_from_hand_built_results(tmp_path):
     (trow,) = [r for r in tuned["rows"] if r["row"] == "cnn/noise0.2"]
     assert {c["method"]: c["radius"] for c in trow["methods"]}["sam-tuned"] == "pending tuning"
     md = render_markdown(report)
-    assert "| cnn/noise0.2 | agnostic-sam | rho1=0.1, rho2=0.05 | 92.55 ± 1.32 | 4/4 | +1.05 [" in md
+    assert ("| cnn/noise0.2 | agnostic-sam | rho1=0.1, rho2=0.05 | 92.55 ± 1.32 | 4/4 | +1.05 ["
+            in md)
     assert "| ahead |" in md and "| behind |" in md and "| no significant difference |" in md
     assert "A different data set, the same protocol" in md
     one = paired_difference({0: 1.0}, {0: 0.0})
@@ -397,7 +409,8 @@ def test_tuned_radius_flow_on_a_tiny_study(tmp_path, monkeypatch):
                     "sam-tuned": {"optimizer": "sam", "tune": [0.05, 3.0]}},
         "tuning": {"val_fraction": 0.1, "rho2_ratio": 0.5, "seeds": [0, 1]},
         "panels": {"fixed": {"methods": ["sgd", "sam"], "versus": {"SGD": "sgd", "SAM": "sam"}},
-                   "tuned": {"methods": ["sgd", "sam-tuned"], "versus": {"SGD": "sgd", "SAM": "sam-tuned"}}},
+                   "tuned": {"methods": ["sgd", "sam-tuned"],
+                             "versus": {"SGD": "sgd", "SAM": "sam-tuned"}}},
         "paper": {"table": "table4", "cell": "cifar10/resnet32/noise{noise_rate}/{optimizer}"},
         "grid": {"noise_rate": [0.2], "seed": [0, 1, 2]},
     }))
@@ -411,7 +424,8 @@ def test_tuned_radius_flow_on_a_tiny_study(tmp_path, monkeypatch):
     def builder(req):
         source = spec.builder(req)
         load_test = source.load_test
-        return dataclasses.replace(source, load_test=lambda: (opened.append(phase[0]), load_test())[1])
+        return dataclasses.replace(source,
+                                   load_test=lambda: (opened.append(phase[0]), load_test())[1])
 
     monkeypatch.setitem(registry.DATASETS, "digits", dataclasses.replace(spec, builder=builder))
     train_runs = runner._train_runs
@@ -441,7 +455,8 @@ def test_tuned_radius_flow_on_a_tiny_study(tmp_path, monkeypatch):
     # the tuned final runs: every grid seed, the chosen radius, the full training set, test set
     finals = [r for r in results if r["eval_split"] == "test" and r["config"]["optimizer"] == "sam"]
     assert {r["config"]["rho"] for r in finals} == {0.05, argmax}
-    (tuned_panel,) = [p for p in report["tables"]["table4-digits"]["panels"] if p["name"] == "tuned"]
+    (tuned_panel,) = [p for p in report["tables"]["table4-digits"]["panels"]
+                      if p["name"] == "tuned"]
     cell = {c["method"]: c for c in tuned_panel["rows"][0]["methods"]}["sam-tuned"]
     assert cell["n"] == 3 and cell["radius"] == f"rho={argmax:g}"
     assert (tmp_path / "out" / "figure.png").stat().st_size > 0

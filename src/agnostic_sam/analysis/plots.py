@@ -37,17 +37,23 @@ def _save(fig: Figure, path: str | Path) -> Path:
     return path
 
 
-def _grids(surfaces: Sequence[Mapping[str, Any]]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+def _grids(
+    surfaces: Sequence[Mapping[str, Any]],
+) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     out = []
     for s in surfaces:
         loss = np.asarray(s["loss"], dtype=float)  # (len(alphas), len(betas))
         # meshgrid "ij": A[i, j] = alphas[i], B[i, j] = betas[j], matching loss[i][j].
-        a, b = np.meshgrid(np.asarray(s["alphas"], float), np.asarray(s["betas"], float), indexing="ij")
+        a, b = np.meshgrid(np.asarray(s["alphas"], float), np.asarray(s["betas"], float),
+                           indexing="ij")
         out.append((a, b, loss))
     return out
 
 
-def _shared_norm(grids: list[tuple[np.ndarray, np.ndarray, np.ndarray]], vmax: float | None) -> Normalize:
+def _shared_norm(
+    grids: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
+    vmax: float | None,
+) -> Normalize:
     """One colour scale for all panels: [min loss, max loss] over every run (or up to vmax)."""
     finite = np.concatenate([g[2][np.isfinite(g[2])] for g in grids])
     if finite.size == 0:
@@ -203,7 +209,8 @@ def plot_protocol(
     axes = fig.subplots(len(groups), len(panels), squeeze=False, sharey="row")
     colours: dict[str, Any] = {}
     palette = iter(["C0", "C1", "C2", "C3", "C4", "C5", "C6", "C7", "C8", "C9"])
-    xs_all = sorted({float(pt[0]) for g in groups for p in series[g].values() for s in p.values() for pt in s})
+    xs_all = sorted({float(pt[0]) for g in groups for p in series[g].values()
+                     for s in p.values() for pt in s})
     for i, group in enumerate(groups):
         for j, panel in enumerate(panels):
             ax = axes[i][j]

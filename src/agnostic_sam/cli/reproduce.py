@@ -25,7 +25,8 @@ def _seeds(text: str) -> list[int]:
     try:
         seeds = [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--seeds takes comma-separated integers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"--seeds takes comma-separated integers, got {text!r}") from None
     if not seeds:
         raise argparse.ArgumentTypeError("--seeds needs at least one seed")
     return seeds
@@ -37,16 +38,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="reproduce a table or figure of the paper and report ours next to the paper's",
         description=(
             "Train every run of a paper table (configs shipped in agnostic_sam/reproduce/configs), "
-            "skipping finished runs and resuming partial ones, then write report.md and report.json "
+            "skipping finished runs and resuming partial ones, then write report.md and "
+            "report.json "
             "with the paper's number, ours (mean ± std, n), the difference and seconds per epoch."
         ),
     )
     p.add_argument("table", choices=(*TABLES, "all", *STUDIES),
                    help="which table or figure (all: every paper table); table4-digits and "
-                        "table2-digits: the paper's protocols on the digits data, fixed and tuned radii")
-    p.add_argument("--out", default="runs/reproduce", help="output folder (default: runs/reproduce)")
+                        "table2-digits: the paper's protocols on the digits data, fixed and "
+                        "tuned radii")
+    p.add_argument("--out", default="runs/reproduce",
+                   help="output folder (default: runs/reproduce)")
     p.add_argument("--data-dir", default=None, help="folder holding the data sets")
-    p.add_argument("--download", action="store_true", help="let torchvision fetch missing data sets")
+    p.add_argument("--download", action="store_true",
+                   help="let torchvision fetch missing data sets")
     p.add_argument("--seeds", type=_seeds, default=None, metavar="S1,S2,..",
                    help="replace every config's seeds (e.g. 0 for a single-seed pass)")
     p.add_argument("--tune-seeds", type=_seeds, default=None, metavar="S1,S2,..",
@@ -56,10 +61,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "1, or one per GPU); numbers do not depend on it")
     p.add_argument("--threads", type=_jobs, default=None,
                    help="CPU threads per run (default 1)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+    p.add_argument("--device", default="auto",
+                   help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--dry-run", action="store_true",
-                      help="list the runs with epochs, steps per epoch and total steps; train nothing")
+                      help="list the runs with epochs, steps per epoch and total steps; "
+                           "train nothing")
     mode.add_argument("--report-only", action="store_true",
                       help="write the report from the runs already in --out; train nothing")
     p.add_argument("--smoke", action="store_true",

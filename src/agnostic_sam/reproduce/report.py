@@ -41,7 +41,8 @@ __all__ = [
 
 
 def paper_numbers() -> dict[str, Any]:
-    """``paper_numbers.json``: {"tables": {table: {"title", "unit", "cells": {key: {"mean", "std"?}}}}}."""
+    """``paper_numbers.json``:
+    {"tables": {table: {"title", "unit", "cells": {key: {"mean", "std"?}}}}}."""
     text = resources.files("agnostic_sam.reproduce").joinpath("paper_numbers.json").read_text()
     return json.loads(text)
 
@@ -55,7 +56,8 @@ def _read_metrics(run_dir: Path) -> list[dict[str, Any]]:
 
 def _epoch_seconds(run_dir: Path) -> list[float]:
     """Per-epoch seconds, dropping the first epoch when later ones exist (warm-up)."""
-    seconds = [float(row["epoch_seconds"]) for row in _read_metrics(run_dir) if "epoch_seconds" in row]
+    seconds = [float(row["epoch_seconds"]) for row in _read_metrics(run_dir)
+               if "epoch_seconds" in row]
     return seconds[1:] if len(seconds) > 1 else seconds
 
 
@@ -82,7 +84,12 @@ def _finite(x: float) -> float | None:
     return None if x is None or not math.isfinite(x) else float(x)
 
 
-def _cell(runs: list[Run], runs_root: Path, paper: dict[str, Any] | None, to_unit: float) -> dict[str, Any]:
+def _cell(
+    runs: list[Run],
+    runs_root: Path,
+    paper: dict[str, Any] | None,
+    to_unit: float,
+) -> dict[str, Any]:
     """Summarise the runs of one cell (all share table, cell key and metric)."""
     metric = runs[0].metric
     by_method: dict[str, list[Run]] = {}
@@ -168,12 +175,14 @@ def render_markdown(report: dict[str, Any]) -> str:
     """One Markdown table per paper table: cell | paper | ours (n) | diff | s/epoch."""
     lines = ["# Agnostic-SAM reproduction report", ""]
     if report.get("smoke"):
-        lines += ["**Smoke run** (`--smoke`): two steps of `*_mini` models on synthetic data of each "
+        lines += ["**Smoke run** (`--smoke`): two steps of `*_mini` models on synthetic data "
+                  "of each "
                   "data set's shape. It checks that every run goes through; its numbers are not "
                   "results.", ""]
     timings = report.get("timings") or {}
     if timings:
-        parts = ", ".join(f"{k.removesuffix('_seconds')} {v / 60:.1f} min" for k, v in timings.items())
+        parts = ", ".join(f"{k.removesuffix('_seconds')} {v / 60:.1f} min"
+                          for k, v in timings.items())
         lines += [f"Wall time of this invocation: {parts} (runs finished earlier are skipped, not "
                   "counted).", ""]
     if report.get("failed"):
@@ -187,13 +196,15 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += [f"## {table['title']}", "", f"Unit: {unit}; metric: `{table['metric']}`.", ""]
         if table.get("note"):
             lines += [f"Note: {table['note']}", ""]
-        lines += ["| cell | paper | ours | n | ours − paper | s/epoch |", "|---|---|---|---|---|---|"]
+        lines += ["| cell | paper | ours | n | ours − paper | s/epoch |",
+                  "|---|---|---|---|---|---|"]
         for c in table["cells"]:
             name = c["cell"] + (f" (best: {c['method']})" if c["method"] else "")
             n = f"{c['ours']['n']}/{c['ours']['expected']}"
             diff = "n/a" if c["diff"] is None else f"{c['diff']:+.2f}"
             spe = "n/a" if c["seconds_per_epoch"] is None else f"{c['seconds_per_epoch']:.1f}"
-            lines.append(f"| {name} | {_fmt(**c['paper'])} | {_fmt(c['ours']['mean'], c['ours']['std'])} "
+            lines.append(f"| {name} | {_fmt(**c['paper'])} | "
+                         f"{_fmt(c['ours']['mean'], c['ours']['std'])} "
                          f"| {n} | {diff} | {spe} |")
         lines.append("")
     return "\n".join(lines)

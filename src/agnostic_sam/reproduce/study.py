@@ -179,7 +179,8 @@ def render_study(study: dict[str, Any]) -> list[str]:
         for row in panel["rows"]:
             groups.setdefault(row["group"], []).append(row)
         for group, rows in groups.items():
-            head = f"### {study['group']} = {group}, {panel['name']}" if study.get("group") else f"### {panel['name']}"
+            head = (f"### {study['group']} = {group}, {panel['name']}" if study.get("group")
+                    else f"### {panel['name']}")
             lines += [head, ""]
             cols = ["row", "method", "radius", "test acc (mean ± std)", "n"]
             for label in labels:
@@ -189,8 +190,10 @@ def render_study(study: dict[str, Any]) -> list[str]:
             for row in rows:
                 for c in row["methods"]:
                     acc = "n/a" if c["mean"] is None else (
-                        f"{c['mean']:.2f} ± {c['std']:.2f}" if c["std"] is not None else f"{c['mean']:.2f}")
-                    cells = [row["row"], c["method"], c["radius"] or "n/a", acc, f"{c['n']}/{c['expected']}"]
+                        f"{c['mean']:.2f} ± {c['std']:.2f}" if c["std"] is not None
+                        else f"{c['mean']:.2f}")
+                    cells = [row["row"], c["method"], c["radius"] or "n/a", acc,
+                             f"{c['n']}/{c['expected']}"]
                     for label in labels:
                         cells += list(_vs_text(c["vs"].get(label)))
                     p = c["paper"]
@@ -207,8 +210,10 @@ def render_study(study: dict[str, Any]) -> list[str]:
         t = study["tuning_settings"]
         candidates = sorted({r for entry in study["tuning"] for r in entry["candidates"]})
         lines += ["### Radius tuning", "",
-                  f"Mean held-out accuracy (a stratified {t.get('val_fraction')} of the training set, "
-                  f"test set never opened) over the tuning seeds; rho2 = {t.get('rho2_ratio')} rho1 for the "
+                  f"Mean held-out accuracy (a stratified {t.get('val_fraction')} of the "
+                  "training set, "
+                  "test set never opened) over the tuning seeds; "
+                  f"rho2 = {t.get('rho2_ratio')} rho1 for the "
                   "Agnostic-SAM family; the highest mean wins, ties to the smaller radius "
                   "(`compare.select_radius`).", ""]
         cols = ["row", "method"] + [f"r={r:g}" for r in candidates] + ["chosen", "tuning seeds"]
@@ -218,7 +223,8 @@ def render_study(study: dict[str, Any]) -> list[str]:
             for r in candidates:
                 s = (entry["grid"] or {}).get(f"{r:g}")
                 cells.append("n/a" if s is None else (
-                    f"{s['mean']:.2f} ± {s['std']:.2f}" if s["std"] is not None else f"{s['mean']:.2f}"))
+                    f"{s['mean']:.2f} ± {s['std']:.2f}" if s["std"] is not None
+                    else f"{s['mean']:.2f}"))
             cells.append("pending" if entry["chosen"] is None else f"{entry['chosen']:g}")
             cells.append("n/a" if entry["seeds"] is None else str(len(entry["seeds"])))
             lines.append("| " + " | ".join(cells) + " |")

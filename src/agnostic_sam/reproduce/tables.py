@@ -22,7 +22,8 @@ Each grid point becomes a :class:`Run` whose ``overrides`` are ``base | methods[
 A grid key that is not a TrainConfig field and lists mappings links fields that change together
 (``subset: [{train_fraction: 0.1, epochs: 100}, ...]``): each mapping is one grid value.
 
-A run is identified by its resolved TrainConfig (``Run.run_id``: `agnostic_sam.train.rundir.run_id`), so the same training run listed by two tables (Table 5 reuses
+A run is identified by its resolved TrainConfig (``Run.run_id``:
+`agnostic_sam.train.rundir.run_id`), so the same training run listed by two tables (Table 5 reuses
 Table 1's SAM runs), or spelled with a default written out, is trained once and read by both.
 
 The digits protocols (``STUDIES``) add radius tuning and a paired report:
@@ -227,10 +228,12 @@ def parse_spec(path: Path) -> TableSpec:
         if "tune" in entry:
             candidates = entry.pop("tune")
             if not isinstance(candidates, list) or not candidates or not all(
-                isinstance(r, (int, float)) and not isinstance(r, bool) and r > 0 and math.isfinite(r)
+                isinstance(r, (int, float)) and not isinstance(r, bool) and r > 0
+                and math.isfinite(r)
                 for r in candidates
             ):
-                raise _fail(path, f"methods.{name}.tune must list positive radii, got {candidates!r}")
+                raise _fail(path, f"methods.{name}.tune must list positive radii, "
+                                  f"got {candidates!r}")
             tune[name] = tuple(sorted({float(r) for r in candidates}))
     spec = TableSpec(
         path=path,
@@ -313,7 +316,8 @@ def _check_study(spec: TableSpec) -> None:
 def load_specs(table: str) -> list[TableSpec]:
     """The parsed config files of ``table`` (one of TABLES or STUDIES), sorted by file name."""
     if table not in TABLES + STUDIES:
-        raise UsageError(f"unknown table '{table}'; choose from {', '.join(TABLES + STUDIES)} or all")
+        raise UsageError(f"unknown table '{table}'; choose from "
+                         f"{', '.join(TABLES + STUDIES)} or all")
     specs = [parse_spec(p) for p in sorted(CONFIG_DIR.glob("*.yaml"))]
     return [s for s in specs if s.table == table]
 
@@ -346,7 +350,11 @@ def _expand(spec: TableSpec, seeds: list[int] | None) -> list[Run]:
     return runs
 
 
-def paper_value(spec: TableSpec, overrides: dict[str, Any], paper: dict[str, Any]) -> dict[str, Any] | None:
+def paper_value(
+    spec: TableSpec,
+    overrides: dict[str, Any],
+    paper: dict[str, Any],
+) -> dict[str, Any] | None:
     """The paper's number a study row shows for context: ``spec.paper.cell`` formatted with the
     run's fields, in ``paper_numbers.json`` table ``spec.paper.table``; with ``*`` in the key, the
     mean over the matching cells. ``{"mean", "cells"}`` or None (the paper has no such cell)."""
@@ -471,7 +479,8 @@ def _listing_line(name: str, overrides: dict[str, Any], cells: str) -> tuple[str
     epochs, max_steps = int(cfg["epochs"]), cfg["max_steps"]
     if cfg["dataset"] in TRAIN_SIZES:
         per_epoch: int | str = steps_per_epoch(overrides)
-        steps = epochs * int(per_epoch) if max_steps is None else min(epochs * int(per_epoch), max_steps)
+        steps = (epochs * int(per_epoch) if max_steps is None
+                 else min(epochs * int(per_epoch), max_steps))
     else:  # --smoke: synthetic data, the step cap decides
         per_epoch, steps = "-", int(max_steps or 0)
     return f"{name:<62} {epochs:>6} {per_epoch:>8} {steps:>9}  {cells}", steps
@@ -488,9 +497,11 @@ def format_plan(runs: list[Run], tune_runs: list[Run] | None = None) -> str:
     header = f"{'run':<62} {'epochs':>6} {'steps/ep':>8} {'steps':>9}  cells"
     tune_unique = unique_runs(tune_runs or [])
     if tune_unique:
-        lines += [f"tuning (held-out val_fraction, test set never opened): {len(tune_unique)} runs", header]
+        lines += ["tuning (held-out val_fraction, test set never opened): "
+                  f"{len(tune_unique)} runs", header]
         for run in tune_unique:
-            line, steps = _listing_line(run.run_id, run.overrides, f"tune {run.cell} r={run.radius:g}")
+            line, steps = _listing_line(run.run_id, run.overrides,
+                                        f"tune {run.cell} r={run.radius:g}")
             lines.append(line)
             total += steps
         lines.append("final runs (full training set, test set once):")
@@ -504,7 +515,8 @@ def format_plan(runs: list[Run], tune_runs: list[Run] | None = None) -> str:
         first.setdefault(key, run)
     names = list(cells_of)
     for key in names:
-        line, steps = _listing_line(_listing_name(first[key]), first[key].overrides, " ".join(cells_of[key]))
+        line, steps = _listing_line(_listing_name(first[key]), first[key].overrides,
+                                    " ".join(cells_of[key]))
         lines.append(line)
         total += steps
     n_cells = len({(r.table, r.cell) for r in runs})

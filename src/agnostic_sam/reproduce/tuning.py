@@ -134,5 +134,6 @@ def resolve(runs: list[Run], choices: dict[str, dict[str, Any]], spec: TableSpec
     for run in runs:
         if run.pending and run.cell in choices:
             radius = float(choices[run.cell]["chosen"])
-            run.overrides = {**run.overrides, **radius_overrides(_optimizer(run), radius, rho2_ratio)}
+            run.overrides = {**run.overrides,
+                             **radius_overrides(_optimizer(run), radius, rho2_ratio)}
             run.radius = radius
