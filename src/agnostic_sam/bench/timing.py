@@ -208,6 +208,35 @@ def run_bench(cfg: BenchConfig, command: str | None = None,
 
 
 def _run(cfg: BenchConfig, device: torch.device, command: str, log) -> dict[str, Any]:
+    model, net, x, y = _setup(cfg, device)
+    n_t, n_v = cfg.split_sizes()
+    t_start = time.perf_counter()
+    built = _warm_up(cfg, model, net, x, y, device)
+    warmup_s = time.perf_counter() - t_start
+    log(f"warm-up done in {warmup_s:.1f} s")
+    t_rounds = time.perf_counter()
+    timed = _time_rounds(cfg, model, built, x, y, device, t_start, log)
+    rounds_s = time.perf_counter() - t_rounds
+    methods = {name: _method_row(cfg, name, built[name][0], timed, n_t, device)
+               for name in cfg.methods}
+    add_ratios(methods)
+    return {
+        "command": command,
+        "config": dataclasses.asdict(cfg),
+        "hardware": hardware_info(device),
+        "model": {"name": cfg.model, "parameters": sum(p.numel() for p in model.parameters()),
+                  "param_bytes": sum(p.numel() * p.element_size() for p in model.parameters())},
+        "split": {"batch": cfg.batch_size, "train": n_t, "val": n_v},
+        "rounds_completed": timed["rounds"],
+        "warmup_seconds": warmup_s,
+        "timed_seconds": rounds_s,
+        "methods": methods,
+    }
+
+
+def _setup(cfg: BenchConfig, device: torch.device) -> tuple[torch.nn.Module, Any, Tensor, Tensor]:
+    """The model (and its compiled form) and one fixed synthetic batch, resident on the device:
+    data loading is not timed."""
     from agnostic_sam.models import create_model
 
     torch.manual_seed(cfg.seed)
@@ -216,37 +245,39 @@ def _run(cfg: BenchConfig, device: torch.device, command: str, log) -> dict[str,
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(device=device, memory_format=fmt).train()
     net = torch.compile(model, dynamic=False) if cfg.compile else model
-
-    # One fixed synthetic batch, resident on the device: data loading is not timed.
     gen = torch.Generator().manual_seed(cfg.seed)
     x = torch.randn(cfg.batch_size, cfg.channels, cfg.image_size, cfg.image_size, generator=gen)
     y = torch.randint(0, cfg.num_classes, (cfg.batch_size,), generator=gen)
-    x = x.to(device).contiguous(memory_format=fmt)
-    y = y.to(device)
-    n_t, n_v = cfg.split_sizes()
+    return model, net, x.to(device).contiguous(memory_format=fmt), y.to(device)
 
-    t_start = time.perf_counter()
+
+def _warm_up(cfg: BenchConfig, model: torch.nn.Module, net: Any, x: Tensor, y: Tensor,
+             device: torch.device) -> dict[str, tuple[Any, StepFn]]:
+    """Every sub-batch shape once, then every method's optimizer and `warmup` untimed steps."""
+    n_t, n_v = cfg.split_sizes()
     loss_fn = make_loss(net, cfg, device)
     for n in sorted({cfg.batch_size, n_t, n_v}):  # every sub-batch shape, once, before timing
         loss_fn(x[:n], y[:n]).backward()
     model.zero_grad(set_to_none=True)
-
     built = {m: build_step(m, model, net, cfg) for m in cfg.methods}
     for _, step in built.values():
         for _ in range(cfg.warmup):
             step(x, y)
     _sync(device)
-    warmup_s = time.perf_counter() - t_start
-    log(f"warm-up done in {warmup_s:.1f} s")
+    return built
 
+
+def _time_rounds(cfg: BenchConfig, model: torch.nn.Module, built: dict[str, tuple[Any, StepFn]],
+                 x: Tensor, y: Tensor, device: torch.device, t_start: float,
+                 log) -> dict[str, Any]:
+    """R interleaved rounds (the order rotates by one each round) of S timed steps per method;
+    step times, per-round medians and, on CUDA, memory peaks."""
     names = list(cfg.methods)
     step_ms: dict[str, list[float]] = {m: [] for m in names}
     round_median: dict[str, list[float]] = {m: [] for m in names}
     peak: dict[str, int] = dict.fromkeys(names, 0)
     peak_delta: dict[str, int] = dict.fromkeys(names, 0)
-    t_rounds = time.perf_counter()
-    rounds_done = 0
-    last_round_s = 0.0
+    rounds_done, last_round_s = 0, 0.0
     for r in range(cfg.rounds):
         # Start a round only if one more like the last still fits the budget (>= 1 round runs).
         t_round = time.perf_counter()
@@ -254,8 +285,7 @@ def _run(cfg: BenchConfig, device: torch.device, command: str, log) -> dict[str,
                 and t_round - t_start + last_round_s > cfg.time_budget_s):
             log(f"time budget reached after {r} round(s)")
             break
-        order = names[r % len(names):] + names[:r % len(names)]
-        for name in order:
+        for name in names[r % len(names):] + names[:r % len(names)]:
             _, step = built[name]
             # Every step starts by dropping the gradients anyway; doing it here makes the memory
             # baseline the same for all methods: parameters, optimizer states and the batch.
@@ -275,38 +305,27 @@ def _run(cfg: BenchConfig, device: torch.device, command: str, log) -> dict[str,
         last_round_s = time.perf_counter() - t_round
         log(f"round {r + 1}/{cfg.rounds}: " + ", ".join(
             f"{m} {round_median[m][-1]:.1f} ms" for m in names))
-    rounds_s = time.perf_counter() - t_rounds
+    return {"step_ms": step_ms, "round_median": round_median, "peak": peak,
+            "peak_delta": peak_delta, "rounds": rounds_done}
 
-    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    methods: dict[str, Any] = {}
-    for name in names:
-        opt, _ = built[name]
-        summ = _summary(step_ms[name])
-        buffer_bytes = opt.buffer_bytes() if callable(getattr(opt, "buffer_bytes", None)) else None
-        stats = getattr(opt, "stats", {})
-        methods[name] = {
-            "ms_per_step": summ,
-            "round_median_ms": round_median[name],
-            "images_per_second": cfg.batch_size / (summ["median"] / 1e3),
-            "samples_per_step": METHODS[name].samples(cfg.batch_size, n_t),
-            "state_bytes": state_bytes(opt),
-            "buffer_bytes": None if buffer_bytes is None else int(buffer_bytes),
-            "peak_bytes": peak[name] if device.type == "cuda" else None,
-            "peak_delta_bytes": peak_delta[name] if device.type == "cuda" else None,
-            "skipped_last_step": float(stats["skipped"]) if "skipped" in stats else None,
-        }
-    add_ratios(methods)
+
+def _method_row(cfg: BenchConfig, name: str, opt: Any, timed: dict[str, Any], n_t: int,
+                device: torch.device) -> dict[str, Any]:
+    """One method's line of the result: step times, throughput, samples, memory."""
+    summ = _summary(timed["step_ms"][name])
+    buffer_bytes = opt.buffer_bytes() if callable(getattr(opt, "buffer_bytes", None)) else None
+    stats = getattr(opt, "stats", {})
+    cuda = device.type == "cuda"
     return {
-        "command": command,
-        "config": dataclasses.asdict(cfg),
-        "hardware": hardware_info(device),
-        "model": {"name": cfg.model, "parameters": sum(p.numel() for p in model.parameters()),
-                  "param_bytes": param_bytes},
-        "split": {"batch": cfg.batch_size, "train": n_t, "val": n_v},
-        "rounds_completed": rounds_done,
-        "warmup_seconds": warmup_s,
-        "timed_seconds": rounds_s,
-        "methods": methods,
+        "ms_per_step": summ,
+        "round_median_ms": timed["round_median"][name],
+        "images_per_second": cfg.batch_size / (summ["median"] / 1e3),
+        "samples_per_step": METHODS[name].samples(cfg.batch_size, n_t),
+        "state_bytes": state_bytes(opt),
+        "buffer_bytes": None if buffer_bytes is None else int(buffer_bytes),
+        "peak_bytes": timed["peak"][name] if cuda else None,
+        "peak_delta_bytes": timed["peak_delta"][name] if cuda else None,
+        "skipped_last_step": float(stats["skipped"]) if "skipped" in stats else None,
     }
 
 
