@@ -241,32 +241,9 @@ def reproduce(
         return None
     timings: dict[str, float] = {}
     failed: list[str] = []
-
-    def phase(todo: list[Run], label: str, key: str, waiting: str) -> bool:
-        """Train one phase; False when its runs were submitted and not waited for."""
-        start = time.perf_counter()
-        phase_failed, done = _train_runs(todo, runs, label=label, **common)
-        failed.extend(phase_failed)
-        if not done:
-            log(f"{len(todo)} {waiting}")
-        timings[key] = time.perf_counter() - start
-        return done
-
-    if not report_only:
-        if tune_runs:
-            if not phase(unique_runs(tune_runs), "tune ", "tuning_seconds",
-                         "tuning runs submitted; the final runs follow once they have "
-                         "finished: run the same command again"):
-                return None
-            resolve(runs, choose(tune_runs, runs_root), spec)
-            pending = sorted({r.cell for r in runs if r.pending})
-            if pending:
-                log(f"no radius chosen for {len(pending)} cells (a tuning run failed): "
-                    f"{', '.join(pending)}")
-        if not phase(unique_runs(runs), "", "final_seconds",
-                     "runs submitted; when they have finished, build the report with the "
-                     "same command and --report-only"):
-            return None
+    if not report_only and not _train_phases(runs, tune_runs, spec, runs_root, timings, failed,
+                                             common, log):
+        return None
     choices = choose(tune_runs, runs_root)
     report = build_report(runs, runs_root, spec=spec, choices=choices)
     report["smoke"] = smoke
@@ -279,6 +256,37 @@ def reproduce(
         if figure is not None:
             log(f"wrote {figure}")
     return report
+
+
+def _train_phases(runs: list[Run], tune_runs: list[Run], spec: Any, runs_root: Path,
+                  timings: dict[str, float], failed: list[str], common: dict[str, Any],
+                  log: Callable[[str], None]) -> bool:
+    """The tuning runs (when the study tunes), the choice of radii, then the final runs; their
+    seconds go to ``timings``, the runs that failed to ``failed``. False when a phase was
+    submitted (SLURM) and not waited for: run the same command again when it has ended."""
+
+    def phase(todo: list[Run], label: str, key: str, waiting: str) -> bool:
+        start = time.perf_counter()
+        phase_failed, done = _train_runs(todo, runs, label=label, **common)
+        failed.extend(phase_failed)
+        if not done:
+            log(f"{len(todo)} {waiting}")
+        timings[key] = time.perf_counter() - start
+        return done
+
+    if tune_runs:
+        if not phase(unique_runs(tune_runs), "tune ", "tuning_seconds",
+                     "tuning runs submitted; the final runs follow once they have "
+                     "finished: run the same command again"):
+            return False
+        resolve(runs, choose(tune_runs, runs_root), spec)
+        pending = sorted({r.cell for r in runs if r.pending})
+        if pending:
+            log(f"no radius chosen for {len(pending)} cells (a tuning run failed): "
+                f"{', '.join(pending)}")
+    return phase(unique_runs(runs), "", "final_seconds",
+                 "runs submitted; when they have finished, build the report with the "
+                 "same command and --report-only")
 
 
 def _draw_figure(study: dict[str, Any], path: Path) -> Path | None:
