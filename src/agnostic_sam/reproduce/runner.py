@@ -73,7 +73,10 @@ def check_data(runs: list[Run], *, data_dir: str | None, download: bool) -> None
     from agnostic_sam.data import build_data
     from agnostic_sam.models import resolve_weights
 
-    datasets = {(r.overrides.get("dataset", "digits"), r.overrides.get("image_size"),
+    from agnostic_sam.train.config import TrainConfig
+
+    default = TrainConfig().dataset
+    datasets = {(r.overrides.get("dataset", default), r.overrides.get("image_size"),
                  float(r.overrides.get("val_fraction") or 0.0)) for r in runs}
     for name, image_size, val_fraction in sorted(datasets, key=str):
         build_data(name, data_dir=data_dir, download=download, image_size=image_size,

@@ -437,7 +437,7 @@ def steps_per_epoch(overrides: dict[str, Any]) -> int:
     n = TRAIN_SIZES[dataset]
     if cfg.get("val_fraction"):
         n = _stratified_keep(n, float(cfg["val_fraction"]))
-    if cfg.get("train_fraction", 1.0) < 1.0:
+    if cfg["train_fraction"] < 1.0:
         n = _stratified_keep(n, 1.0 - float(cfg["train_fraction"]))
     batch = int(cfg["batch_size"])
     if cfg["split"] == "fixed" and get_method(cfg["optimizer"]).splits_batch:
