@@ -72,7 +72,6 @@ def check_data(runs: list[Run], *, data_dir: str | None, download: bool) -> None
     """
     from agnostic_sam.data import build_data
     from agnostic_sam.models import resolve_weights
-
     from agnostic_sam.train.config import TrainConfig
 
     default = TrainConfig().dataset
