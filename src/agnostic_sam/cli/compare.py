@@ -15,6 +15,7 @@ import dataclasses
 from agnostic_sam.cli.train import add_train_arguments, overrides_from_args
 from agnostic_sam.errors import UsageError
 from agnostic_sam.launch import add_launcher_arguments, launcher_from_args
+from agnostic_sam.methods import list_methods
 
 __all__ = ["register", "run"]
 
@@ -44,7 +45,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         nargs="+",
         default=None,
         metavar="NAME",
-        help="optimizers to compare (default: sgd sam agnostic-sam agnostic-sam-simpler)",
+        help=f"methods to compare (default: every registered one: {' '.join(list_methods())})",
     )
     g.add_argument(
         "--seeds", nargs="+", type=int, default=None, metavar="K", help="run seeds (default: 0 1 2)"
