@@ -460,3 +460,32 @@ def test_tuned_radius_flow_on_a_tiny_study(tmp_path, monkeypatch):
     cell = {c["method"]: c for c in tuned_panel["rows"][0]["methods"]}["sam-tuned"]
     assert cell["n"] == 3 and cell["radius"] == f"rho={argmax:g}"
     assert (tmp_path / "out" / "figure.png").stat().st_size > 0
+
+
+def test_digits_steps_per_epoch_match_the_data_module():
+    from agnostic_sam.data import build_data
+
+    for val_fraction in (0.0, 0.1):
+        for fraction in (0.1, 0.2, 0.5, 1.0):
+            data = build_data("digits", val_fraction=val_fraction, train_fraction=fraction, seed=3)
+            o = {"dataset": "digits", "val_fraction": val_fraction, "train_fraction": fraction,
+                 "batch_size": 64, "optimizer": "sgd"}
+            assert steps_per_epoch(o) == len(data.train) // 64, (val_fraction, fraction)
+    # 1,437 images; held out: ceil(0.1 * 1437) = 144; a 10% subset of the rest: 129
+    small = {"dataset": "digits", "val_fraction": 0.1, "train_fraction": 0.1}
+    assert steps_per_epoch(small) == 129 // 64
+
+
+def test_study_paper_context_is_the_mean_of_matching_cells():
+    from agnostic_sam.reproduce import spec_of
+    from agnostic_sam.reproduce.tables import paper_value
+
+    paper = paper_numbers()
+    t2 = paper["tables"]["table2"]["cells"]
+    (run,) = [r for r in plan("table2-digits", seeds=[0]) if r.cell == "cnn/frac0.1/sam-tuned"]
+    value = paper_value(spec_of("table2-digits"), run.overrides, paper)
+    sam = [v["mean"] for k, v in t2.items() if k.endswith("/sam")]
+    assert value["cells"] == 12 and value["mean"] == pytest.approx(sum(sam) / 12)
+    cell = "mlp/noise0.3/agnostic-sam-tuned"
+    (run,) = [r for r in plan("table4-digits", seeds=[0]) if r.cell == cell]
+    assert paper_value(spec_of("table4-digits"), run.overrides, paper)["mean"] == 91.98
