@@ -167,3 +167,16 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, split):
     assert resumed.returncode == 0, resumed.stderr
     assert_same_run(tmp_path / "full", cut)
     assert not list(cut.glob(".*.tmp"))  # no temporary file survived the kill
+
+
+def test_config_yaml_of_a_resumed_run_starts_anew_elsewhere(tmp_path):
+    # config.yaml records the run, not how the last process started: `--config` of it into
+    # another directory is a fresh run of the same settings.
+    cfg = load_config(None, {"epochs": 2, "max_steps": 3, "progress": False, "device": "cpu",
+                             "out": str(tmp_path / "run")})
+    train(cfg)
+    train(dataclasses.replace(cfg, resume=True, max_steps=3))
+    saved = load_config(tmp_path / "run" / "config.yaml", {"out": str(tmp_path / "copy")})
+    assert saved.resume is False
+    train(saved)
+    assert (tmp_path / "copy" / "result.json").is_file()

@@ -320,7 +320,10 @@ class RunDir:
             raise _write_error(path, exc) from None
 
     def write_config(self, cfg: TrainConfig) -> None:
-        self._write(self.config_path, lambda: atomic_write_text(self.config_path, config_yaml(cfg)))
+        """config.yaml: the run's resolved config. `resume` is how this process started, not a
+        setting of the run: saved as false, so `train --config <run>/config.yaml` starts anew."""
+        text = config_yaml(dataclasses.replace(cfg, resume=False))
+        self._write(self.config_path, lambda: atomic_write_text(self.config_path, text))
 
     def write_metrics(self, rows: list[dict[str, Any]]) -> None:
         text = "".join(strict_json(row) + "\n" for row in rows)
