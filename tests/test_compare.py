@@ -230,3 +230,19 @@ def test_hessian_column_is_mean_over_seeds(tmp_path, monkeypatch):
         "n": 2,
     }
     assert "| 11.000 ± 14.142 |" in (Path(cc.train.out) / "comparison.md").read_text()
+
+
+def test_report_only_with_a_missing_tuning_run_never_chooses_that_radius(tmp_path):
+    torch.set_num_threads(1)
+    cc = _cfg(tmp_path, optimizers=["sam"], seeds=[0, 1], tune=[0.05, 0.1])
+    full = compare(cc, print_report=False)
+    grid = full["tuning"]["grid"]["sam"]
+    assert all(cell["n"] == 2 for cell in grid.values())
+    # One seed of the winning radius loses its result: --report-only must not read it, nor choose
+    # a radius whose mean would cover one seed only. The other radius is chosen, and the final
+    # runs (trained with the first choice) are then refused, never reported under the new one.
+    winner = full["tuning"]["chosen"]["sam"]
+    (tmp_path / "cmp" / "tune" / "sam" / f"rho{winner:g}" / "seed1" / "result.json").unlink()
+    other = 0.1 if winner == 0.05 else 0.05
+    with pytest.raises(UsageError, match=f"different config .*this run {other}"):
+        compare(cc, print_report=False, report_only=True)

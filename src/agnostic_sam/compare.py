@@ -112,11 +112,10 @@ def _execute(runs: list[PlannedRun], cc: CompareConfig, *, dry_run: bool,
 
 
 def _status(run: PlannedRun) -> str:
-    """"finished", "diverged" or "missing" (not trained, or still training)."""
-    result = RunDir(run.cfg.out).read_result()
-    if result is None:
-        return "missing"
-    return "diverged" if result.get("status") == "diverged" else "finished"
+    """"finished", "diverged" or "missing" (not trained, or still training); UsageError when
+    the run's directory holds a run of another config (never report it under this one)."""
+    state = RunDir(run.cfg.out).state(run.cfg)
+    return {"finished": "finished", "failed": "diverged"}.get(state, "missing")
 
 
 def _tune_grid(cc: CompareConfig, tunable: list[str], runs: list[PlannedRun]) -> dict:
@@ -131,10 +130,11 @@ def _tune_grid(cc: CompareConfig, tunable: list[str], runs: list[PlannedRun]) ->
         for r in cc.tune:
             mine = [x for x in runs if x.optimizer == o and x.radius == r]
             states = [_status(x) for x in mine]
-            ok = all(s == "finished" for s in states)
-            accs = [float(RunDir(x.cfg.out).read_result()["final_test_acc"]) for x in mine]
-            accs = accs if ok else []
-            grid[o][r] = summarize(accs) if ok else Summary(math.nan, math.nan, 0)
+            if all(s == "finished" for s in states):
+                grid[o][r] = summarize([float(RunDir(x.cfg.out).read_result()["final_test_acc"])
+                                        for x in mine])
+            else:
+                grid[o][r] = Summary(math.nan, math.nan, 0)
             diverged[o][r] = states.count("diverged")
     return {
         "candidates": list(cc.tune),
