@@ -34,7 +34,13 @@ from agnostic_sam.optim import split_batch
 from agnostic_sam.train.batches import batches, epoch_index
 from agnostic_sam.train.build import RunParts, build_run, check_distributed, resolve_device
 from agnostic_sam.train.checkpoint import capture_rng, restore_rng
-from agnostic_sam.train.config import TrainConfig, config_to_dict, default_out, validate_config
+from agnostic_sam.train.config import (
+    TrainConfig,
+    config_to_dict,
+    default_out,
+    load_config,
+    validate_config,
+)
 from agnostic_sam.train.distributed import (
     DistInfo,
     accumulation_context,
@@ -133,8 +139,6 @@ def _restore_or_start(cfg: TrainConfig, info: DistInfo, rundir: RunDir) -> dict[
         raise UsageError(f"--resume: no checkpoint at {rundir.checkpoint_path}; "
                          "run without --resume to start")
     ckpt = rundir.load_checkpoint()
-    from agnostic_sam.train.config import load_config
-
     rundir.check_holds(cfg, load_config(None, {}, base=ckpt["config"]), resume=True)
     if int(ckpt.get("world_size", 1)) != info.world_size:  # the batches depend on the world
         raise UsageError(f"--resume: the checkpoint was written by {ckpt.get('world_size', 1)} "
