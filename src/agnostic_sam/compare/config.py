@@ -1,6 +1,6 @@
 """What a comparison runs: its config (`CompareConfig`, from defaults < YAML < flags) and its
-planned runs (`PlannedRun`). Shared by `agnostic_sam.compare` (which runs them) and
-`agnostic_sam.compare_report` (which reports them)."""
+planned runs (`PlannedRun`). Shared by `agnostic_sam.compare.run` (which runs them) and
+`agnostic_sam.compare.report` (which reports them)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The report of a comparison: per-optimizer summaries over seeds, paired statistics against the
 reference methods, the markdown page, the accuracy-curve plot and ``comparison.json``.
 
-`agnostic_sam.compare` plans and runs the runs; this module only reads their run directories
+`agnostic_sam.compare.run` plans and runs the runs; this module only reads their run directories
 (``result.json``, ``metrics.jsonl``) and writes ``<out>/comparison.{json,md}`` and
 ``<out>/accuracy_curves.png``.
 """
@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from agnostic_sam.compare_config import CompareConfig, PlannedRun
+from agnostic_sam.compare.config import CompareConfig, PlannedRun
 from agnostic_sam.methods import REFERENCES, get_method
 from agnostic_sam.stats import Summary, format_mean_std, format_paired, paired_difference, summarize
 from agnostic_sam.train.checkpoint import atomic_write_text

@@ -18,7 +18,7 @@ on the test set, so the reported test numbers played no part in choosing anythin
 Every run has a fixed thread count (``threads``, 1 unless set) and runs with its own progress
 bar off, so ``jobs=N`` worker processes give bit-identical numbers to ``jobs=1``.
 
-This module plans and runs the runs; `agnostic_sam.compare_report` summarizes them and writes
+This module plans and runs the runs; `agnostic_sam.compare.report` summarizes them and writes
 the report files.
 """
 
@@ -30,13 +30,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from agnostic_sam.compare_config import (
+from agnostic_sam.compare.config import (
     COMPARE_KEYS,
     CompareConfig,
     PlannedRun,
     load_compare_config,
 )
-from agnostic_sam.compare_report import write_report
+from agnostic_sam.compare.report import write_report
 from agnostic_sam.errors import TrainingDiverged, UsageError
 from agnostic_sam.launch import launch
 from agnostic_sam.methods import get_method
