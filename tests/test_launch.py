@@ -18,14 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from agnostic_sam.cli.launcher import add_launcher_arguments, launcher_from_args
 from agnostic_sam.errors import UsageError
-from agnostic_sam.launch import (
-    LauncherConfig,
-    add_launcher_arguments,
-    launch,
-    launcher_config,
-    launcher_from_args,
-)
+from agnostic_sam.launch import LauncherConfig, launch, launcher_config
 from agnostic_sam.train import TrainConfig
 from agnostic_sam.train.rundir import RunDir
 
@@ -362,7 +357,7 @@ def test_killed_launcher_leaves_no_worker(tmp_path):
 def test_slurm_does_not_submit_a_queued_run_twice(tmp_path, capsys, monkeypatch):
     """A run submitted earlier whose job sacct still lists as pending is left to that job."""
     pytest.importorskip("submitit")
-    import agnostic_sam.launch as launch_module
+    import agnostic_sam.launch.slurm as launch_module
 
     folder = tmp_path / "submitit"
     folder.mkdir()

@@ -12,9 +12,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
+from agnostic_sam.cli.launcher import add_launcher_arguments, launcher_from_args
 from agnostic_sam.cli.train import add_train_arguments, overrides_from_args
 from agnostic_sam.errors import UsageError
-from agnostic_sam.launch import add_launcher_arguments, launcher_from_args
 from agnostic_sam.methods import list_methods
 
 __all__ = ["register", "run"]

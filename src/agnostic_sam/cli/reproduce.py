@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from agnostic_sam.launch import add_launcher_arguments, launcher_from_args
+from agnostic_sam.cli.launcher import add_launcher_arguments, launcher_from_args
 from agnostic_sam.reproduce.tables import STUDIES, TABLES
 from agnostic_sam.train.config import LOGGERS
 
