@@ -1,17 +1,16 @@
 """Bookkeeping shared by the optimizers: the wrapper around a base optimizer, closure passes,
-gradients present at step entry, BatchNorm statistics, DDP synchronization, loss scaling
-(`LossScaler` or `torch.amp.GradScaler`), clipping and the one host sync per step.
+BatchNorm statistics, DDP synchronization, clipping and the one host sync per step.
 
-The arithmetic lives in `_functional.py`; the update rules in `plain.py`, `sam.py` and
-`agnostic_sam.py`.
+The arithmetic lives in `_functional.py`, loss scaling inside the step in `_scaling.py`, the
+misuse checks (arguments, gradients present at step entry, the closure's scaling) in
+`_checks.py`; the update rules in `plain.py`, `sam.py`, `agnostic_sam.py` and their siblings.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -19,56 +18,24 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from agnostic_sam.amp import LossScaler
+from agnostic_sam.optim import _checks, _scaling
 from agnostic_sam.optim import _functional as F
+from agnostic_sam.optim._checks import PERTURBATIONS, Closure
 
-__all__ = ["SharpnessOptimizer"]
-
-Closure = Callable[[], Any]
-PERTURBATIONS = ("local", "synced")
+__all__ = ["PERTURBATIONS", "Closure", "SharpnessOptimizer"]
 
 
-def _radius_error(name: str, value: Any) -> str | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return f"invalid perturbation radius {name}={value!r}: must be a finite number >= 0"
-    if not (math.isfinite(value) and value >= 0.0):
-        return f"invalid perturbation radius {name}={value!r}: must be a finite number >= 0"
-    return None
-
-
-def _check_radius(name: str, value: Any) -> None:
-    message = _radius_error(name, value)
-    if message is not None:
-        raise ValueError(message)
-
-
-def _count_accumulations(counts: dict[int, int]) -> Callable[[Tensor], None]:
-    """A post-accumulate-grad hook: counts the backward passes summed into p.grad. It holds the
-    counter, not the optimizer, so a parameter does not keep its optimizer alive."""
-
-    def hook(p: Tensor) -> None:
-        counts[id(p)] = counts.get(id(p), 0) + 1
-
-    return hook
-
-
-def _run_watching_grad_scalers(closure: Closure) -> tuple[Any, list[Any]]:
-    """Run `closure`, returning its result and the enabled `torch.amp.GradScaler`s whose `scale`
-    it called. Uses a profile hook, so it is run once, on one pass, not on every step."""
-    target = torch.amp.GradScaler.scale.__code__
-    seen: list[Any] = []
-
-    def profile(frame: Any, event: str, arg: Any) -> None:
-        if event == "call" and frame.f_code is target:
-            scaler = frame.f_locals.get("self")
-            if getattr(scaler, "_enabled", False):
-                seen.append(scaler)
-
-    sys.setprofile(profile)
+@contextlib.contextmanager
+def frozen_batchnorm(model: nn.Module) -> Iterator[None]:
+    """BatchNorm layers of `model` leave their running statistics alone inside the block."""
+    saved = [(m, m.track_running_stats) for m in model.modules() if isinstance(m, _BatchNorm)]
     try:
-        result = closure()
+        for m, _ in saved:
+            m.track_running_stats = False
+        yield
     finally:
-        sys.setprofile(None)
-    return result, seen
+        for m, value in saved:
+            m.track_running_stats = value
 
 
 class SharpnessOptimizer(torch.optim.Optimizer):
@@ -106,40 +73,15 @@ class SharpnessOptimizer(torch.optim.Optimizer):
         max_grad_norm: float | None,
         base_kwargs: dict[str, Any],
     ) -> None:
-        if not (
-            isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer)
-        ):
-            raise TypeError(
-                "base_optimizer must be a torch.optim.Optimizer class such as torch.optim.SGD "
-                f"(the class, not an instance), got {type(base_optimizer).__name__}"
-            )
-        for key in self._radius_keys:
-            _check_radius(key, defaults[key])
-        if (
-            isinstance(perturb_eps, bool)
-            or not isinstance(perturb_eps, (int, float))
-            or not perturb_eps > 0.0
-        ):
-            raise ValueError(f"invalid perturb_eps={perturb_eps!r}: must be > 0")
-        if max_grad_norm is not None and (
-            isinstance(max_grad_norm, bool)
-            or not isinstance(max_grad_norm, (int, float))
-            or not (math.isfinite(max_grad_norm) and max_grad_norm > 0.0)
-        ):
-            raise ValueError(
-                f"invalid max_grad_norm={max_grad_norm!r}: must be None or a finite number > 0"
-            )
-        if perturbation not in PERTURBATIONS:
-            raise ValueError(
-                f"invalid perturbation={perturbation!r}: expected one of {PERTURBATIONS}"
-            )
-        if model is not None and not isinstance(model, nn.Module):
-            raise TypeError(f"model must be an nn.Module or None, got {type(model).__name__}")
-        if loss_scaler is not None and not isinstance(loss_scaler, LossScaler):
-            raise TypeError(
-                "loss_scaler must be an agnostic_sam.LossScaler, "
-                f"got {type(loss_scaler).__name__}"
-            )
+        _checks.check_options(
+            base_optimizer,
+            {key: defaults[key] for key in self._radius_keys},
+            perturb_eps=perturb_eps,
+            max_grad_norm=max_grad_norm,
+            perturbation=perturbation,
+            model=model,
+            loss_scaler=loss_scaler,
+        )
         self.adaptive = bool(adaptive)
         self.perturb_eps = float(perturb_eps)
         self.model = model
@@ -175,7 +117,7 @@ class SharpnessOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 if p.requires_grad and id(p) not in self._hooked:
-                    hook = _count_accumulations(self._grad_counts)
+                    hook = _checks.count_accumulations(self._grad_counts)
                     self._hook_handles.append(p.register_post_accumulate_grad_hook(hook))
                     self._hooked.add(id(p))
 
@@ -186,7 +128,7 @@ class SharpnessOptimizer(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         for key in self._radius_keys:
             if key in param_group:
-                _check_radius(key, param_group[key])
+                _checks.check_radius(key, param_group[key])
         if not hasattr(self, "base_optimizer"):  # called by Optimizer.__init__
             super().add_param_group(param_group)
             return
@@ -255,41 +197,11 @@ class SharpnessOptimizer(torch.optim.Optimizer):
         return bool(params) and all(p.device.type != "cpu" for p in params)
 
     def _check_groups(self) -> None:
-        """Radii set in `param_groups` after construction are checked at every step."""
-        for i, group in enumerate(self.param_groups):
-            for key in self._radius_keys:
-                message = _radius_error(key, group.get(key))
-                if message is not None:
-                    raise ValueError(f"param group {i}: {message}")
+        _checks.check_groups(self.param_groups, self._radius_keys)
 
     def _begin(self, grad_scaler: Any) -> None:
         self._check_groups()
-        if grad_scaler is None and getattr(self, "grad_scale", None) is not None:
-            # GradScaler's attribute protocol: it could not see step's grad_scaler keyword, so
-            # it cannot learn this step's inf checks and scaler.update() would fail after it.
-            # The attributes go now: GradScaler deletes them only after a step that returns.
-            self.__dict__.pop("grad_scale", None)
-            self.__dict__.pop("found_inf", None)
-            raise RuntimeError(
-                "a torch.amp.GradScaler drives this step through a wrapper that hides its "
-                "grad_scaler keyword (e.g. accelerate's fp16 optimizer): call "
-                "scaler.step(opt, closure) on this optimizer itself, "
-                "or use loss_scaler=LossScaler()"
-            )
-        if grad_scaler is not None:
-            if self.loss_scaler is not None:
-                raise ValueError(
-                    "a torch.amp.GradScaler drives this step but the optimizer also has "
-                    "loss_scaler=: use one of them (drop loss_scaler= or call opt.step(closure))"
-                )
-            from torch.amp.grad_scaler import OptState
-
-            state = getattr(grad_scaler, "_per_optimizer_states", {}).get(id(self))
-            if state is not None and state.get("stage") is OptState.UNSCALED:
-                raise RuntimeError(
-                    "scaler.unscale_(opt) was called before scaler.step(opt, closure): the "
-                    "optimizer unscales every pass itself; remove it (clip with max_grad_norm=)"
-                )
+        _checks.check_entry_scaler(self, grad_scaler)
         self._grad_scaler = grad_scaler
         self._hook_params()
 
@@ -318,26 +230,7 @@ class SharpnessOptimizer(torch.optim.Optimizer):
     def _present_gradients(self, params: list[Tensor]) -> int:
         """The number of backward passes summed into the gradients found in p.grad at step entry
         (0: none). Zeros left by `zero_grad(set_to_none=False)` count as none."""
-        present = [p for p in params if p.grad is not None]
-        if not present:
-            return 0
-        passes = max(self._grad_counts.get(id(p), 0) for p in present)
-        name = type(self).__name__
-        if passes == 0:
-            if self._grads_zeroed:
-                for p in present:
-                    p.grad = None
-                return 0
-            raise RuntimeError(
-                f"{name} found gradients in p.grad at step entry that no backward pass since its "
-                "last step produced (left over or set by hand): call opt.zero_grad() first"
-            )
-        if self.loss_scaler is not None and self.loss_scaler.calls - self._scale_calls < passes:
-            raise RuntimeError(
-                f"{name} has loss_scaler= but the gradients in p.grad at step entry were not "
-                "scaled: call opt.backward(loss) instead of loss.backward()"
-            )
-        return passes
+        return _checks.present_gradients(self, params)
 
     @contextlib.contextmanager
     def _frozen_batchnorm(self, freeze: bool) -> Iterator[None]:
@@ -346,16 +239,8 @@ class SharpnessOptimizer(torch.optim.Optimizer):
         if not freeze or self.model is None:
             yield
             return
-        saved = [
-            (m, m.track_running_stats) for m in self.model.modules() if isinstance(m, _BatchNorm)
-        ]
-        try:
-            for m, _ in saved:
-                m.track_running_stats = False
+        with frozen_batchnorm(self.model):
             yield
-        finally:
-            for m, value in saved:
-                m.track_running_stats = value
 
     def _sync_context(self, sync: bool) -> contextlib.AbstractContextManager[Any]:
         if sync or self.model is None or not hasattr(self.model, "no_sync"):
@@ -364,16 +249,7 @@ class SharpnessOptimizer(torch.optim.Optimizer):
 
     @staticmethod
     def _as_loss(loss: Any) -> Tensor:
-        if loss is None:
-            raise TypeError("the closure must return the loss (a tensor) after calling backward")
-        loss = torch.as_tensor(loss).detach()
-        if loss.numel() != 1:
-            raise ValueError(
-                "the closure must return a scalar loss, "
-                f"got a tensor of shape {tuple(loss.shape)}: "
-                "reduce it (e.g. loss.mean()) before backward and return that"
-            )
-        return loss if loss.dim() == 0 else loss.reshape(())
+        return _checks.as_loss(loss)
 
     def _run(
         self,
@@ -411,27 +287,15 @@ class SharpnessOptimizer(torch.optim.Optimizer):
                 torch.enable_grad(),
             ):
                 if watch:
-                    loss, scalers = _run_watching_grad_scalers(closure)
+                    loss, scalers = _checks.run_watching_grad_scalers(closure)
                 else:
                     loss = closure()
         finally:
             self.at_theta = False
         if watch:
-            if driven and not any(s is self._grad_scaler for s in scalers):
-                raise RuntimeError(
-                    "scaler.step(opt, closure) drives this step but the closure did not scale its "
-                    "loss: call scaler.scale(loss).backward() in the closure"
-                )
-            if not driven and scalers:
-                raise RuntimeError(
-                    "the closure scaled its loss with a torch.amp.GradScaler but the step was "
-                    "called directly: call scaler.step(opt, closure), then scaler.update()"
-                )
-        if self.loss_scaler is not None and self.loss_scaler.calls == calls:
-            raise RuntimeError(
-                "the optimizer has loss_scaler= but the closure did not scale its loss: call "
-                "opt.backward(loss) instead of loss.backward()"
-            )
+            _checks.check_closure_scaling(self._grad_scaler, scalers)
+        if self.loss_scaler is not None:
+            _checks.check_scaled_pass(self.loss_scaler, calls)
         return self._as_loss(loss)
 
     @property
@@ -440,11 +304,7 @@ class SharpnessOptimizer(torch.optim.Optimizer):
 
     def _inv_scale(self, dtype: torch.dtype) -> Tensor | None:
         """1 / loss scale for this step (float64 reciprocal, then cast), None without scaling."""
-        if self.loss_scaler is not None:
-            return self.loss_scaler.inv_scale(dtype)
-        if self._grad_scaler is not None:
-            return self._grad_scaler._scale.double().reciprocal().to(dtype)
-        return None
+        return _scaling.inv_scale(self.loss_scaler, self._grad_scaler, dtype)
 
     def _grads(self, params: list[Tensor], foreach: bool, *, take: bool) -> list[Tensor | None]:
         """The gradients of `params` (None where there is none), unscaled when loss scaling is on.
@@ -454,12 +314,7 @@ class SharpnessOptimizer(torch.optim.Optimizer):
         """
         grads: list[Tensor | None] = [p.grad for p in params]
         if not self._supports_sparse:
-            for i, g in enumerate(grads):
-                if g is not None and g.is_sparse:
-                    raise ValueError(
-                        f"{type(self).__name__} does not support sparse gradients (parameter {i} "
-                        "has one): use dense gradients (e.g. nn.Embedding(sparse=False)) or SAM"
-                    )
+            _checks.check_dense(type(self).__name__, grads)
         if take:
             alias = bool(getattr(self.model, "gradient_as_bucket_view", False))
             for p in params:
@@ -509,18 +364,20 @@ class SharpnessOptimizer(torch.optim.Optimizer):
 
         Lists are aligned with `params`; parameters whose gradient is None are not touched.
         """
-        denom = norm + self.perturb_eps
         # Group by group: the radius is a per-group hyper-parameter, the norm is global.
         by_group: dict[int, tuple[dict[str, Any], list[int]]] = {}
         for i, (g, group) in enumerate(zip(grads, groups)):
             if g is not None:
                 by_group.setdefault(id(group), (group, []))[1].append(i)
         for group, idx in by_group.values():
-            gs = [grads[i] for i in idx]
-            if self.adaptive:
-                F.scale_adaptive_(gs, [theta[i] for i in idx], foreach)
-            F.scale_(gs, (sign * group[key]) / denom, foreach)
-            F.add_([params[i] for i in idx], gs, foreach)
+            F.perturb_(
+                [params[i] for i in idx],
+                [grads[i] for i in idx],  # type: ignore[misc]
+                [theta[i] for i in idx] if self.adaptive else None,
+                sign * group[key],
+                norm + self.perturb_eps,
+                foreach,
+            )
 
     @contextlib.contextmanager
     def _restore_on_error(
@@ -548,28 +405,7 @@ class SharpnessOptimizer(torch.optim.Optimizer):
         """Make p.grad the gradient the base optimizer steps with: unscaled (by a GradScaler's
         `unscale_`, which records its inf check for `scaler.update()`), its norm appended to
         `check`, then clipped to `max_grad_norm`. Returns the norm before clipping, if computed."""
-        norm = None
-        if self._grad_scaler is not None:
-            grads = [p.grad for p in params if p.grad is not None]
-            if check and grads:
-                # A non-finite earlier pass must reach the scaler's found_inf too, so that
-                # scaler.update() lowers the scale: poison the final gradient (the step is skipped).
-                bad = ~torch.isfinite(torch.stack(check)).all()
-                grads[0].mul_(torch.where(bad, float("nan"), 1.0).to(grads[0].device))
-            self._grad_scaler.unscale_(self)
-        if want_norm or self.check_finite or self._scaled:
-            if self._grad_scaler is not None:
-                final = [p.grad for p in params if p.grad is not None]
-            else:
-                final = [g for g in self._grads(params, foreach, take=False) if g is not None]
-            norm = F.global_norm(final, foreach) if final else self._zero_like_norm(params)
-            if self.check_finite or self._scaled:
-                check.append(norm)
-        if self.max_grad_norm is not None:
-            with_grad = [p for p in params if p.grad is not None]
-            if with_grad:
-                torch.nn.utils.clip_grad_norm_(with_grad, self.max_grad_norm)
-        return norm
+        return _scaling.final_gradients(self, params, check, foreach, want_norm=want_norm)
 
     def _finish(
         self,
@@ -586,30 +422,4 @@ class SharpnessOptimizer(torch.optim.Optimizer):
         """
         if theta is not None:
             F.copy_(params, theta, foreach)
-        device = check[0].device if check else self._zero_like_norm(params).device
-        if not self._scaled and not self.check_finite:
-            self.stats["skipped"] = torch.zeros((), device=device)
-            self.base_optimizer.step()
-            return
-        # 1.0 where a pass's gradient norm is inf/NaN. Under DDP with local perturbations the
-        # ranks still agree: a non-finite ascent gradient on one rank makes its perturbed
-        # weights, hence its final gradient, non-finite, and the all-reduce spreads that.
-        bad = (~torch.isfinite(torch.stack(check))).to(torch.float32)
-        if self._scaled:
-            found_inf = bad.amax() > 0
-            if self.loss_scaler is not None:
-                self.loss_scaler.update(found_inf)
-            # A GradScaler lowers its scale in scaler.update(), from what unscale_ recorded.
-            self.stats["skipped"] = found_inf.to(torch.float32)
-            if not bool(found_inf):  # the one sync: GradScaler makes the same one
-                self.base_optimizer.step()
-            return
-        self.stats["skipped"] = torch.zeros((), device=device)
-        flags = bad.tolist()  # the one sync
-        if any(flags):
-            name = pass_names[next(i for i, f in enumerate(flags) if f)]
-            raise FloatingPointError(
-                f"non-finite gradient in the pass {name}; the step was skipped, parameters are "
-                f"back at theta and the base optimizer's state is untouched"
-            )
-        self.base_optimizer.step()
+        _scaling.step_or_skip(self, params, check, pass_names)

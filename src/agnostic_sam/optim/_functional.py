@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["global_norm", "scale_", "scale_adaptive_", "add_", "copy_", "dot"]
+__all__ = ["global_norm", "scale_", "scale_adaptive_", "add_", "copy_", "dot", "perturb_"]
 
 
 def global_norm(
@@ -62,6 +62,25 @@ def add_(params: list[Tensor], deltas: list[Tensor], foreach: bool) -> None:
     else:
         for p, d in zip(params, deltas):
             p.add_(d)
+
+
+def perturb_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    theta: list[Tensor] | None,
+    radius: float,
+    denom: Tensor,
+    foreach: bool,
+) -> None:
+    """params <- params + radius * T^2 g / denom, consuming `grads` in place.
+
+    `denom` is the 0-d ||T g|| + eps; T = |theta| element-wise when `theta` is given
+    (Adaptive-SAM), else 1. `radius` carries the sign (rho, or -rho for a descent term).
+    """
+    if theta is not None:
+        scale_adaptive_(grads, theta, foreach)
+    scale_(grads, radius / denom, foreach)
+    add_(params, grads, foreach)
 
 
 def copy_(dst: list[Tensor], src: list[Tensor], foreach: bool) -> None:

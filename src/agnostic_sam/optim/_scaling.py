@@ -1,0 +1,120 @@
+"""Loss scaling inside a multi-pass step: the reciprocal scale every pass's gradient is
+unscaled by, the final gradient handed to a `torch.amp.GradScaler`'s `unscale_` (so that its
+inf check covers every pass), and the skip-or-step decision with its one host sync.
+
+Two scalers are supported: `agnostic_sam.LossScaler` (``loss_scaler=``; the optimizer unscales
+and calls its `update`) and `torch.amp.GradScaler` driving ``scaler.step(opt, closure)`` (the
+optimizer unscales the intermediate passes itself, the scaler the final one).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from agnostic_sam.amp import LossScaler
+from agnostic_sam.optim import _checks
+from agnostic_sam.optim import _functional as F
+
+__all__ = [
+    "final_gradients",
+    "inv_scale",
+    "step_or_skip",
+    "step_unless_overflow",
+    "unscale_final",
+]
+
+
+def inv_scale(
+    loss_scaler: LossScaler | None, grad_scaler: Any, dtype: torch.dtype
+) -> Tensor | None:
+    """1 / loss scale for this step (float64 reciprocal, then cast), None without scaling."""
+    if loss_scaler is not None:
+        return loss_scaler.inv_scale(dtype)
+    if grad_scaler is not None:
+        return grad_scaler._scale.double().reciprocal().to(dtype)
+    return None
+
+
+def unscale_final(opt: Any, grad_scaler: Any, params: list[Tensor], check: list[Tensor]) -> None:
+    """Hand the final gradients in p.grad to `grad_scaler.unscale_(opt)`, which unscales them
+    and records its inf check for `scaler.update()`.
+
+    A non-finite earlier pass (a norm in `check`) must reach the scaler's found_inf too, so that
+    scaler.update() lowers the scale: it poisons the final gradient with NaN (the step is
+    skipped anyway), on the device, without a host sync.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    if check and grads:
+        bad = ~torch.isfinite(torch.stack(check)).all()
+        grads[0].mul_(torch.where(bad, float("nan"), 1.0).to(grads[0].device))
+    grad_scaler.unscale_(opt)
+
+
+def step_unless_overflow(
+    base_optimizer: torch.optim.Optimizer,
+    loss_scaler: LossScaler | None,
+    bad: Tensor,
+    stats: dict[str, Tensor],
+) -> None:
+    """With loss scaling: `bad` holds 1.0 per pass whose gradient norm was inf/NaN. Updates the
+    `LossScaler` (a GradScaler lowers its scale in scaler.update(), from what unscale_
+    recorded), sets ``stats["skipped"]`` and steps the base optimizer unless a pass overflowed.
+    """
+    found_inf = bad.amax() > 0
+    if loss_scaler is not None:
+        loss_scaler.update(found_inf)
+    stats["skipped"] = found_inf.to(torch.float32)
+    if not bool(found_inf):  # the one sync: GradScaler makes the same one
+        base_optimizer.step()
+
+
+def final_gradients(
+    opt: Any, params: list[Tensor], check: list[Tensor], foreach: bool, *, want_norm: bool
+) -> Tensor | None:
+    """Make p.grad the gradient the base optimizer steps with: unscaled (by a GradScaler's
+    `unscale_`, which records its inf check for `scaler.update()`), its norm appended to
+    `check`, then clipped to `opt.max_grad_norm`. Returns the norm before clipping, if computed.
+    """
+    norm = None
+    if opt._grad_scaler is not None:
+        unscale_final(opt, opt._grad_scaler, params, check)
+    if want_norm or opt.check_finite or opt._scaled:
+        if opt._grad_scaler is not None:
+            final = [p.grad for p in params if p.grad is not None]
+        else:
+            final = [g for g in opt._grads(params, foreach, take=False) if g is not None]
+        norm = F.global_norm(final, foreach) if final else opt._zero_like_norm(params)
+        if opt.check_finite or opt._scaled:
+            check.append(norm)
+    if opt.max_grad_norm is not None:
+        with_grad = [p for p in params if p.grad is not None]
+        if with_grad:
+            torch.nn.utils.clip_grad_norm_(with_grad, opt.max_grad_norm)
+    return norm
+
+
+def step_or_skip(
+    opt: Any, params: list[Tensor], check: list[Tensor], pass_names: tuple[str, ...]
+) -> None:
+    """Step `opt.base_optimizer` unless a pass's gradient norm in `check` is non-finite: with
+    loss scaling the step is skipped (``stats["skipped"]`` = 1), else FloatingPointError names
+    the pass. Exactly one host sync reads every norm (none when check_finite=False and there is
+    no loss scaling)."""
+    device = check[0].device if check else opt._zero_like_norm(params).device
+    if not opt._scaled and not opt.check_finite:
+        opt.stats["skipped"] = torch.zeros((), device=device)
+        opt.base_optimizer.step()
+        return
+    # 1.0 where a pass's gradient norm is inf/NaN. Under DDP with local perturbations the
+    # ranks still agree: a non-finite ascent gradient on one rank makes its perturbed
+    # weights, hence its final gradient, non-finite, and the all-reduce spreads that.
+    bad = (~torch.isfinite(torch.stack(check))).to(torch.float32)
+    if opt._scaled:
+        step_unless_overflow(opt.base_optimizer, opt.loss_scaler, bad, opt.stats)
+        return
+    opt.stats["skipped"] = torch.zeros((), device=device)
+    _checks.check_finite_passes(bad.tolist(), pass_names)  # the one sync
+    opt.base_optimizer.step()
