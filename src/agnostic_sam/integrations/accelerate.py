@@ -19,6 +19,13 @@ step with the accelerator's GradScaler (``scaler.step(opt, closure, val_closure)
 need no scaling; ``max_grad_norm`` clips the final gradient. A skipped fp16 step is reported to
 the prepared optimizer, so the prepared scheduler does not step either.
 
+Checkpoints. A `SharpnessStep` registers itself with ``accelerator.register_for_checkpointing``:
+``accelerator.save_state()`` writes the state of its B^t/B^v split generator next to the model,
+optimizer and RNG states, and ``accelerator.load_state()`` restores it, so a resumed run draws the
+same splits as an uninterrupted one (bit for bit). Build it in the resumed script in the same
+order relative to other registered objects, before ``load_state()``. Saving in the middle of an
+accumulation window is refused (the recorded micro-batches are not saved).
+
 Refused with one line: ``step(batch)`` outside ``accumulate()`` while
 ``gradient_accumulation_steps > 1``; the guarded optimizer stepped directly (``opt.step(closure)``)
 while accumulating; gradients already in p.grad (backward belongs to the step); DeepSpeed, FSDP
@@ -42,6 +49,13 @@ __all__ = ["SharpnessStep"]
 _GUARDS: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 
 
+def _unregister(accelerator: Any, step: Any) -> None:
+    """Drop a replaced SharpnessStep from accelerate's checkpointed objects."""
+    objects = getattr(accelerator, "_custom_objects", None)
+    if step is not None and objects is not None:
+        objects[:] = [o for o in objects if o is not step]
+
+
 class SharpnessStep:
     """The step of an accelerate loop for an `AgnosticSAM`, `SAM` or `Plain` optimizer.
 
@@ -51,7 +65,7 @@ class SharpnessStep:
         optimizer: the prepared optimizer (or the agnostic_sam optimizer itself).
         loss_fn: ``loss_fn(batch) -> mean loss`` of (a part of) a batch, running the prepared model.
         split_ratio: |B^t| / |B| for AgnosticSAM.
-        split_seed: seed of ``self.generator`` (save its state to resume exactly).
+        split_seed: seed of ``self.generator`` (its state is saved by ``accelerator.save_state()``).
         max_grad_norm: clip the final gradient to this norm (or the optimizer's max_grad_norm).
 
     Calling ``step(batch)`` returns the loss at theta on sync steps, None on the others.
@@ -99,8 +113,36 @@ class SharpnessStep:
         # One guard per optimizer: a new SharpnessStep for it replaces the previous one's.
         previous = _GUARDS.pop(inner, None)
         if previous is not None:
-            previous.remove()
-        _GUARDS[inner] = inner.register_step_pre_hook(self._guard)
+            previous[0].remove()
+            _unregister(accelerator, previous[1]())
+        _GUARDS[inner] = (inner.register_step_pre_hook(self._guard), weakref.ref(self))
+        accelerator.register_for_checkpointing(self)
+
+    def state_dict(self) -> dict[str, Any]:
+        """What ``accelerator.save_state()`` writes: the split generator's state."""
+        if self._pending:
+            raise RuntimeError(
+                f"accelerator.save_state() with {len(self._pending)} micro-batch(es) of an "
+                "unfinished accumulation window recorded by SharpnessStep: save after the sync "
+                "step (when accelerator.sync_gradients is True)"
+            )
+        return {"generator": self.generator.get_state(), "split_ratio": self.split_ratio}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """What ``accelerator.load_state()`` restores (see `state_dict`)."""
+        if not isinstance(state, dict) or not isinstance(state.get("generator"), Tensor):
+            raise ValueError(
+                "not a SharpnessStep state (a dict with the split generator's state): "
+                "register the SharpnessStep in the same order as in the run that saved it"
+            )
+        saved = state.get("split_ratio", self.split_ratio)
+        if saved != self.split_ratio:
+            raise ValueError(
+                f"the checkpoint's SharpnessStep split B^t/B^v with split_ratio={saved}, this one "
+                f"has split_ratio={self.split_ratio}: pass split_ratio={saved} to resume it"
+            )
+        self.generator.set_state(state["generator"])
+        self._pending = []
 
     def _guard(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         """Every step of the optimizer: one not taken by this helper while accumulate() is on
