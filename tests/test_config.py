@@ -23,6 +23,8 @@ INTERFACE_FIELDS = [
     # 0.2: base optimizer settings, warm-up, clipping, loggers, the small-data subset
     "base_optimizer", "betas", "adam_eps", "warmup_epochs", "max_grad_norm", "log",
     "train_fraction",
+    # 0.3: the method's own settings (checked against its registry record)
+    "method_args",
 ]
 
 

@@ -27,14 +27,20 @@ BUILT_IN = ("sgd", "sam", "agnostic-sam", "agnostic-sam-simpler")
 def test_built_in_records() -> None:
     assert list_methods()[:4] == list(BUILT_IN)
     assert [get_method(n).splits_batch for n in BUILT_IN] == [False, False, True, True]
-    assert [get_method(n).radius_keys for n in BUILT_IN] == [
-        (), ("rho",), ("rho1", "rho2"), ("rho1", "rho2")
+    assert [get_method(n).setting_names for n in BUILT_IN] == [
+        (), ("rho", "adaptive"), ("rho1", "rho2", "adaptive"), ("rho1", "rho2", "adaptive")
     ]
+    assert [get_method(n).tune for n in BUILT_IN] == [None, "rho", "rho1", "rho1"]
+    assert [get_method(n).closures for n in BUILT_IN] == [1, 1, 2, 2]
+    assert [get_method(n).buffers for n in BUILT_IN] == [0, 1, 2, 2]
     # forward + backward work per step in batches: |B|, 2|B|, 2|B|, |B| + |B^t|
     assert [get_method(n).batch_equivalents(0.7) for n in BUILT_IN] == pytest.approx([1, 2, 2, 1.7])
-    assert get_method("agnostic-sam").tuned_radii(0.2, 0.5) == {"rho1": 0.2, "rho2": 0.1}
-    assert get_method("sam").tuned_radii(0.2, 0.5) == {"rho": 0.2}
-    assert get_method("sgd").tuned_radii(0.2, 0.5) == {} and not get_method("sgd").tunable
+    assert get_method("agnostic-sam").tuned_settings(0.2, 0.5) == {"rho1": 0.2, "rho2": 0.1}
+    assert get_method("sam").tuned_settings(0.2, 0.5) == {"rho": 0.2}
+    assert get_method("sgd").tuned_settings(0.2, 0.5) == {} and not get_method("sgd").tunable
+    # the defaults are the 0.2 TrainConfig radii, the class signatures' defaults
+    assert get_method("sam").defaults == {"rho": 0.05, "adaptive": False}
+    assert get_method("agnostic-sam").defaults == {"rho1": 0.1, "rho2": 0.05, "adaptive": False}
 
 
 @pytest.mark.parametrize("name, cls", [("sgd", Plain), ("sam", SAM), ("agnostic-sam", AgnosticSAM),
@@ -42,10 +48,13 @@ def test_built_in_records() -> None:
 def test_create_optimizer_builds_each_method(name, cls) -> None:
     model = torch.nn.Linear(3, 2)
     opt = create_optimizer(name, model.parameters(), torch.optim.SGD, {"lr": 0.1, "momentum": 0.9},
-                           radii={"rho": 0.05, "rho1": 0.1, "rho2": 0.05}, adaptive=False)
+                           radii={"rho": 0.07, "rho1": 0.3, "rho2": 0.2}, adaptive=False)
     assert isinstance(opt, cls) and opt.param_groups[0]["momentum"] == 0.9
     if name == "agnostic-sam-simpler":
         assert opt.variant == "simpler"
+    # only this method's radii are taken from the 0.2 keyword
+    radii = {k: opt.param_groups[0][k] for k in ("rho", "rho1", "rho2") if k in opt.param_groups[0]}
+    assert radii == {"sgd": {}, "sam": {"rho": 0.07}}.get(name, {"rho1": 0.3, "rho2": 0.2})
 
 
 def test_unknown_and_bad_registrations_are_refused() -> None:
@@ -55,8 +64,13 @@ def test_unknown_and_bad_registrations_are_refused() -> None:
         register_method("sam", description="again")(lambda *a, **k: None)
     with pytest.raises(ValueError, match="invalid passes"):
         register_method("odd", description="x", passes=("B", "B^t"))
-    with pytest.raises(ValueError, match="needs the radius setting"):
-        create_optimizer("sam", torch.nn.Linear(2, 2).parameters(), torch.optim.SGD, {"lr": 0.1})
+    with pytest.raises(ValueError, match=r"method 'sam': unknown setting 'alpha'; the settings "
+                                         r"are rho, adaptive"):
+        create_optimizer("sam", torch.nn.Linear(2, 2).parameters(), torch.optim.SGD, {"lr": 0.1},
+                         settings={"alpha": 0.1})
+    with pytest.raises(ValueError, match=r"invalid rho=-1.0: must be a float in \[0, inf\)"):
+        create_optimizer("sam", torch.nn.Linear(2, 2).parameters(), torch.optim.SGD, {"lr": 0.1},
+                         settings={"rho": -1.0})
 
 
 # A user's own method, registered from this file (outside the package): SAM whose radius is
@@ -112,7 +126,7 @@ _COMPARISON = re.compile(
 def test_no_module_outside_the_registry_compares_an_optimizer_name() -> None:
     hits = []
     for path in SRC.rglob("*.py"):
-        if path.name == "methods.py" and path.parent == SRC:
+        if path.parent == SRC / "methods":
             continue
         for number, line in enumerate(path.read_text().splitlines(), start=1):
             if _COMPARISON.search(line):

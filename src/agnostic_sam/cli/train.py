@@ -12,9 +12,11 @@ import argparse
 import dataclasses
 from typing import Any
 
+from agnostic_sam.errors import UsageError
 from agnostic_sam.methods import get_method, list_methods
 from agnostic_sam.train.config import LOGGERS, TrainConfig, load_config
 from agnostic_sam.train.rundir import RunDir
+from agnostic_sam.yamlio import parse_yaml
 
 __all__ = ["register", "run", "add_train_arguments", "config_from_args", "overrides_from_args"]
 
@@ -69,11 +71,16 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-grad-norm", type=float, default=S,
                    help="clip the final gradient (the one the base optimizer steps with) to this "
                    "global norm; clipping before the ascent would be a no-op (it is normalized)")
-    g.add_argument("--rho", type=float, default=S, help=f"SAM radius (default {d.rho})")
+    g.add_argument("--method-args", nargs="+", default=S, metavar="KEY=VALUE",
+                   type=_method_arg,
+                   help="the method's own settings (e.g. alpha=0.4 k=5), values in YAML; "
+                   "`agnostic-sam methods` lists each method's settings")
+    g.add_argument("--rho", type=float, default=S,
+                   help="radius of SAM and most of the family (default: the method's)")
     g.add_argument("--rho1", type=float, default=S,
-                   help=f"Agnostic-SAM B^t radius (default {d.rho1})")
+                   help="Agnostic-SAM B^t radius (default: the method's, 0.1)")
     g.add_argument("--rho2", type=float, default=S,
-                   help=f"Agnostic-SAM B^v radius (default {d.rho2})")
+                   help="Agnostic-SAM B^v radius (default: the method's, 0.05)")
     g.add_argument("--adaptive", action=on_off, default=S, help="ASAM scale-invariant radius")
     g.add_argument("--split-ratio", type=float, default=S,
                    help=f"r = |B^t|/|B| (default {d.split_ratio})")
@@ -108,9 +115,29 @@ def _saved_config(out: str | None) -> dict[str, Any] | None:
     return dataclasses.asdict(saved) if saved is not None else None
 
 
+def _method_arg(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` -> (key, value), the value read as YAML (``0.4``, ``5``, ``true``,
+    ``null``)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key.strip(), parse_yaml(value, f"--method-args {key.strip()}")
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """The TrainConfig keys given on the command line (flags not given are absent)."""
-    return {key: value for key, value in vars(args).items() if key in _FIELDS}
+    out = {key: value for key, value in vars(args).items() if key in _FIELDS}
+    if "method_args" in out:
+        pairs = out["method_args"]
+        keys = [k for k, _ in pairs]
+        twice = sorted({k for k in keys if keys.count(k) > 1})
+        if twice:
+            raise UsageError(f"--method-args sets {', '.join(twice)} more than once")
+        out["method_args"] = dict(pairs)
+    return out
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

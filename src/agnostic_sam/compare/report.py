@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from agnostic_sam.compare.config import CompareConfig, PlannedRun
-from agnostic_sam.methods import REFERENCES, get_method
+from agnostic_sam.methods import REFERENCES
 from agnostic_sam.stats import Summary, format_mean_std, format_paired, paired_difference, summarize
 from agnostic_sam.train.checkpoint import atomic_write_text
+from agnostic_sam.train.config import settings_text
 from agnostic_sam.train.rundir import RunDir, strict_json
 
 __all__ = ["jsonable", "markdown", "paired", "read_run", "summaries", "write_report"]
@@ -44,7 +45,7 @@ def summaries(
         read = {r.seed: read_run(r) for r in mine}
         final = {s: float(v["result"]["final_test_acc"]) for s, v in read.items()}
         entry = {
-            "radius": get_method(optimizer).radius_text(mine[0].cfg),
+            "radius": settings_text(mine[0].cfg),
             "final_test_acc": summarize(list(final.values())),
             "best_test_acc": summarize(
                 [float(v["result"]["best_test_acc"]) for v in read.values()]

@@ -88,7 +88,9 @@ def _plan(
                     threads=cc.train.threads or 1,
                 )
                 if radius is not None:
-                    changes.update(get_method(optimizer).tuned_radii(radius, cc.rho2_ratio))
+                    info = get_method(optimizer)
+                    changes.update(info.as_config(info.tuned_settings(radius, cc.rho2_ratio),
+                                                  cc.train.method_args))
                 cfg = dataclasses.replace(cc.train, **changes)
                 runs.append(PlannedRun(phase, optimizer, seed, radius, cfg))
     return runs

@@ -1,143 +1,160 @@
 r"""The method registry: one record per training method, read by every consumer.
 
 A method is how a step turns closures into an update: plain (one pass, the base optimizer
-alone), SAM (two passes on B), Agnostic-SAM (four passes on B^t / B^v) or its simpler variant
-(three). Each `MethodInfo` says how it is built from a base optimizer class and its settings,
-whether it splits the batch, which radius settings it takes and how many batch-equivalents of
-forward + backward one step costs. The trainer, `compare`, `reproduce`, `bench`, the benchmarks
-and the command line's ``--optimizer`` choices all ask the record; none compares a name::
+alone), SAM (two passes on B), Agnostic-SAM (four passes on B^t / B^v), its simpler variant
+(three), and the rest of the sharpness-aware family. Each `MethodInfo` (see `record.py`) says how
+it is built, its settings (type, default, range, help), which one ``--tune`` searches, its step
+shape, buffers, cost and state. The trainer, `compare`, `reproduce`, `bench`, the command line
+and the framework adapters all ask the record; none compares a name::
 
     from agnostic_sam.methods import create_optimizer, get_method
 
     info = get_method("agnostic-sam")
     opt = create_optimizer("agnostic-sam", model.parameters(), torch.optim.SGD,
-                           {"lr": 0.1, "momentum": 0.9}, radii={"rho1": 0.1, "rho2": 0.05})
+                           {"lr": 0.1, "momentum": 0.9}, settings={"rho1": 0.1, "rho2": 0.05})
     info.splits_batch        # True: step(train_closure, val_closure)
 
-A method of your own joins with `register_method` (a decorator on its builder); `train` and
-`compare` then accept its name. For the command line (and `compare --jobs` worker processes),
-register it from a module named in the ``AGNOSTIC_SAM_PLUGINS`` environment variable
-(comma-separated module names) or under the ``agnostic_sam.methods`` entry-point group.
-
-Base optimizers (``TrainConfig.base_optimizer``) have their own small table, `BASE_OPTIMIZERS`:
-which `torch.optim` class, and which settings it takes.
+A method of your own joins with one call, ``register_method(name, MyOptimizer, description=...,
+passes=("B", "B"), tune="rho")`` (its settings come from ``MyOptimizer.SETTINGS``), or with
+`register_method` as a decorator on a builder. For the command line (and ``compare --jobs``
+worker processes), register it from a module named in ``$AGNOSTIC_SAM_PLUGINS`` (comma-separated
+module names) or under the ``agnostic_sam.methods`` entry-point group.
 """
 
 from __future__ import annotations
 
-import importlib
-import os
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from agnostic_sam.optim import SAM, AgnosticSAM, Plain
+from agnostic_sam.methods.base import BASE_OPTIMIZERS, BaseOptimizerInfo, get_base_optimizer
+from agnostic_sam.methods.plugins import load_plugins
+from agnostic_sam.methods.record import (
+    CLOSURE_KINDS,
+    PASS_PARTS,
+    SHORTHANDS,
+    Builder,
+    MethodInfo,
+    Setting,
+    default_builder,
+)
 
 __all__ = [
     "BASE_OPTIMIZERS",
     "METHODS",
     "REFERENCES",
+    "SHORTHANDS",
     "BaseOptimizerInfo",
     "Builder",
     "MethodInfo",
+    "Setting",
     "create_optimizer",
     "get_base_optimizer",
     "get_method",
     "list_methods",
     "load_plugins",
+    "method_of",
     "register_method",
 ]
-
-# build(params, base_optimizer, base_kwargs, radii, **options) -> optimizer.
-# `radii` holds exactly the method's `radius_keys`; `options` are the sharpness-aware settings
-# the trainer passes to every method (model, perturbation, loss_scaler, check_finite,
-# max_grad_norm, adaptive): a builder passes on what its optimizer takes.
-Builder = Callable[..., torch.optim.Optimizer]
-
-
-@dataclass(frozen=True)
-class MethodInfo:
-    """A registry entry: what consumers ask instead of comparing the method's name."""
-
-    name: str
-    build: Builder
-    description: str
-    # Radius settings it reads (TrainConfig fields). The first is the one `--tune` searches; the
-    # others follow it as ``r * rho2_ratio`` (the paper keeps rho1 = 2 rho2).
-    radius_keys: tuple[str, ...] = ()
-    # The forward + backward passes of one step, in order, each on "B" (the whole batch), "B^t"
-    # or "B^v". A method with B^t / B^v passes splits each batch and its step takes two
-    # closures, step(train_closure, val_closure); the others take one, step(closure).
-    passes: tuple[str, ...] = ("B",)
-    # True: it takes `adaptive` (ASAM's scale-invariant radius).
-    adaptive: bool = False
-
-    @property
-    def splits_batch(self) -> bool:
-        return any(part != "B" for part in self.passes)
-
-    def samples(self, batch_size: int, n_t: int) -> int:
-        """Images through forward + backward in one step, with |B^t| = n_t."""
-        size = {"B": batch_size, "B^t": n_t, "B^v": batch_size - n_t}
-        return sum(size[part] for part in self.passes)
-
-    def batch_equivalents(self, ratio: float) -> float:
-        """Forward + backward work of one step in units of |B|, for r = |B^t| / |B|."""
-        size = {"B": 1.0, "B^t": ratio, "B^v": 1.0 - ratio}
-        return sum(size[part] for part in self.passes)
-
-    @property
-    def tunable(self) -> bool:
-        """Has a radius for `--tune` to search."""
-        return bool(self.radius_keys)
-
-    def tuned_radii(self, radius: float, rho2_ratio: float) -> dict[str, float]:
-        """The radius settings for candidate ``radius``: the first key takes it, the rest
-        ``radius * rho2_ratio``."""
-        if not self.radius_keys:
-            return {}
-        first, *rest = self.radius_keys
-        return {first: radius, **{key: radius * rho2_ratio for key in rest}}
-
-    def radius_text(self, values: Mapping[str, Any] | Any) -> str:
-        """``"rho1=0.1, rho2=0.05"`` from a mapping or an object with those attributes; ``"-"``
-        for a method without a radius."""
-        get = values.get if isinstance(values, Mapping) else lambda k: getattr(values, k)
-        return ", ".join(f"{k}={float(get(k)):g}" for k in self.radius_keys) or "-"
-
 
 METHODS: dict[str, MethodInfo] = {}
 # The baselines every other method is paired against in reports, in this order.
 REFERENCES = ("sgd", "sam")
+# Defaults of radius settings registered the 0.2 way (``radius_keys=``): TrainConfig's then.
+_RADIUS_DEFAULTS = {"rho": 0.05, "rho1": 0.1, "rho2": 0.05}
+
+
+def _check_record(name: str, passes: tuple[str, ...], closure: str) -> None:
+    if not isinstance(name, str) or not name or name != name.strip().lower() or " " in name:
+        raise ValueError(f"invalid method name {name!r}: use a lower-case name without spaces")
+    if not passes or any(part not in PASS_PARTS for part in passes):
+        raise ValueError(f"invalid passes {passes!r}: each must be 'B', 'B^t' or 'B^v'")
+    if "B" in passes and len(set(passes)) > 1:
+        raise ValueError(f"invalid passes {passes!r}: a step either splits the batch or does not")
+    if closure not in CLOSURE_KINDS:
+        raise ValueError(f"invalid closure {closure!r}: one of {', '.join(CLOSURE_KINDS)}")
+    if name in METHODS:
+        raise ValueError(f"method {name!r} is already registered")
+
+
+def _add(info: MethodInfo) -> MethodInfo:
+    names = info.setting_names
+    for key in ((info.tune,) if info.tune else ()) + info.follows:
+        if key not in names:
+            raise ValueError(f"method {info.name!r}: tuned setting {key!r} is not one of its "
+                             f"settings ({', '.join(names) or 'none'})")
+    same_class = [m for m in METHODS.values() if info.cls is not None and m.cls is info.cls]
+    if any(m.closures != info.closures or m.closure != info.closure for m in same_class):
+        raise ValueError(f"method {info.name!r}: records of one class must share a step shape")
+    METHODS[info.name] = info
+    return info
 
 
 def register_method(
     name: str,
+    cls: type[torch.optim.Optimizer] | None = None,
     *,
     description: str,
-    radius_keys: Iterable[str] = (),
+    paper: str = "",
+    settings: Iterable[Setting] | None = None,
+    tune: str | None = None,
+    follows: Iterable[str] = (),
     passes: Iterable[str] = ("B",),
+    closure: str = "loss",
+    buffers: int | None = None,
+    state: Iterable[str] = (),
+    cost: Callable[[Mapping[str, Any], float], float] | None = None,
+    fixed: Mapping[str, Any] | None = None,
+    radius_keys: Iterable[str] | None = None,
     adaptive: bool = False,
-) -> Callable[[Builder], Builder]:
-    """Decorator adding a builder to `METHODS` under ``name`` (a new name; lower case, no spaces).
+) -> Any:
+    """Add method ``name`` (a new, lower-case name without spaces) to `METHODS`.
 
-    Radius keys must be `TrainConfig` fields (``rho``, ``rho1``, ``rho2``) so that runs can set
-    them from flags and YAML.
+    With ``cls`` (an optimizer class taking ``(params, base_optimizer, **settings, **options,
+    **base_kwargs)``): registers it now and returns its `MethodInfo`; its settings are
+    ``cls.SETTINGS`` less the ``fixed`` keyword arguments, unless given. Without ``cls``: a
+    decorator on a builder ``build(params, base_optimizer, base_kwargs, settings, **options)``.
+    The 0.2 form, ``radius_keys=("rho",), adaptive=True`` with a builder taking
+    ``(params, base_optimizer, base_kwargs, radii, **options)``, is still accepted.
     """
-    if not isinstance(name, str) or not name or name != name.strip().lower() or " " in name:
-        raise ValueError(f"invalid method name {name!r}: use a lower-case name without spaces")
     passes = tuple(passes)
-    if not passes or any(part not in ("B", "B^t", "B^v") for part in passes):
-        raise ValueError(f"invalid passes {passes!r}: each must be 'B', 'B^t' or 'B^v'")
-    if "B" in passes and len(set(passes)) > 1:
-        raise ValueError(f"invalid passes {passes!r}: a step either splits the batch or does not")
+    _check_record(name, passes, closure)
+    fixed = dict(fixed or {})
+    common = dict(description=description, paper=paper, follows=tuple(follows), passes=passes,
+                  closure=closure, state=tuple(state), cost=cost, fixed=fixed)
+    if cls is not None:
+        own = tuple(s for s in getattr(cls, "SETTINGS", ()) if s.name not in fixed)
+        return _add(MethodInfo(
+            name, default_builder(cls, fixed), cls=cls, tune=tune,
+            settings=tuple(settings) if settings is not None else own,
+            buffers=buffers if buffers is not None else int(getattr(cls, "_num_buffers", 0)),
+            **common))
+    if radius_keys is not None:  # the 0.2 registration
+        keys = tuple(radius_keys)
+        legacy = tuple(Setting(k, float, _RADIUS_DEFAULTS.get(k, 0.05), f"radius {k}", low=0.0,
+                               per_group=True) for k in keys)
+        if adaptive:
+            legacy += (Setting("adaptive", bool, False, "ASAM's scale-invariant radius"),)
+        common["follows"] = keys[1:]
+
+        def wrap(build: Builder) -> Builder:
+            def adapt(params: Any, base: Any, base_kwargs: Any, values: Mapping[str, Any],
+                      **options: Any) -> torch.optim.Optimizer:
+                radii = {k: values[k] for k in keys}
+                if adaptive:
+                    options["adaptive"] = values["adaptive"]
+                return build(params, base, base_kwargs, radii, **options)
+
+            _add(MethodInfo(name, adapt, settings=legacy, tune=keys[0] if keys else None,
+                            buffers=buffers or 0, **common))
+            return build
+
+        return wrap
 
     def add(build: Builder) -> Builder:
-        if name in METHODS:
-            raise ValueError(f"method {name!r} is already registered")
-        METHODS[name] = MethodInfo(name, build, description, tuple(radius_keys), passes, adaptive)
+        _add(MethodInfo(name, build, settings=tuple(settings or ()), tune=tune,
+                        buffers=buffers or 0, **common))
         return build
 
     return add
@@ -158,119 +175,46 @@ def get_method(name: str) -> MethodInfo:
         raise ValueError(f"unknown optimizer '{name}'; choose from {', '.join(METHODS)}") from None
 
 
+def method_of(opt: torch.optim.Optimizer) -> MethodInfo:
+    """The record of an optimizer built from the registry (by its class): what a framework
+    adapter asks to know the step shape of an optimizer a user built."""
+    for info in METHODS.values():
+        if info.cls is type(opt):
+            return info
+    raise TypeError(
+        f"expected an optimizer of a registered method (agnostic_sam.methods.list_methods()), got "
+        f"{type(opt).__name__}"
+    )
+
+
 def create_optimizer(
     name: str,
     params: Any,
     base_optimizer: type[torch.optim.Optimizer] = torch.optim.SGD,
     base_kwargs: Mapping[str, Any] | None = None,
     *,
-    radii: Mapping[str, float] | None = None,
+    settings: Mapping[str, Any] | None = None,
+    radii: Mapping[str, Any] | None = None,
     **options: Any,
 ) -> torch.optim.Optimizer:
     """Build method ``name`` over ``params``: ``base_optimizer(**base_kwargs)`` takes the step.
 
-    ``radii`` must hold the method's radius keys (missing ones -> ValueError; extra ones are
-    ignored, so a whole config's radii can be passed). ``options`` go to every method alike:
-    ``model``, ``perturbation``, ``loss_scaler``, ``check_finite``, ``max_grad_norm``,
-    ``adaptive`` (dropped for methods that take no radius).
+    ``settings`` are the method's own (unknown names or bad values: ValueError naming the
+    allowed ones; missing ones take the record's defaults). ``radii`` (the 0.2 keyword) may hold
+    radii of other methods too: only this method's are taken. ``options`` go to every method
+    alike: ``model``, ``perturbation``, ``loss_scaler``, ``check_finite``, ``max_grad_norm``,
+    ``perturb_eps``; ``adaptive`` is taken as a setting where the method has one.
     """
     info = get_method(name)
-    radii = dict(radii or {})
-    missing = [k for k in info.radius_keys if k not in radii]
-    if missing:
-        raise ValueError(f"method {name!r} needs the radius setting(s) {', '.join(missing)}")
-    if not info.adaptive:
-        options.pop("adaptive", None)
-    return info.build(params, base_optimizer, dict(base_kwargs or {}),
-                      {k: radii[k] for k in info.radius_keys}, **options)
+    values = {k: v for k, v in (radii or {}).items() if k in info.setting_names}
+    if "adaptive" in options:
+        adaptive = options.pop("adaptive")
+        if "adaptive" in info.setting_names:
+            values["adaptive"] = adaptive
+    values.update(settings or {})
+    return info.build(params, base_optimizer, dict(base_kwargs or {}), info.resolve(values),
+                      **options)
 
 
-# ---- the methods ------------------------------------------------------------------------------
-
-@register_method("sgd", description="the base optimizer alone: one pass per step (SGD by default)")
-def _build_plain(params, base_optimizer, base_kwargs, radii, **options):
-    return Plain(params, base_optimizer, **options, **base_kwargs)
-
-
-@register_method("sam", description="SAM (Foret et al. 2021): two passes on B; ASAM with adaptive",
-                 radius_keys=("rho",), passes=("B", "B"), adaptive=True)
-def _build_sam(params, base_optimizer, base_kwargs, radii, **options):
-    return SAM(params, base_optimizer, rho=radii["rho"], **options, **base_kwargs)
-
-
-def _agnostic(variant: str) -> Builder:
-    def build(params, base_optimizer, base_kwargs, radii, **options):
-        return AgnosticSAM(params, base_optimizer, rho1=radii["rho1"], rho2=radii["rho2"],
-                           variant=variant, **options, **base_kwargs)
-
-    return build
-
-
-# Passes in the order the optimizers run them: full = B^v at theta, B^v at theta^v, B^t at
-# theta, B^t at theta^t (2 |B| samples); simpler skips the second (|B| + |B^t|).
-register_method("agnostic-sam", description="Agnostic-SAM, Algorithm 1: four passes on B^t / B^v",
-                radius_keys=("rho1", "rho2"), passes=("B^v", "B^v", "B^t", "B^t"),
-                adaptive=True)(_agnostic("full"))
-register_method("agnostic-sam-simpler",
-                description="Agnostic-SAM's simpler variant (Sec. 5.1): three passes",
-                radius_keys=("rho1", "rho2"), passes=("B^v", "B^t", "B^t"),
-                adaptive=True)(_agnostic("simpler"))
-
-
-# ---- base optimizers --------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class BaseOptimizerInfo:
-    """A base optimizer: its class, and its settings as a function of a run's config."""
-
-    name: str
-    cls: type[torch.optim.Optimizer]
-    kwargs: Callable[[Any], dict[str, Any]]  # config (TrainConfig-like) -> constructor kwargs
-
-
-BASE_OPTIMIZERS: dict[str, BaseOptimizerInfo] = {
-    "sgd": BaseOptimizerInfo(
-        "sgd", torch.optim.SGD,
-        lambda c: dict(lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay,
-                       nesterov=c.nesterov),
-    ),
-    # Decoupled weight decay; `momentum` and `nesterov` do not apply.
-    "adamw": BaseOptimizerInfo(
-        "adamw", torch.optim.AdamW,
-        lambda c: dict(lr=c.lr, betas=tuple(c.betas), eps=c.adam_eps,
-                       weight_decay=c.weight_decay),
-    ),
-}
-
-
-def get_base_optimizer(name: str) -> BaseOptimizerInfo:
-    try:
-        return BASE_OPTIMIZERS[name]
-    except (KeyError, TypeError):
-        raise ValueError(
-            f"unknown base optimizer '{name}'; choose from {', '.join(BASE_OPTIMIZERS)}"
-        ) from None
-
-
-# ---- plugins ----------------------------------------------------------------------------------
-
-_PLUGINS_LOADED: set[str] = set()
-
-
-def load_plugins() -> None:
-    """Import the modules that register methods of their own: ``$AGNOSTIC_SAM_PLUGINS``
-    (comma-separated module names) and the ``agnostic_sam.methods`` entry points. Each once."""
-    names = [n.strip() for n in os.environ.get("AGNOSTIC_SAM_PLUGINS", "").split(",") if n.strip()]
-    for name in names:
-        if name not in _PLUGINS_LOADED:
-            _PLUGINS_LOADED.add(name)
-            try:
-                importlib.import_module(name)
-            except ImportError as exc:
-                raise ValueError(f"AGNOSTIC_SAM_PLUGINS: cannot import {name!r} ({exc})") from None
-    if "<entry points>" not in _PLUGINS_LOADED:
-        _PLUGINS_LOADED.add("<entry points>")
-        from importlib.metadata import entry_points
-
-        for ep in entry_points(group="agnostic_sam.methods"):
-            ep.load()
+# The built-in methods register themselves on import (after the functions above exist).
+from agnostic_sam.methods import builtin as _builtin  # noqa: E402,F401

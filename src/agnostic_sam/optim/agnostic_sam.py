@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from agnostic_sam.amp import LossScaler
 from agnostic_sam.optim import _functional as F
 from agnostic_sam.optim._base import Closure, SharpnessOptimizer
+from agnostic_sam.optim._settings import Setting
 
 __all__ = ["AgnosticSAM"]
 
@@ -95,6 +96,15 @@ class AgnosticSAM(SharpnessOptimizer):
     gradient); nothing per step is kept in ``state_dict``.
     """
 
+    SETTINGS = (
+        Setting("rho1", float, 0.1, "radius of the ascent on B^t", low=0.0,
+                grid=(0.01, 0.02, 0.05, 0.1, 0.2, 0.5), per_group=True),
+        Setting("rho2", float, 0.05, "radius on B^v (theta^v and the descent term)", low=0.0,
+                per_group=True),
+        Setting("adaptive", bool, False, "Adaptive-SAM scaling of both terms, T = |theta|"),
+        Setting("variant", str, "full", "Algorithm 1 (full) or Sec. 5.1 (simpler)",
+                choices=VARIANTS),
+    )
     _radius_keys = ("rho1", "rho2")
     _num_buffers = 2
     _supports_sparse = False

@@ -29,6 +29,7 @@ class Plain(SharpnessOptimizer):
     ``opt.stats``: ``loss_train``, ``grad_norm_train`` (before clipping), ``skipped``.
     """
 
+    SETTINGS = ()
     _pass_names = ("at theta",)
 
     def __init__(

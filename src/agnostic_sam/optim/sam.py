@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from agnostic_sam.amp import LossScaler
 from agnostic_sam.optim._base import Closure, SharpnessOptimizer
+from agnostic_sam.optim._settings import Setting
 
 __all__ = ["SAM"]
 
@@ -49,6 +50,11 @@ class SAM(SharpnessOptimizer):
     theta + e: the step raises; accumulate micro-batches inside the closure (`accumulate`).
     """
 
+    SETTINGS = (
+        Setting("rho", float, 0.05, "radius of the ascent step", low=0.0,
+                grid=(0.01, 0.02, 0.05, 0.1, 0.2, 0.5), per_group=True),
+        Setting("adaptive", bool, False, "ASAM's scale-invariant radius, T = |theta| (davda54)"),
+    )
     _radius_keys = ("rho",)
     _num_buffers = 1
     _pass_names = ("at theta", "at theta + e")

@@ -55,12 +55,11 @@ def _seed_values(runs: list[Run], runs_root: Path) -> dict[int, float]:
 
 
 def _radius_text(run: Run) -> str:
-    from agnostic_sam.methods import get_method
+    from agnostic_sam.train.config import settings_text
 
     if run.pending:
         return "pending tuning"
-    cfg = run.config()
-    return get_method(cfg.optimizer).radius_text(cfg)
+    return settings_text(run.config())
 
 
 def _finite(x: float) -> float | None:

@@ -5,7 +5,7 @@ every report cell, final runs whose radius is *pending*. Tuning decides it per c
 
 1. for every candidate ``r`` and tuning seed ``s`` (``tuning.seeds``), one run with the cell's
    settings, the method's radius fields from the method registry
-   (``MethodInfo.tuned_radii(r, rho2_ratio)``: ``rho = r`` for SAM, ``rho1 = r, rho2 = r *
+   (``MethodInfo.tuned_settings(r, rho2_ratio)``: ``rho = r`` for SAM, ``rho1 = r, rho2 = r *
    rho2_ratio`` for the Agnostic-SAM family) and ``val_fraction``: it trains on the training set
    minus a stratified held-out part and evaluates on that part; the data module never opens the
    test set (``result.json`` says ``eval_split: holdout``);
@@ -31,11 +31,14 @@ from agnostic_sam.stats import summarize
 __all__ = ["radius_overrides", "tune_plan", "choose", "resolve"]
 
 
-def radius_overrides(optimizer: str, radius: float, rho2_ratio: float) -> dict[str, float]:
-    """The TrainConfig radius fields of candidate ``radius``, as the method registry sets them."""
+def radius_overrides(optimizer: str, radius: float, rho2_ratio: float,
+                     method_args: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The TrainConfig changes of candidate ``radius`` for the method's tuned setting, as the
+    method registry sets them."""
     from agnostic_sam.methods import get_method
 
-    return get_method(optimizer).tuned_radii(radius, rho2_ratio)
+    info = get_method(optimizer)
+    return info.as_config(info.tuned_settings(radius, rho2_ratio), method_args)
 
 
 def _optimizer(run: Run) -> str:
@@ -72,7 +75,8 @@ def tune_plan(runs: list[Run], spec: TableSpec, seeds: list[int] | None = None) 
         for radius in run.tune:
             for seed in cell_seeds:
                 overrides = {**run.overrides, "seed": seed, "val_fraction": val_fraction,
-                             **radius_overrides(_optimizer(run), radius, rho2_ratio)}
+                             **radius_overrides(_optimizer(run), radius, rho2_ratio,
+                                                run.overrides.get("method_args"))}
                 tune_runs.append(dataclasses.replace(
                     run, overrides=overrides, phase="tune", radius=radius, tune=None))
     return tune_runs
@@ -135,5 +139,6 @@ def resolve(runs: list[Run], choices: dict[str, dict[str, Any]], spec: TableSpec
         if run.pending and run.cell in choices:
             radius = float(choices[run.cell]["chosen"])
             run.overrides = {**run.overrides,
-                             **radius_overrides(_optimizer(run), radius, rho2_ratio)}
+                             **radius_overrides(_optimizer(run), radius, rho2_ratio,
+                                                run.overrides.get("method_args"))}
             run.radius = radius

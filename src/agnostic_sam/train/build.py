@@ -22,7 +22,7 @@ from agnostic_sam.errors import UsageError
 from agnostic_sam.methods import MethodInfo, create_optimizer, get_base_optimizer, get_method
 from agnostic_sam.models import create_model, load_pretrained
 from agnostic_sam.train.batches import RANK_SEED_STRIDE, device_tensors, epoch_index
-from agnostic_sam.train.config import TrainConfig, config_to_dict
+from agnostic_sam.train.config import TrainConfig, config_to_dict, method_settings
 from agnostic_sam.train.distributed import (
     DistInfo,
     global_split_sizes,
@@ -202,13 +202,12 @@ def _optimizer(cfg: TrainConfig, model: nn.Module, ddp: nn.Module,
                loss_scaler: LossScaler | None) -> torch.optim.Optimizer:
     """The method over its base optimizer, as the registry builds it."""
     base = get_base_optimizer(cfg.base_optimizer)
-    options: dict[str, Any] = dict(model=ddp, perturbation=cfg.perturbation, adaptive=cfg.adaptive,
+    options: dict[str, Any] = dict(model=ddp, perturbation=cfg.perturbation,
                                    loss_scaler=loss_scaler, check_finite=cfg.check_finite)
     if cfg.max_grad_norm is not None:
         options["max_grad_norm"] = cfg.max_grad_norm
-    radii = {"rho": cfg.rho, "rho1": cfg.rho1, "rho2": cfg.rho2}
     return create_optimizer(cfg.optimizer, model.parameters(), base.cls, base.kwargs(cfg),
-                            radii=radii, **options)
+                            settings=method_settings(cfg), **options)
 
 
 def build_run(cfg: TrainConfig, info: DistInfo) -> RunParts:

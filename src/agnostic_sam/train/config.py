@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from agnostic_sam.errors import UsageError
-from agnostic_sam.methods import BASE_OPTIMIZERS, get_method
+from agnostic_sam.methods import BASE_OPTIMIZERS, SHORTHANDS, get_method
 from agnostic_sam.optim import PERTURBATIONS, split_sizes
 from agnostic_sam.yamlio import read_yaml
 
@@ -31,6 +31,8 @@ __all__ = [
     "config_yaml",
     "default_out",
     "load_config",
+    "method_settings",
+    "settings_text",
     "read_config_file",
     "save_config",
     "validate_config",
@@ -81,11 +83,14 @@ class TrainConfig:
     label_smoothing: float = 0.0
     # clip the final gradient (before the base step) to this norm
     max_grad_norm: float | None = None
-    # sharpness radii: SAM uses rho; Agnostic-SAM uses rho1 (B^t ascent) and rho2 (B^v ascent)
-    rho: float = 0.05
-    rho1: float = 0.1
-    rho2: float = 0.05
-    adaptive: bool = False  # ASAM-style scale-invariant radius
+    # The method's settings (`agnostic_sam.methods`: each record lists its own), checked against
+    # the record; rho, rho1, rho2 and adaptive have fields (and flags) of their own. None: the
+    # method's default (SAM rho 0.05; Agnostic-SAM rho1 0.1, rho2 0.05).
+    method_args: dict[str, Any] = field(default_factory=dict)
+    rho: float | None = None  # SAM's (and most of the family's) radius
+    rho1: float | None = None  # Agnostic-SAM: radius of the B^t ascent
+    rho2: float | None = None  # Agnostic-SAM: radius of the B^v ascent
+    adaptive: bool = False  # ASAM-style scale-invariant radius (methods that have the setting)
     split_ratio: float = 0.7  # r = |B^t| / |B|
     split: str = "batch"  # "batch": split each mini-batch; "fixed": split the training set once
     # run
@@ -114,6 +119,11 @@ def _field_types() -> dict[str, Any]:
 def _coerce(key: str, value: Any, annotation: Any) -> Any:
     """Check `value` against the field's annotation; ints are accepted for floats (the YAML
     reader reads ``1e-3`` as a float, YAML 1.2 style; a quoted string is not a number)."""
+    if typing.get_origin(annotation) is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise UsageError(f"config key '{key}' must be a mapping of names to values, "
+                             f"got {value!r}")
+        return dict(value)
     if typing.get_origin(annotation) is list:
         (item,) = typing.get_args(annotation)
         if not isinstance(value, (list, tuple)):
@@ -163,6 +173,10 @@ def validate_config(cfg: TrainConfig) -> TrainConfig:
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     _check_choices(cfg)
+    try:
+        method_settings(cfg)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     _check_numbers(cfg)
     _check_sizes(cfg, method.splits_batch)
     return cfg
@@ -188,7 +202,7 @@ def _check_numbers(cfg: TrainConfig) -> None:
     inf = math.inf
     for key in ("rho", "rho1", "rho2"):
         value = getattr(cfg, key)
-        if not (math.isfinite(value) and value >= 0):
+        if value is not None and not (math.isfinite(value) and value >= 0):
             raise UsageError(f"{key} must be a radius >= 0, got {value}")
     _check_range(cfg, "split_ratio", 0, 1, low_open=True, high_open=True)
     for key in ("noise_rate", "val_fraction", "label_smoothing", "momentum"):
@@ -237,6 +251,30 @@ def _check_sizes(cfg: TrainConfig, splits_batch: bool) -> None:
             )
     elif cfg.batch_size < cfg.accumulate:
         raise UsageError(f"accumulate {cfg.accumulate} exceeds batch_size {cfg.batch_size}")
+
+
+def method_settings(cfg: TrainConfig) -> dict[str, Any]:
+    """Every setting of ``cfg.optimizer``'s method: the record's defaults < the shorthand fields
+    it has (rho, rho1, rho2, adaptive; None keeps the default) < ``method_args``. ValueError
+    naming the allowed settings for an unknown name or a bad value."""
+    info = get_method(cfg.optimizer)
+    values: dict[str, Any] = {}
+    for key in SHORTHANDS:
+        if key in info.setting_names and getattr(cfg, key) is not None:
+            values[key] = getattr(cfg, key)
+    for key, value in cfg.method_args.items():
+        if key in SHORTHANDS and key in values and value != values[key] and (
+                key != "adaptive" or cfg.adaptive):
+            raise ValueError(f"{key} is set twice: {values[key]!r} as --{key} and {value!r} in "
+                             "method_args; set one of them")
+        values[key] = value
+    return info.resolve(values)
+
+
+def settings_text(cfg: TrainConfig) -> str:
+    """The method's shown settings (its tuned setting and followers, and any set in
+    method_args) for reports: ``"rho1=0.1, rho2=0.05"``; ``"-"`` for none."""
+    return get_method(cfg.optimizer).settings_text(method_settings(cfg), extra=cfg.method_args)
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from agnostic_sam.errors import TrainingDiverged, UsageError
+from agnostic_sam.methods.step import step_closures
 from agnostic_sam.optim import split_batch
 from agnostic_sam.train.batches import batches, epoch_index
 from agnostic_sam.train.build import RunParts, build_run, check_distributed, resolve_device
@@ -144,6 +145,12 @@ def _restore_or_start(cfg: TrainConfig, info: DistInfo, rundir: RunDir) -> dict[
         raise UsageError(f"--resume: the checkpoint was written by {ckpt.get('world_size', 1)} "
                          f"process(es), this run has {info.world_size}; "
                          "resume with the same number")
+    # CPU reductions depend on the thread count, and result.json records one count for the run.
+    threads = ckpt.get("threads")
+    if threads is not None and int(threads) != torch.get_num_threads():
+        raise UsageError(f"--resume: the run was computed with {threads} CPU thread(s), this "
+                         f"process has {torch.get_num_threads()} (--threads or OMP_NUM_THREADS); "
+                         f"resume with --threads {threads}")
     return ckpt
 
 
@@ -195,20 +202,26 @@ def _closure(parts: RunParts, x: Tensor, y: Tensor,
 
 def _step(parts: RunParts, x: Tensor, y: Tensor, meter: dict[str, Tensor]) -> None:
     """One optimizer step on the batch (x, y), adding its loss and skip count to `meter`."""
-    opt = parts.opt
-    if not parts.method.splits_batch:
-        opt.step(_closure(parts, x, y, meter))
-        meter["loss"] += opt.stats["loss_train"] * len(y)
-    else:
-        if parts.fixed is not None:  # rows are [B^t from S^t | B^v from S^v]
-            n_t = parts.split_parts[0] // parts.info.world_size
-            x_t, y_t, x_v, y_v = x[:n_t], y[:n_t], x[n_t:], y[n_t:]
-        else:
-            x_t, y_t, x_v, y_v = split_batch(x, y, ratio=parts.cfg.split_ratio,
-                                             generator=parts.split_gen)
-        opt.step(_closure(parts, x_t, y_t, meter), _closure(parts, x_v, y_v, meter))
-        meter["loss"] += opt.stats["loss_val"] * len(y_v)  # B^v ran first
-        meter["loss"] += opt.stats["loss_train"] * len(y_t)
+    opt, fixed = parts.opt, None
+    if parts.fixed is not None and parts.method.splits_batch:  # rows: [B^t from S^t | B^v]
+        n_t = parts.split_parts[0] // parts.info.world_size
+        fixed = ((x[:n_t], y[:n_t]), (x[n_t:], y[n_t:]))
+
+    def split(batch: tuple[Tensor, Tensor]) -> tuple[Any, Any]:
+        x_t, y_t, x_v, y_v = split_batch(*batch, ratio=parts.cfg.split_ratio,
+                                         generator=parts.split_gen)
+        return (x_t, y_t), (x_v, y_v)
+
+    sizes: list[int] = []  # samples of each closure's part: B, or B^t then B^v
+
+    def closure_of(batch: tuple[Tensor, Tensor]) -> Callable[[], Tensor]:
+        sizes.append(len(batch[1]))
+        return _closure(parts, *batch, meter)
+
+    opt.step(*step_closures(parts.method, closure_of, (x, y), split=split, parts=fixed))
+    if len(sizes) > 1:
+        meter["loss"] += opt.stats["loss_val"] * sizes[1]  # B^v at theta (it ran first)
+    meter["loss"] += opt.stats["loss_train"] * sizes[0]
     if "cos_train_val" in opt.stats:
         meter["cos"] += opt.stats["cos_train_val"]
     meter["skipped"] += opt.stats["skipped"]
@@ -298,6 +311,7 @@ def _record(parts: RunParts, state: RunState, rundir: RunDir, row: dict[str, Any
         "rng": rng,
         "rng_ranks": rng_ranks,  # every rank's streams (None for one process)
         "world_size": info.world_size,
+        "threads": torch.get_num_threads(),  # a resume must use as many (see _restore_or_start)
         "config": config_to_dict(parts.cfg),
         "metrics": state.metrics,
         "model_meta": parts.model_meta,

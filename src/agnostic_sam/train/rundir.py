@@ -36,13 +36,20 @@ from pathlib import Path
 from typing import Any
 
 from agnostic_sam.errors import UsageError
+from agnostic_sam.methods import SHORTHANDS, get_method
 from agnostic_sam.train.checkpoint import (
     CHECKPOINT_NAME,
     atomic_write_text,
     load_checkpoint,
     save_checkpoint,
 )
-from agnostic_sam.train.config import TrainConfig, config_to_dict, config_yaml, load_config
+from agnostic_sam.train.config import (
+    TrainConfig,
+    config_to_dict,
+    config_yaml,
+    load_config,
+    method_settings,
+)
 
 __all__ = [
     "CHECKPOINT_NAME",
@@ -73,10 +80,32 @@ IDENTITY_FIELDS = tuple(
 )
 
 
+# Values the radius fields had by default before they meant "the method's default" (0.2): a run
+# that left one unset is identified by the value it trained with, or by this when its method has
+# no such setting, so every 0.2 run keeps its identity and id.
+_SHORTHAND_IDENTITY = {"rho": 0.05, "rho1": 0.1, "rho2": 0.05}
+
+
 def run_identity(cfg: TrainConfig) -> dict[str, Any]:
-    """The fields of ``cfg`` that define which run it is (see the module docstring)."""
+    """The fields of ``cfg`` that define which run it is (see the module docstring), with the
+    method's settings canonical: an unset radius is the value the method used, and
+    ``method_args`` holds exactly the settings (other than the shorthand fields) that differ
+    from the method's defaults."""
     values = config_to_dict(cfg)
-    return {key: values[key] for key in IDENTITY_FIELDS}
+    identity = {key: values[key] for key in IDENTITY_FIELDS}
+    try:
+        info = get_method(cfg.optimizer)
+        settings = method_settings(cfg)
+    except ValueError:  # not a run any command will train; compared as written
+        return identity
+    for key, legacy in _SHORTHAND_IDENTITY.items():
+        if identity[key] is None:
+            identity[key] = settings.get(key, legacy)
+    identity["method_args"] = {
+        k: v for k, v in settings.items()
+        if k not in SHORTHANDS and v != info.setting(k).default
+    }
+    return identity
 
 
 def run_id(cfg: TrainConfig) -> str:
@@ -349,6 +378,27 @@ class RunDir:
         if cfg is None or meta is None:
             raise UsageError(f"checkpoint in {self.path} lacks its config or model_meta; "
                              "it was not written by train()")
-        model = create_model(cfg.model, **meta)
-        model.load_state_dict(ckpt["model"])
+        if self.config_path.is_file():  # the checkpoint must be this run's, as --resume checks
+            self.check_checkpoint_of(cfg, ckpt)
+        try:
+            model = create_model(cfg.model, **meta)
+            model.load_state_dict(ckpt["model"])
+        except (TypeError, RuntimeError, AttributeError) as exc:
+            raise UsageError(f"checkpoint in {self.path} does not fit its model {cfg.model!r} "
+                             f"({type(exc).__name__}); it is damaged or another run's") from None
         return model.to(device).eval(), cfg
+
+    def check_checkpoint_of(self, cfg: TrainConfig, ckpt: dict[str, Any]) -> None:
+        """UsageError when ``ckpt`` (read from this directory) was trained by another run than
+        ``cfg`` (its config.yaml): an analysis would report the other run's numbers."""
+        try:
+            theirs = run_identity(load_config(None, {}, base=ckpt["config"]))
+        except (UsageError, TypeError, ValueError, AttributeError):
+            raise UsageError(f"{self.checkpoint_path} holds no readable config; "
+                             "it is damaged: delete it or train the run again") from None
+        mine = run_identity(cfg)
+        for key in mine:
+            if mine[key] != theirs.get(key):
+                raise UsageError(f"{self.checkpoint_path} belongs to another run ({key}: "
+                                 f"{theirs[key]!r}, config.yaml {mine[key]!r}); put the run's "
+                                 "own checkpoint back or analyse the run it came from")

@@ -1,0 +1,32 @@
+"""The built-in methods, one registration each. A method's settings come from its optimizer
+class's ``SETTINGS``; its record says the rest (see `record.MethodInfo`)."""
+
+from __future__ import annotations
+
+from agnostic_sam.methods import register_method
+from agnostic_sam.optim import SAM, AgnosticSAM, Plain
+
+register_method(
+    "sgd", Plain, description="the base optimizer alone: one pass per step (SGD by default)",
+)
+register_method(
+    "sam", SAM, description="SAM (Foret et al. 2021): two passes on B; ASAM with adaptive",
+    paper="Foret et al., Sharpness-Aware Minimization for Efficiently Improving "
+          "Generalization, ICLR 2021",
+    tune="rho", passes=("B", "B"),
+)
+# Passes in the order the optimizers run them: full = B^v at theta, B^v at theta^v, B^t at
+# theta, B^t at theta^t (2 |B| samples); simpler skips the second (|B| + |B^t|).
+register_method(
+    "agnostic-sam", AgnosticSAM, description="Agnostic-SAM, Algorithm 1: four passes on B^t / B^v",
+    paper="Nguyen et al., Agnostic Sharpness-Aware Minimization, 2024",
+    tune="rho1", follows=("rho2",), passes=("B^v", "B^v", "B^t", "B^t"),
+    fixed={"variant": "full"},
+)
+register_method(
+    "agnostic-sam-simpler", AgnosticSAM,
+    description="Agnostic-SAM's simpler variant (Sec. 5.1): three passes",
+    paper="Nguyen et al., Agnostic Sharpness-Aware Minimization, 2024 (Sec. 5.1)",
+    tune="rho1", follows=("rho2",), passes=("B^v", "B^t", "B^t"),
+    fixed={"variant": "simpler"},
+)
