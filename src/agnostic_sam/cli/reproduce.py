@@ -29,6 +29,10 @@ def _seeds(text: str) -> list[int]:
             f"--seeds takes comma-separated integers, got {text!r}") from None
     if not seeds:
         raise argparse.ArgumentTypeError("--seeds needs at least one seed")
+    twice = sorted({s for s in seeds if seeds.count(s) > 1})
+    if twice:  # a seed twice would plan the same run twice and count it twice in a cell
+        raise argparse.ArgumentTypeError(
+            f"seeds listed twice in {text!r}: {', '.join(map(str, twice))}; give each once")
     return seeds
 
 

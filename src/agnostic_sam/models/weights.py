@@ -4,8 +4,11 @@
 ``"model"`` or ``"state_dict"``), or a torchvision weights name such as
 ``EfficientNet_B4_Weights.IMAGENET1K_V1``, which is looked up where ``torch.hub`` caches
 downloads: ``torch.hub.get_dir()/checkpoints/<file name of the weights URL>``. Nothing is
-downloaded. Tensors whose shapes differ from the model's (a classifier for 1000 ImageNet
-classes, a stem for other input channels) are skipped and reported.
+downloaded. Tensors whose shapes differ from the model's are skipped and reported only in the
+model's first and last layers (its stem and its classifier: a classifier for 1000 ImageNet
+classes, a stem for other input channels or a CIFAR kernel); a mismatch anywhere else, or a file
+of which no parameter fits, is another model's checkpoint and raises `UsageError` naming the
+tensors. What was skipped or left at its initialisation is logged as a warning (stderr).
 """
 
 from __future__ import annotations
@@ -93,11 +96,42 @@ def _state_dict_of(obj: object, path: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+def _edge_modules(model: nn.Module) -> tuple[str, str]:
+    """Names of the first and the last module that own parameters (stem and classifier)."""
+    owners = [name for name, m in model.named_modules()
+              if next(m.parameters(recurse=False), None) is not None]
+    return (owners[0], owners[-1]) if owners else ("", "")
+
+
+def _shapes(report: LoadReport, names: list[str]) -> str:
+    """``name (file (a, b), model (c, d))`` for the first names, and how many more."""
+    text = ", ".join(f"{n} (file {report.skipped[n][0]}, model {report.skipped[n][1]})"
+                     for n in names[:3])
+    return text + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
+def _check_fit(model: nn.Module, report: LoadReport) -> None:
+    """UsageError unless the file is this model's checkpoint up to its stem and classifier: some
+    parameter loads, and every shape mismatch lies in the first or last layer."""
+    params = {name for name, _ in model.named_parameters()}
+    if not any(name in params for name in report.loaded):
+        skipped = list(report.skipped)  # in the model's order
+        detail = f": {_shapes(report, skipped)}" if skipped else " (no name in common)"
+        raise UsageError(f"no tensor of {report.path} fits a parameter of the model{detail}; "
+                         "is it a checkpoint of another model?")
+    edges = tuple(f"{name}." for name in _edge_modules(model) if name)
+    inner = [n for n in report.skipped if not n.startswith(edges)]
+    if inner:
+        raise UsageError(f"{report.path} does not fit the model: {_shapes(report, inner)}; only "
+                         "the first layer and the classifier may differ (another model's file?)")
+
+
 def load_pretrained(model: nn.Module, weights: str | os.PathLike[str]) -> LoadReport:
     """Copy matching tensors of ``weights`` into ``model`` (in place); return what happened.
 
-    A tensor is loaded when its name and shape match the model's; shape mismatches are skipped
-    and listed in the report. A file that matches nothing raises ``UsageError``.
+    A tensor is loaded when its name and shape match the model's. Shape mismatches in the first
+    and the last layer (stem, classifier) are skipped and listed in the report; anywhere else,
+    or when no parameter loads, ``UsageError`` names the tensors and the model is unchanged.
     """
     path = resolve_weights(str(weights))
     try:
@@ -117,8 +151,9 @@ def load_pretrained(model: nn.Module, weights: str | os.PathLike[str]) -> LoadRe
             usable[name] = source[name]
             report.loaded.append(name)
     report.unexpected = [name for name in source if name not in target]
-    if not usable:
-        raise UsageError(f"no tensor of {path} matches the model (names or shapes differ)")
+    _check_fit(model, report)
     model.load_state_dict(usable, strict=False)
-    log.info(report.summary())
+    # Anything not loaded changes what the run starts from: say it where the user sees it.
+    changed = report.skipped or report.missing or report.unexpected
+    log.log(logging.WARNING if changed else logging.INFO, report.summary())
     return report
