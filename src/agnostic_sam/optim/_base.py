@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from agnostic_sam.amp import LossScaler
-from agnostic_sam.optim import _checks, _scaling
+from agnostic_sam.optim import _checks, _contract, _scaling
 from agnostic_sam.optim import _functional as F
 from agnostic_sam.optim._checks import PERTURBATIONS, Closure
 
@@ -103,8 +103,36 @@ class SharpnessOptimizer(torch.optim.Optimizer):
         self._checked_driven: bool | None = None
         super().__init__(params, defaults)
         self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
+        _contract.without_global_step_hooks(self.base_optimizer)  # they fire for this step
         self._share_base()
         self.defaults.update(self.base_optimizer.defaults)
+        self._hook_params()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "step" in cls.__dict__:  # GradScaler picks its protocol by step's signature
+            _contract.step_signature(cls.__dict__["step"])
+
+    def __getstate__(self) -> dict[str, Any]:
+        """For ``copy.deepcopy`` and ``pickle``: everything but the per-parameter gradient hooks
+        (rebuilt on the copy's parameters) and, as torch.optim does, the registered hooks."""
+        if getattr(self, "_pending", None) is not None:
+            raise RuntimeError(
+                f"{type(self).__name__} cannot be copied between first_step() and "
+                "second_step() (the weights are perturbed): call second_step() first"
+            )
+        skip = {"_hook_handles", "_hooked", "_grad_counts", "_grad_scaler"}
+        skip.update(k for k in self.__dict__ if k.startswith("_optimizer_") and k.endswith("hooks"))
+        return {k: v for k, v in self.__dict__.items() if k not in skip}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)  # torch.optim: empty hook dicts, the hooked step
+        self._grad_scaler = None
+        self._grad_counts = {}
+        self._hooked = set()
+        self._hook_handles = []
+        _contract.without_global_step_hooks(self.base_optimizer)
+        self._share_base()
         self._hook_params()
 
     def _share_base(self) -> None:
@@ -144,7 +172,11 @@ class SharpnessOptimizer(torch.optim.Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         """The base optimizer's state dict (its param groups carry the radii too), plus
-        ``"loss_scaler"``: the `LossScaler` state when there is one."""
+        ``"loss_scaler"``: the `LossScaler` state when there is one. Hooks registered with
+        ``register_state_dict_pre_hook`` / ``_post_hook`` run as in torch.optim."""
+        return _contract.run_state_dict_hooks(self, self._state_dict)
+
+    def _state_dict(self) -> dict[str, Any]:
         state = self.base_optimizer.state_dict()
         if self.loss_scaler is not None:
             state["loss_scaler"] = self.loss_scaler.state_dict()
@@ -153,8 +185,11 @@ class SharpnessOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict of this wrapper or of a plain base optimizer: radii missing from the
         saved groups keep this optimizer's values; a saved LossScaler state is restored when
-        this optimizer has a loss scaler (a state dict without one loads too)."""
-        state_dict = dict(state_dict)
+        this optimizer has a loss scaler (a state dict without one loads too). Hooks registered
+        with ``register_load_state_dict_pre_hook`` / ``_post_hook`` run as in torch.optim."""
+        _contract.run_load_state_dict_hooks(self, state_dict, self._load_state_dict)
+
+    def _load_state_dict(self, state_dict: dict[str, Any]) -> None:
         scaler_state = state_dict.pop("loss_scaler", None)
         radii = [{k: g[k] for k in self._radius_keys if k in g} for g in self.param_groups]
         self.base_optimizer.load_state_dict(state_dict)
@@ -201,6 +236,9 @@ class SharpnessOptimizer(torch.optim.Optimizer):
 
     def _begin(self, grad_scaler: Any) -> None:
         self._check_groups()
+        _contract.check_not_skipped_by_wrapper(self)
+        if grad_scaler is None and getattr(self, "grad_scale", None) is not None:
+            grad_scaler = _contract.driving_grad_scaler(self)  # GradScaler's attribute protocol
         _checks.check_entry_scaler(self, grad_scaler)
         self._grad_scaler = grad_scaler
         self._hook_params()
@@ -223,7 +261,14 @@ class SharpnessOptimizer(torch.optim.Optimizer):
         self._begin(grad_scaler)
         try:
             yield
-            self._checked_driven = grad_scaler is not None  # every pass of this step was watched
+            # every pass of this step was watched
+            self._checked_driven = self._grad_scaler is not None
+        except BaseException:
+            # GradScaler's attribute protocol deletes grad_scale / found_inf only after a step
+            # that returns: a later direct step must not take them for this one's.
+            self.__dict__.pop("grad_scale", None)
+            self.__dict__.pop("found_inf", None)
+            raise
         finally:
             self._end()
 
@@ -398,6 +443,10 @@ class SharpnessOptimizer(torch.optim.Optimizer):
         loss = self._run(closure, params, at_theta=False, final=True)
         self._final_gradients(params, check, foreach)
         return loss
+
+    def _transform_final(self, params: list[Tensor], foreach: bool) -> None:
+        """Hook: turn the last pass's unscaled gradient in p.grad into the gradient the base
+        optimizer steps with (before its norm check and clipping). The default keeps it."""
 
     def _final_gradients(
         self, params: list[Tensor], check: list[Tensor], foreach: bool, *, want_norm: bool = False

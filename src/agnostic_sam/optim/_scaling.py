@@ -81,11 +81,13 @@ def final_gradients(
     norm = None
     if opt._grad_scaler is not None:
         unscale_final(opt, opt._grad_scaler, params, check)
+    elif want_norm or opt.check_finite or opt._scaled:
+        opt._grads(params, foreach, take=False)  # unscales p.grad in place (LossScaler)
+    # A method whose step direction is not the last pass's gradient (GSAM, WSAM, ...) makes it
+    # from the unscaled p.grad here, so the norm check and clipping act on what is stepped with.
+    opt._transform_final(params, foreach)
     if want_norm or opt.check_finite or opt._scaled:
-        if opt._grad_scaler is not None:
-            final = [p.grad for p in params if p.grad is not None]
-        else:
-            final = [g for g in opt._grads(params, foreach, take=False) if g is not None]
+        final = [p.grad for p in params if p.grad is not None]
         norm = F.global_norm(final, foreach) if final else opt._zero_like_norm(params)
         if opt.check_finite or opt._scaled:
             check.append(norm)
