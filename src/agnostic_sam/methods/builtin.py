@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from agnostic_sam.methods import register_method
 from agnostic_sam.optim import SAM, AgnosticSAM, Plain
+from agnostic_sam.optim.gsam import GSAM
 
 register_method(
     "sgd", Plain, description="the base optimizer alone: one pass per step (SGD by default)",
@@ -29,4 +30,11 @@ register_method(
     paper="Nguyen et al., Agnostic Sharpness-Aware Minimization, 2024 (Sec. 5.1)",
     tune="rho1", follows=("rho2",), passes=("B^v", "B^t", "B^t"),
     fixed={"variant": "simpler"},
+)
+register_method(
+    "gsam", GSAM,
+    description="GSAM (Zhuang et al. 2022): SAM's gradient minus alpha times its part "
+                "orthogonal to it; two passes on B",
+    paper="Zhuang et al., Surrogate Gap Guided Sharpness-Aware Minimization, ICLR 2022",
+    tune="rho", passes=("B", "B"), state=("gsam_lr0",),
 )
