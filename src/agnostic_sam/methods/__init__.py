@@ -106,6 +106,7 @@ def register_method(
     state: Iterable[str] = (),
     cost: Callable[[Mapping[str, Any], float], float] | None = None,
     fixed: Mapping[str, Any] | None = None,
+    notes: str = "",
     radius_keys: Iterable[str] | None = None,
     adaptive: bool = False,
 ) -> Any:
@@ -122,7 +123,7 @@ def register_method(
     _check_record(name, passes, closure)
     fixed = dict(fixed or {})
     common = dict(description=description, paper=paper, follows=tuple(follows), passes=passes,
-                  closure=closure, state=tuple(state), cost=cost, fixed=fixed)
+                  closure=closure, state=tuple(state), cost=cost, fixed=fixed, notes=notes)
     if cls is not None:
         own = tuple(s for s in getattr(cls, "SETTINGS", ()) if s.name not in fixed)
         return _add(MethodInfo(

@@ -77,6 +77,9 @@ class MethodInfo:
     cost: Callable[[Mapping[str, Any], float], float] | None = None
     # Keyword arguments fixed by this record (e.g. variant="simpler"), not settings a user sets.
     fixed: Mapping[str, Any] = field(default_factory=dict)
+    # Where this implementation differs from the authors' code and from pytorch_optimizer, and
+    # why (docs/methods.md shows it).
+    notes: str = ""
 
     # ---- step shape ---------------------------------------------------------------------------
 
