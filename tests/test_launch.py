@@ -190,13 +190,39 @@ def test_launcher_config_from_yaml_keys_and_flags():
     assert launcher_config({"time": "90"}).time == 90
 
 
+@pytest.mark.parametrize("text, minutes", [
+    ("90", 90), ("02:30", 3), ("0:59", 1), ("02:30:00", 150), ("25:00:00", 1500), ("1-02", 1560),
+    ("1-02:30", 1590), ("1-02:30:15", 1591), ("0-23:59:59", 1440)])
+def test_launcher_time_reads_slurm_formats(text, minutes):
+    """SLURM's --time formats (sbatch(1)): MM:SS is minutes and seconds, not hours; seconds
+    round up to a minute."""
+    assert launcher_config({"time": text}).time == minutes
+
+
 @pytest.mark.parametrize("values, message", [
     ({"kind": "pbs"}, "unknown launcher 'pbs'; choose from inline, local, slurm"),
     ({"kind": "local", "jobs": 0}, "launcher jobs must be an integer >= 1, got 0"),
     ({"kind": "slurm", "jobs": 2}, "--jobs is for --launcher local, not slurm"),
-    ({"time": "soon"}, "launcher time must be minutes or [D-]HH:MM[:SS], got 'soon'"),
+    ({"time": "soon"}, "launcher time must be minutes or one of SLURM's MM:SS, HH:MM:SS, "
+                       "D-HH, D-HH:MM, D-HH:MM:SS, got 'soon'"),
+    ({"time": "1-99:99:99"}, "launcher time must be minutes or one of SLURM's"),
+    ({"time": "1-24:00"}, "launcher time must be minutes or one of SLURM's"),
+    ({"time": "1:60:00"}, "launcher time must be minutes or one of SLURM's"),
+    ({"time": "367-00"}, "launcher time must be at most a year (527040 minutes), got 528480"),
     ({"gpus_per_run": -1}, "launcher gpus_per_run must be an integer >= 0, got -1"),
-    ({"mem_gb": 0}, "launcher mem_gb must be a number > 0, got 0"),
+    ({"mem_gb": 0}, "launcher mem_gb must be a number of GB from 0.001 (1 MB) to 65536, got 0"),
+    ({"mem_gb": float("nan")}, "launcher mem_gb must be a number of GB from 0.001"),
+    ({"mem_gb": float("inf")}, "launcher mem_gb must be a number of GB from 0.001"),
+    ({"mem_gb": 1e30}, "launcher mem_gb must be a number of GB from 0.001"),
+    ({"partition": "gpu\n#SBATCH --wrap=id"}, "launcher partition must be a partition name"),
+    ({"partition": "gpu;id"}, "launcher partition must be a partition name"),
+    ({"sbatch": {"account": "x\n#SBATCH --wrap=id"}},
+     "launcher sbatch option 'account' has a value an #SBATCH line must not hold"),
+    ({"sbatch": {"comment": "$(id)"}},
+     "launcher sbatch option 'comment' has a value an #SBATCH line must not hold"),
+    ({"sbatch": {"requeue\n#SBATCH --wrap=id": True}},
+     "launcher sbatch option 'requeue\\n#SBATCH --wrap=id' is not an sbatch option name"),
+    ({"folder": "logs\n#SBATCH --wrap=id"}, "launcher folder must be a path without control"),
     ({"sbatch": {"Bad Key": 1}}, "launcher sbatch option 'Bad Key' is not an sbatch option name"),
     ({"sbatch": "account=x"}, "launcher sbatch must map option names to values"),
     ({"sbatch": {"qos": None}},
@@ -204,6 +230,8 @@ def test_launcher_config_from_yaml_keys_and_flags():
     ({"gpu": 1}, "unknown launcher key 'gpu'; choose from kind, jobs, partition"),
 ])
 def test_bad_launcher_settings_are_one_line(values, message):
+    """Nothing that could add a line to the job script (a newline, a shell metacharacter)
+    reaches an #SBATCH line; memory and time are finite, sane and in SLURM's formats."""
     with pytest.raises(UsageError) as info:
         launcher_config(values)
     assert str(info.value).startswith(message) and "\n" not in str(info.value)
@@ -363,7 +391,7 @@ def test_slurm_does_not_submit_a_queued_run_twice(tmp_path, capsys, monkeypatch)
     folder.mkdir()
     queued, fresh = tmp_path / "runs" / "queued", tmp_path / "runs" / "fresh"
     (folder / "launch.json").write_text(json.dumps({str(queued.resolve()): "999_0"}))
-    monkeypatch.setattr(launch_module, "_job_states", lambda ids: {i: "PENDING" for i in ids})
+    monkeypatch.setattr(launch_module, "job_states", lambda ids: {i: "PENDING" for i in ids})
     lc = launcher_config({"kind": "slurm", "folder": str(folder), "gpus_per_run": 0})
     summary = launch([_cfg(queued), _cfg(fresh, seed=1)], lc, dry_run=True, progress=False)
     printed = capsys.readouterr().out
@@ -371,3 +399,91 @@ def test_slurm_does_not_submit_a_queued_run_twice(tmp_path, capsys, monkeypatch)
     assert f"not submitted: {queued} (new -> queued)" in printed
     assert "--gpus-per-node" not in printed  # no GPU asked for: no GPU line
     assert [(r.action, r.job_id) for r in summary.runs] == [("queued", "999_0"), ("planned", None)]
+
+
+# ----------------------------------------------------------------------------- slurm, no cluster
+
+
+def _fake_slurm(tmp_path: Path, monkeypatch, *, gres: str = "(null)",
+                sbatch_error: str | None = None) -> Path:
+    """sinfo/squeue/sacct/sbatch/srun stand-ins first on PATH: each call is appended to the file
+    returned; sinfo has one partition, ``debug``, whose nodes have ``gres``; sbatch prints
+    ``sbatch_error`` and fails (it never submits)."""
+    bin_dir, calls = tmp_path / "fake-bin", tmp_path / "slurm-calls"
+    bin_dir.mkdir()
+    answers = {"sinfo": f'case "$*" in *%P*) echo "debug*";; *) echo "{gres}";; esac',
+               "sbatch": f'echo "{sbatch_error or "sbatch: error: refused"}" >&2; exit 1',
+               "squeue": "true", "sacct": "true", "srun": "exit 1"}
+    for tool, body in answers.items():
+        (bin_dir / tool).write_text(f'#!/bin/sh\necho "{tool} $*" >> "{calls}"\n{body}\n')
+        (bin_dir / tool).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    return calls
+
+
+_COMPARE = ["compare", "--optimizers", "sgd", "--seeds", "0", "1", "--epochs", "1",
+            "--max-steps", "2", "--model", "mlp_mini", "--no-progress", "--launcher", "slurm"]
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--partition", "gpu\n#SBATCH --wrap=id"], "launcher partition must be a partition name"),
+    (["--sbatch", "account=x\n#SBATCH --wrap=id"],
+     "launcher sbatch option 'account' has a value an #SBATCH line must not hold"),
+    (["--sbatch", "requeue\n#SBATCH --wrap=id"], "is not an sbatch option name"),
+    (["--mem-gb", "nan"], "launcher mem_gb must be a number of GB from 0.001 (1 MB) to 65536"),
+    (["--mem-gb", "1e30"], "launcher mem_gb must be a number of GB from 0.001 (1 MB) to 65536"),
+    (["--time", "1-99:99:99"], "launcher time must be minutes or one of SLURM's"),
+])
+def test_bad_slurm_flags_exit_2_before_anything_is_submitted(tmp_path, capsys, monkeypatch,
+                                                            flags, needle):
+    from agnostic_sam.cli import main
+
+    calls = _fake_slurm(tmp_path, monkeypatch)
+    out = tmp_path / "cmp"
+    assert main([*_COMPARE, "--out", str(out), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("agnostic-sam: error: ") and err.count("\n") == 1 and needle in err
+    assert not out.exists() and not calls.exists()  # no file, no SLURM command
+
+
+@pytest.mark.parametrize("gres, flags, sbatch_error, needle", [
+    ("(null)", ["--gpus-per-run", "1"], None,
+     "the default partition has no GPUs (sinfo shows no gpu GRES), and --gpus-per-run 1 asks for "
+     "more: use --gpus-per-run 0"),
+    ("gpu:2", ["--gpus-per-run", "4"], None, "at most 2 GPUs a node"),
+    ("(null)", ["--partition", "gpu"], None, "SLURM has no partition 'gpu'; choose from debug"),
+    ("(null)", ["--mem-gb", "4000"],
+     "sbatch: error: Memory specification can not be satisfied\\nsbatch: error: Batch job "
+     "submission failed: Requested node configuration is not available",
+     "sbatch refused the job array of 2 tasks (nothing was submitted): Batch job submission "
+     "failed: Requested node configuration is not available; lower --mem-gb"),
+])
+def test_slurm_refusals_are_one_line_and_leave_nothing(tmp_path, capsys, monkeypatch, gres, flags,
+                                                      sbatch_error, needle):
+    """What sinfo shows is checked before sbatch runs; what sbatch refuses is one line (not
+    submitit's traceback), and the files submitit wrote for the array are gone again."""
+    pytest.importorskip("submitit")
+    from agnostic_sam.cli import main
+
+    calls = _fake_slurm(tmp_path, monkeypatch, gres=gres, sbatch_error=sbatch_error)
+    out = tmp_path / "cmp"
+    assert main([*_COMPARE, "--out", str(out), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("agnostic-sam: error: ") and err.count("\n") == 1, err
+    assert needle in err
+    assert ("sbatch " in calls.read_text()) == (sbatch_error is not None)
+    assert [p for p in out.rglob("*") if p.is_file()] == []  # no ledger, pickle or script
+
+
+def test_no_gpus_on_the_cluster_means_no_gpu_line(tmp_path, capsys, monkeypatch):
+    """The default --gpus-per-run follows the partition: none where sinfo shows no gpu GRES
+    (the job script then asks for no GPU), 1 where it shows one."""
+    pytest.importorskip("submitit")
+    for gres, line in (("(null)", None), ("gpu:a100:4(S:0-1)", "#SBATCH --gpus-per-node=1")):
+        root = tmp_path / f"gres{len(gres)}"  # the second stand-in comes first on PATH
+        root.mkdir()
+        _fake_slurm(root, monkeypatch, gres=gres)
+        launch([_cfg(root / "r")], launcher_config({"kind": "slurm"}), dry_run=True,
+               progress=False)
+        printed = capsys.readouterr().out
+        assert ("--gpus-per-node" not in printed) if line is None else (line in printed)

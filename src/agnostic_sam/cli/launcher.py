@@ -22,8 +22,10 @@ def add_launcher_arguments(parser: Any, *, jobs: bool = True) -> None:
         g.add_argument("--jobs", type=int, default=None,
                        help="--launcher local: worker processes (default: one per GPU, 1 without)")
     g.add_argument("--partition", default=None, help="slurm: partition")
-    g.add_argument("--time", default=None, help="slurm: minutes (or D-HH:MM:SS) per run")
-    g.add_argument("--gpus-per-run", type=int, default=None, help="slurm: GPUs per run (default 1)")
+    g.add_argument("--time", default=None,
+                   help="slurm: per run, in minutes or SLURM's MM:SS, HH:MM:SS, D-HH[:MM[:SS]]")
+    g.add_argument("--gpus-per-run", type=int, default=None,
+                   help="slurm: GPUs per run (default: 1 where the partition has GPUs, else 0)")
     g.add_argument("--cpus-per-run", type=int, default=None, help="slurm: CPUs per run (default 4)")
     g.add_argument("--mem-gb", type=float, default=None, help="slurm: memory per run in GB")
     g.add_argument("--submitit-folder", dest="submitit_folder", default=None,

@@ -27,7 +27,8 @@ Every run trains with a fixed thread count (``cfg.threads or 1``) and the same c
 the numbers do not depend on the launcher or on ``jobs``.
 
 Modules: `config` (LauncherConfig and its validation), `outcome` (what happened to each run),
-`sweep` (planning and `launch`), `local` (inline and worker processes), `slurm` (submitit).
+`sweep` (planning, `launch`, `unfinished`), `local` (inline and worker processes), `slurm`
+(submitit job arrays and their ledger), `cluster` (what sinfo, squeue and sacct say).
 The command-line flags are in `agnostic_sam.cli.launcher`.
 """
 
@@ -41,7 +42,7 @@ from agnostic_sam.launch.config import (
 from agnostic_sam.launch.local import visible_gpus
 from agnostic_sam.launch.outcome import LaunchSummary, RunOutcome, run_one
 from agnostic_sam.launch.slurm import SubmititRun
-from agnostic_sam.launch.sweep import launch
+from agnostic_sam.launch.sweep import launch, unfinished
 
 __all__ = [
     "LAUNCHERS",
@@ -53,6 +54,7 @@ __all__ = [
     "launch",
     "launcher_config",
     "run_one",
+    "unfinished",
     "validate_launcher",
     "visible_gpus",
 ]

@@ -4,6 +4,7 @@ value, before anything is planned or submitted)."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -11,8 +12,8 @@ from typing import Any
 
 from agnostic_sam.errors import UsageError
 
-__all__ = ["LAUNCHERS", "LAUNCHER_KEYS", "SUBMITIT_CLUSTERS", "LauncherConfig", "launcher_config",
-           "validate_launcher"]
+__all__ = ["LAUNCHERS", "LAUNCHER_KEYS", "MAX_MEM_GB", "MAX_TIME_MIN", "SUBMITIT_CLUSTERS",
+           "LauncherConfig", "launcher_config", "validate_launcher"]
 
 LAUNCHERS = ("inline", "local", "slurm")
 SUBMITIT_CLUSTERS = ("slurm", "local")  # "local": submitit's LocalExecutor, no scheduler
@@ -29,7 +30,8 @@ class LauncherConfig:
     # slurm (submitit)
     partition: str | None = None
     time: int = 24 * 60  # minutes of wall time per run (each requeue gets it again)
-    gpus_per_run: int = 1
+    # None: 1 where the partition's nodes have GPUs (a gpu GRES), else 0 (see launch.cluster)
+    gpus_per_run: int | None = None
     cpus_per_run: int = 4
     mem_gb: float | None = None  # None: the partition's default
     folder: str | None = None  # submitit's logs and pickles; None: <runs' common parent>/submitit
@@ -40,22 +42,47 @@ class LauncherConfig:
 
 
 LAUNCHER_KEYS = tuple(f.name for f in dataclasses.fields(LauncherConfig))
-_SBATCH_KEY = re.compile(r"^[a-z][a-z0-9_-]*$")
+_SBATCH_KEY = re.compile(r"[a-z][a-z0-9_-]*")
+
+
+# SLURM's --time formats (sbatch(1)): MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS.
+_TIME_FORMATS = (
+    (re.compile(r"(\d+)"), ("minutes",)),
+    (re.compile(r"(\d+):(\d+)"), ("minutes", "seconds")),
+    (re.compile(r"(\d+):(\d+):(\d+)"), ("hours", "minutes", "seconds")),
+    (re.compile(r"(\d+)-(\d+)"), ("days", "hours")),
+    (re.compile(r"(\d+)-(\d+):(\d+)"), ("days", "hours", "minutes")),
+    (re.compile(r"(\d+)-(\d+):(\d+):(\d+)"), ("days", "hours", "minutes", "seconds")),
+)
+MAX_TIME_MIN = 366 * 24 * 60  # a year: longer is a typo, not a run
+MAX_MEM_GB = 65536.0  # 64 TiB, beyond any node; 1 MB is the least sbatch can be given
+_NAME = re.compile(r"[A-Za-z0-9_.-]+(,[A-Za-z0-9_.-]+)*")  # a partition (or a list of them)
+# What an #SBATCH value may hold: no newline (a new #SBATCH line), no quote, space or shell
+# metacharacter; constraint expressions also use & | [ ] * (sbatch's --constraint syntax).
+_SBATCH_VALUE = re.compile(r"[A-Za-z0-9_.,:=@%+/-]+")
+_CONSTRAINT_VALUE = re.compile(r"[A-Za-z0-9_.,:=@%+/&|\[\]*-]+")
+_TIME_HELP = "minutes or one of SLURM's MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS"
 
 
 def _parse_time(value: Any) -> int:
-    """Minutes from an int or SLURM's ``[D-]HH:MM[:SS]`` / ``MM``."""
+    """Minutes (seconds rounded up) from an int or one of SLURM's ``--time`` formats, each
+    field in its range (minutes and seconds < 60 below a larger field, hours < 24 after days)."""
     if isinstance(value, int) and not isinstance(value, bool):
         return value
-    if isinstance(value, str):
-        m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", value.strip())
-        if m:
-            days, a, b, c = (int(g) if g else None for g in m.groups())
-            if b is None:  # "MM" or "D-HH"
-                return (days or 0) * 1440 + (a * 60 if days is not None else a)
-            seconds = c or 0
-            return (days or 0) * 1440 + a * 60 + b + (1 if seconds else 0)
-    raise UsageError(f"launcher time must be minutes or [D-]HH:MM[:SS], got {value!r}")
+    text = value.strip() if isinstance(value, str) else ""
+    for pattern, names in _TIME_FORMATS:
+        m = pattern.fullmatch(text)
+        if m is None:
+            continue
+        f = dict(zip(names, (int(g) for g in m.groups())))
+        limits = {"seconds": 60, "minutes": 60 if len(names) > 2 or "days" in names else None,
+                  "hours": 24 if "days" in names else None}
+        if all(limits.get(k) is None or v < limits[k] for k, v in f.items()):
+            seconds = (((f.get("days", 0) * 24 + f.get("hours", 0)) * 60 + f.get("minutes", 0))
+                       * 60 + f.get("seconds", 0))
+            return -(-seconds // 60)
+        break
+    raise UsageError(f"launcher time must be {_TIME_HELP}, got {value!r}")
 
 
 def _check_int(name: str, value: Any, low: int, *, optional: bool = False) -> None:
@@ -65,19 +92,32 @@ def _check_int(name: str, value: Any, low: int, *, optional: bool = False) -> No
         raise UsageError(f"launcher {name} must be an integer >= {low}, got {value!r}")
 
 
+def _check_mem(mem_gb: Any) -> None:
+    if mem_gb is None:
+        return
+    if (isinstance(mem_gb, bool) or not isinstance(mem_gb, (int, float))
+            or not math.isfinite(mem_gb) or not 0.001 <= mem_gb <= MAX_MEM_GB):
+        raise UsageError(f"launcher mem_gb must be a number of GB from 0.001 (1 MB) to "
+                         f"{MAX_MEM_GB:.0f}, got {mem_gb!r}")
+
+
 def _check_sbatch(sbatch: Any) -> dict[str, Any]:
     """Extra ``#SBATCH`` options as submitit takes them (``-`` -> ``_``; a bare flag stays
     True: ``--sbatch requeue``, YAML ``requeue: true`` -> ``#SBATCH --requeue``)."""
     if not isinstance(sbatch, Mapping):
         raise UsageError(f"launcher sbatch must map option names to values, got {sbatch!r}")
     for key in sbatch:
-        if not isinstance(key, str) or not _SBATCH_KEY.match(key):
+        if not isinstance(key, str) or not _SBATCH_KEY.fullmatch(key):
             raise UsageError(f"launcher sbatch option {key!r} is not an sbatch option name "
                              "(e.g. account, qos, constraint)")
         value = sbatch[key]
         if isinstance(value, bool) and not value or not isinstance(value, (str, int, float, bool)):
             raise UsageError(f"launcher sbatch option {key!r} needs a value (or true for a bare "
                              f"flag), got {value!r}")
+        allowed = _CONSTRAINT_VALUE if key in ("constraint", "C") else _SBATCH_VALUE
+        if value is not True and not allowed.fullmatch(str(value)):
+            raise UsageError(f"launcher sbatch option {key!r} has a value an #SBATCH line must not "
+                             f"hold, {value!r}: use letters, digits and _.,:=@%+/- only")
     return {k.replace("-", "_"): v if v is True else str(v) for k, v in sbatch.items()}
 
 
@@ -90,16 +130,22 @@ def validate_launcher(lc: LauncherConfig) -> LauncherConfig:
                          f"{', '.join(SUBMITIT_CLUSTERS)}, got {lc.submitit_cluster!r}")
     lc.time = _parse_time(lc.time)
     _check_int("time (minutes)", lc.time, 1)
+    if lc.time > MAX_TIME_MIN:
+        raise UsageError(f"launcher time must be at most a year ({MAX_TIME_MIN} minutes), got "
+                         f"{lc.time} minutes")
     _check_int("jobs", lc.jobs, 1, optional=True)
-    _check_int("gpus_per_run", lc.gpus_per_run, 0)
+    _check_int("gpus_per_run", lc.gpus_per_run, 0, optional=True)
     _check_int("cpus_per_run", lc.cpus_per_run, 1)
     _check_int("max_parallel", lc.max_parallel, 1, optional=True)
-    if lc.mem_gb is not None and (isinstance(lc.mem_gb, bool)
-                                  or not isinstance(lc.mem_gb, (int, float))
-                                  or lc.mem_gb <= 0):
-        raise UsageError(f"launcher mem_gb must be a number > 0, got {lc.mem_gb!r}")
-    if lc.partition is not None and (not isinstance(lc.partition, str) or not lc.partition.strip()):
-        raise UsageError(f"launcher partition must be a name, got {lc.partition!r}")
+    _check_mem(lc.mem_gb)
+    if lc.partition is not None and (not isinstance(lc.partition, str)
+                                     or not _NAME.fullmatch(lc.partition)):
+        raise UsageError(f"launcher partition must be a partition name (letters, digits, _.-; "
+                         f"a comma between several), got {lc.partition!r}")
+    if lc.folder is not None and (not isinstance(lc.folder, str)
+                                  or not lc.folder.isprintable() or not lc.folder):
+        raise UsageError(f"launcher folder must be a path without control characters, got "
+                         f"{lc.folder!r}")
     lc.sbatch = _check_sbatch(lc.sbatch)
     if lc.jobs is not None and lc.kind != "local":
         raise UsageError(f"--jobs is for --launcher local, not {lc.kind}")

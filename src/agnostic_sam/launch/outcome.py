@@ -26,10 +26,13 @@ class RunOutcome:
 
     out: str
     state: str  # RunDir.state before launching: new, partial, finished, failed, running
-    action: str  # trained, resumed, skipped, left running, queued, submitted, planned
+    # trained, resumed, skipped, left running, planned; slurm: submitted, queued (left to an
+    # earlier job that is still queued or running), adopted (such a run, waited for)
+    action: str
     status: str | None = None  # finished, diverged, error; None when not known (yet)
     error: str | None = None  # one line, for status "error" and "diverged"
     job_id: str | None = None  # slurm
+    job_state: str | None = None  # slurm, a run left to an earlier job: queued or running
 
 
 def outcome_for(cfg: TrainConfig, state: str) -> RunOutcome:
@@ -64,6 +67,8 @@ class LaunchSummary:
         lines = [f"{self.kind}: {len(self.runs)} runs: {parts}"]
         lines += [f"  {r.action}: {r.out} (another process is writing it)"
                   for r in self.runs if r.action == "left running"]
+        lines += [f"  queued: {r.out} (job {r.job_id}, {r.job_state})"
+                  for r in self.runs if r.action == "queued"]
         lines += [f"  {r.status}: {r.out}: {r.error}" for r in self.failed if r.error]
         return "\n".join(lines)
 

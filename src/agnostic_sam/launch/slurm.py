@@ -1,11 +1,17 @@
 """The ``slurm`` launcher: one submitit job array per sweep. Each task runs `SubmititRun`, which
 follows submitit's checkpointable protocol, so a preempted or requeued task resumes from its
-run's checkpoint and ends bit-identical to an uninterrupted run. A ledger in the submitit folder
-(run directory -> job id) lets a rerun leave runs whose job is still queued or running to it."""
+run's checkpoint and ends bit-identical to an uninterrupted run.
+
+A ledger in the submitit folder (``launch.json``: run directory -> job id) makes a rerun with the
+same arguments safe at any time: a run whose job is still queued or running is left to that job
+(and waited for with ``wait``), only the others are submitted. Before anything is submitted the
+partition and its GPUs are checked with sinfo, and a refusal of sbatch is one line."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import json
 import os
 import time
@@ -14,18 +20,31 @@ from pathlib import Path
 from typing import Any
 
 from agnostic_sam.errors import UsageError
+from agnostic_sam.launch.cluster import (
+    LIVE,
+    cluster_gpus,
+    describe_state,
+    job_states,
+    sbatch_refusal,
+)
 from agnostic_sam.launch.config import LauncherConfig
-from agnostic_sam.launch.outcome import LaunchSummary, finish, one_line, outcome_for, run_one
+from agnostic_sam.launch.outcome import (
+    LaunchSummary,
+    RunOutcome,
+    finish,
+    one_line,
+    outcome_for,
+    run_one,
+)
 from agnostic_sam.train.config import TrainConfig
 from agnostic_sam.train.rundir import RunDir
 
-__all__ = ["LEDGER_NAME", "SubmititRun", "launch_slurm"]
+__all__ = ["LEDGER_NAME", "SubmititRun", "launch_slurm", "ledger_folder", "read_ledger"]
 
 SLURM_EXTRA = "--launcher slurm needs submitit: pip install 'agnostic-sam[slurm]'"
 LEDGER_NAME = "launch.json"  # in the submitit folder: run directory -> SLURM job id
-# SLURM job states in which a submitted run will still start or is going on.
-_LIVE_JOB_STATES = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING",
-                    "SUSPENDED", "REQUEUE_HOLD", "REQUEUE_FED", "SIGNALING", "STAGE_OUT"}
+_JOB_NAME = "agnostic-sam"
+Planned = list[tuple[TrainConfig, str]]  # each run with its RunDir.state
 
 
 def _resume_if_partial(cfg: TrainConfig) -> TrainConfig | dict[str, Any]:
@@ -62,7 +81,6 @@ class SubmititRun:
         return DelayedSubmission(self, cfg)
 
 
-
 def _submitit() -> Any:
     try:
         import submitit
@@ -71,40 +89,68 @@ def _submitit() -> Any:
     return submitit
 
 
-def _folder(planned: list[tuple[TrainConfig, str]], lc: LauncherConfig) -> Path:
+def ledger_folder(cfgs: Sequence[TrainConfig], lc: LauncherConfig) -> Path:
+    """submitit's folder for these runs: ``lc.folder``, or ``submitit/`` in their common parent."""
     if lc.folder is not None:
         return Path(lc.folder)
-    parents = [os.path.abspath(Path(cfg.out).parent) for cfg, _ in planned] or [os.getcwd()]
+    parents = [os.path.abspath(Path(cfg.out).parent) for cfg in cfgs] or [os.getcwd()]
     return Path(os.path.commonpath(parents)) / "submitit"
 
 
-def _read_ledger(folder: Path) -> dict[str, str]:
+def read_ledger(folder: Path) -> dict[str, str]:
+    """Run directory (absolute) -> the SLURM job id that last got it; {} when there is none."""
     try:
-        return json.loads((folder / LEDGER_NAME).read_text())
+        ledger = json.loads((folder / LEDGER_NAME).read_text())
     except (OSError, ValueError):
         return {}
+    return ledger if isinstance(ledger, dict) else {}
 
 
-def _job_states(job_ids: Sequence[str]) -> dict[str, str]:
-    """SLURM's state of jobs submitted earlier (one sacct call through submitit's watcher);
-    UNKNOWN for a job sacct does not know (or without sacct)."""
-    if not job_ids:
-        return {}
-    watcher = _submitit().SlurmJob.watcher
+def _write_ledger(folder: Path, ledger: dict[str, str]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{LEDGER_NAME}.tmp"
+    tmp.write_text(json.dumps(ledger, indent=1) + "\n")
+    os.replace(tmp, folder / LEDGER_NAME)
+
+
+def _with_gpus(lc: LauncherConfig, *, ask_cluster: bool) -> tuple[LauncherConfig, str]:
+    """``lc`` with ``gpus_per_run`` decided, and a note for the user when it was chosen here:
+    None becomes 1 where the partition's nodes have a gpu GRES and 0 where they have none; more
+    than a node has is refused in one line naming ``--gpus-per-run``. ``ask_cluster`` False
+    (dry runs): sinfo is asked only for the default, and a machine without sinfo plans 1."""
+    if lc.submitit_cluster == "local":  # submitit's LocalExecutor: this machine's GPUs
+        from agnostic_sam.launch.local import visible_gpus
+
+        return dataclasses.replace(lc, gpus_per_run=lc.gpus_per_run if lc.gpus_per_run is not None
+                                   else int(bool(visible_gpus()))), ""
+    if not ask_cluster and lc.gpus_per_run is not None:
+        return lc, ""
     try:
-        for job_id in job_ids:
-            watcher.register_job(job_id)
-        watcher.update()
-        infos = {job_id: watcher.get_info(job_id, mode="cache") for job_id in job_ids}
-    except Exception:  # noqa: BLE001 - no sacct on this machine: nothing is known to be queued
-        return {job_id: "UNKNOWN" for job_id in job_ids}
-    return {job_id: (str(info.get("State", "UNKNOWN")).split() or ["UNKNOWN"])[0]
-            for job_id, info in infos.items()}
+        most = cluster_gpus(lc.partition)
+    except UsageError:
+        if ask_cluster:
+            raise
+        return dataclasses.replace(lc, gpus_per_run=1), ""
+    where = f"partition {lc.partition}" if lc.partition else "the default partition"
+    if lc.gpus_per_run is None:
+        note = "" if most else f" (no GPUs: {where} has no gpu GRES, as --gpus-per-run 0)"
+        return dataclasses.replace(lc, gpus_per_run=int(most > 0)), note
+    if lc.gpus_per_run > most:
+        have = "no GPUs (sinfo shows no gpu GRES)" if not most else f"at most {most} GPUs a node"
+        raise UsageError(f"{where} has {have}, and --gpus-per-run {lc.gpus_per_run} asks for "
+                         f"more: use --gpus-per-run {most}")
+    return lc, ""
+
+
+def _sbatch_options(lc: LauncherConfig) -> dict[str, Any]:
+    """Extra #SBATCH options: the user's, and an appending log (a requeued task would truncate
+    its own log otherwise)."""
+    return {"open_mode": "append", **lc.sbatch}
 
 
 def _executor_parameters(lc: LauncherConfig, tasks: int) -> dict[str, Any]:
     """submitit AutoExecutor parameters for one array of ``tasks`` runs."""
-    params: dict[str, Any] = dict(name="agnostic-sam", timeout_min=lc.time, nodes=1,
+    params: dict[str, Any] = dict(name=_JOB_NAME, timeout_min=lc.time, nodes=1,
                                   tasks_per_node=1, cpus_per_task=lc.cpus_per_run)
     if lc.gpus_per_run:
         params["gpus_per_node"] = lc.gpus_per_run
@@ -114,23 +160,22 @@ def _executor_parameters(lc: LauncherConfig, tasks: int) -> dict[str, Any]:
         params["slurm_array_parallelism"] = lc.max_parallel or max(tasks, 1)
         if lc.partition is not None:
             params["slurm_partition"] = lc.partition
-        if lc.sbatch:
-            params["slurm_additional_parameters"] = dict(lc.sbatch)
+        params["slurm_additional_parameters"] = _sbatch_options(lc)
     return params
 
 
 def _sbatch_lines(lc: LauncherConfig, tasks: int, folder: Path) -> list[str]:
     """The #SBATCH lines submitit writes for the array (rendered by submitit itself)."""
-    from submitit.slurm.slurm import _make_sbatch_string
+    from submitit.slurm.slurm import _convert_mem, _make_sbatch_string
 
-    kwargs: dict[str, Any] = dict(job_name="agnostic-sam", time=lc.time, nodes=1, ntasks_per_node=1,
+    kwargs: dict[str, Any] = dict(job_name=_JOB_NAME, time=lc.time, nodes=1, ntasks_per_node=1,
                                   gpus_per_node=lc.gpus_per_run or None,
                                   cpus_per_task=lc.cpus_per_run,
                                   partition=lc.partition, map_count=tasks,
                                   array_parallelism=lc.max_parallel or tasks,
-                                  additional_parameters=dict(lc.sbatch) or None)
+                                  additional_parameters=_sbatch_options(lc))
     if lc.mem_gb is not None:
-        kwargs["mem"] = f"{int(lc.mem_gb) if float(lc.mem_gb).is_integer() else lc.mem_gb}GB"
+        kwargs["mem"] = _convert_mem(lc.mem_gb)
     text = _make_sbatch_string(command="python -u -m submitit.core._submit FOLDER",
                                folder=folder / "%j", **kwargs)
     return [line for line in text.splitlines() if line.startswith("#SBATCH")]
@@ -142,67 +187,117 @@ def _absolute(cfg: TrainConfig) -> TrainConfig:
     return dataclasses.replace(cfg, out=os.path.abspath(cfg.out), data_dir=data_dir)
 
 
-def launch_slurm(planned: list[tuple[TrainConfig, str]], lc: LauncherConfig, *, dry_run: bool,
-                  log: Callable[[str], None]) -> LaunchSummary:
-    submitit = _submitit()
-    folder = _folder(planned, lc)
-    ledger = _read_ledger(folder) if lc.submitit_cluster == "slurm" else {}
+def _sort(planned: Planned, ledger: dict[str, str]) -> tuple[list[RunOutcome], list[tuple[
+        TrainConfig, RunOutcome]]]:
+    """Each run's outcome, and the runs to submit. A run whose earlier job (the ledger) is
+    still queued or running is left to it: action "queued", its job id and state."""
     earlier = [ledger[os.path.abspath(cfg.out)] for cfg, state in planned
-               if state in ("new", "partial") and os.path.abspath(cfg.out) in ledger]
-    job_states = _job_states(earlier)
+               if state in ("new", "partial", "running") and os.path.abspath(cfg.out) in ledger]
+    states = job_states(earlier) if earlier else {}
     outcomes, todo = [], []
     for cfg, state in planned:
         outcome = outcome_for(cfg, state)
         job_id = ledger.get(os.path.abspath(cfg.out))
-        if state in ("new", "partial") and job_states.get(job_id) in _LIVE_JOB_STATES:
-            # submitted before and still pending or running: do not submit it twice
+        if state in ("new", "partial", "running") and states.get(job_id) in LIVE:
             outcome.action, outcome.job_id = "queued", job_id
-            log(f"queued       {cfg.out} (job {job_id}, {job_states[job_id]})")
-        if outcome.action in ("trained", "resumed"):
+            outcome.job_state = describe_state(states[job_id])
+        elif outcome.action in ("trained", "resumed"):
             todo.append((cfg, outcome))
         outcomes.append(outcome)
-    if dry_run:
-        lines = [f"slurm: job array of {len(todo)} task{'' if len(todo) == 1 else 's'} "
-                 f"(of {len(planned)} runs; "
-                 f"at most {lc.max_parallel or len(todo)} at once), submitit folder {folder}"]
-        if todo:
-            lines += _sbatch_lines(lc, len(todo), folder)
-        lines += [f"  task {i}: {cfg.out} ({o.state} -> {o.action})"
-                  for i, (cfg, o) in enumerate(todo)]
-        lines += [f"  not submitted: {o.out} ({o.state} -> {o.action})" for o in outcomes
-                  if o.action not in ("trained", "resumed")]
-        text = "\n".join(lines)
-        print(text)
-        for _, o in todo:
-            o.action = "planned"
-        return LaunchSummary("slurm", outcomes, plan=text)
-    if not todo:
-        summary = LaunchSummary("slurm", outcomes)
-        log(summary.text())
-        return summary
+    return outcomes, todo
+
+
+def _dry_run(lc: LauncherConfig, folder: Path, outcomes: list[RunOutcome],
+             todo: list[tuple[TrainConfig, RunOutcome]], total: int) -> LaunchSummary:
+    """Print the job array that would be submitted (its #SBATCH lines) and the runs left out."""
+    lines = [f"slurm: job array of {len(todo)} task{'' if len(todo) == 1 else 's'} "
+             f"(of {total} runs; "
+             f"at most {lc.max_parallel or len(todo)} at once), submitit folder {folder}"]
+    if todo:
+        lines += _sbatch_lines(lc, len(todo), folder)
+    lines += [f"  task {i}: {cfg.out} ({o.state} -> {o.action})"
+              for i, (cfg, o) in enumerate(todo)]
+    lines += [f"  not submitted: {o.out} ({o.state} -> {o.action})" for o in outcomes
+              if o.action not in ("trained", "resumed")]
+    text = "\n".join(lines)
+    print(text)
+    for _, o in todo:
+        o.action = "planned"
+    return LaunchSummary("slurm", outcomes, plan=text)
+
+
+def _submit(lc: LauncherConfig, folder: Path, todo: list[tuple[TrainConfig, RunOutcome]]
+            ) -> list[Any]:
+    """One job array of the runs in ``todo`` (their outcomes get the job ids). When sbatch
+    refuses it, the files submitit wrote for it are removed and the refusal is one line."""
+    submitit = _submitit()
+    before = set(folder.iterdir()) if folder.is_dir() else None
     executor = submitit.AutoExecutor(folder=folder / "%j", cluster=lc.submitit_cluster)
     executor.update_parameters(**_executor_parameters(lc, len(todo)))
-    # absolute folders: a task's working directory is the scheduler's choice
-    jobs = executor.map_array(SubmititRun(), [_absolute(cfg) for cfg, _ in todo])
-    for job, (cfg, outcome) in zip(jobs, todo):
+    refused = (submitit.core.utils.FailedJobError, submitit.core.utils.FailedSubmissionError)
+    said = io.StringIO()  # submitit prints sbatch's stderr too: it is in our one line instead
+    try:
+        with contextlib.redirect_stderr(said):
+            # absolute folders: a task's working directory is the scheduler's choice
+            jobs = executor.map_array(SubmititRun(), [_absolute(cfg) for cfg, _ in todo])
+    except refused as exc:
+        for path in set(folder.iterdir()) - (before or set()) if folder.is_dir() else ():
+            path.unlink()
+        if before is None and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+        raise sbatch_refusal(str(exc) or said.getvalue(), len(todo)) from None
+    for job, (_, outcome) in zip(jobs, todo):
         outcome.job_id = str(job.job_id)
-        ledger[os.path.abspath(cfg.out)] = outcome.job_id
-    if lc.submitit_cluster == "slurm":
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / LEDGER_NAME).write_text(json.dumps(ledger, indent=1) + "\n")
-    array = str(jobs[0].job_id).split("_")[0]
-    log(f"submitted job array {array}: {len(jobs)} tasks; watch: squeue -j {array}; "
-        f"logs: {folder}/{array}_<task>/")
-    if lc.wait:
-        submitted = time.perf_counter()  # the times logged are since submission
-        for done, (job, (_, outcome)) in enumerate(zip(jobs, todo), 1):
-            try:
-                result = job.result()
-            except Exception as exc:  # the array goes on; the summary names the run
-                result = {"status": "error", "error": one_line(exc)}
-            finish(outcome, result, submitted, log, done, len(todo))
+    return list(jobs)
+
+
+def _wait(lc: LauncherConfig, folder: Path, jobs: list[Any],
+          todo: list[tuple[TrainConfig, RunOutcome]], adopted: list[RunOutcome],
+          log: Callable[[str], None]) -> None:
+    """Wait for the tasks submitted now and for the earlier ones left queued or running;
+    each run's outcome gets its result (an error in one line when the task did not end well)."""
+    submitit = _submitit()
+    waits = list(zip(jobs, (o for _, o in todo)))
+    waits += [(submitit.SlurmJob(folder=folder / "%j", job_id=o.job_id), o) for o in adopted]
+    started = time.perf_counter()  # the times logged are since the wait began
+    for done, (job, outcome) in enumerate(waits, 1):
+        try:
+            result = job.result()
+        except Exception as exc:  # the array goes on; the summary names the run
+            result = {"status": "error", "error": one_line(exc)}
+        if outcome.action == "queued":
+            outcome.action = "adopted"
+        finish(outcome, result, started, log, done, len(waits))
+
+
+def launch_slurm(planned: Planned, lc: LauncherConfig, *, dry_run: bool,
+                 log: Callable[[str], None], notice: Callable[[str], None]) -> LaunchSummary:
+    """Submit the runs of ``planned`` that need training as one job array (leaving runs whose
+    earlier job still runs to it), and with ``lc.wait`` wait for all of them. ``notice`` gets
+    what a user must read even without progress lines: what was submitted, what is waited for."""
+    folder = ledger_folder([cfg for cfg, _ in planned], lc)
+    ledger = read_ledger(folder) if lc.submitit_cluster == "slurm" else {}
+    outcomes, todo = _sort(planned, ledger)
+    lc, gpu_note = _with_gpus(lc, ask_cluster=not dry_run and bool(todo))
+    if dry_run:
+        return _dry_run(lc, folder, outcomes, todo, len(planned))
+    adopted = [o for o in outcomes if o.action == "queued"]
+    if adopted:
+        notice(f"left to earlier jobs, not submitted again: {len(adopted)} run(s): "
+               + ", ".join(f"{o.job_id} ({o.job_state}) {o.out}" for o in adopted))
+    jobs = _submit(lc, folder, todo) if todo else []
+    if jobs:
+        if lc.submitit_cluster == "slurm":
+            ledger.update({os.path.abspath(cfg.out): o.job_id for cfg, o in todo})
+            _write_ledger(folder, ledger)
+        array = str(jobs[0].job_id).split("_")[0]
+        notice(f"submitted job array {array}: {len(jobs)} task(s) for the unfinished runs; "
+               f"watch: squeue -j {array}; logs: {folder}/{array}_<task>/{gpu_note}")
+    if lc.wait and (jobs or adopted):
+        notice(f"waiting for {len(jobs)} task(s) submitted now and {len(adopted)} earlier")
+        _wait(lc, folder, jobs, todo, adopted, log)
     else:
-        for outcome in (o for _, o in todo):
+        for _, outcome in todo:
             outcome.action = "submitted"
     summary = LaunchSummary("slurm", outcomes)
     log(summary.text())

@@ -9,14 +9,15 @@ import sys
 from collections.abc import Callable, Sequence
 
 from agnostic_sam.errors import UsageError
+from agnostic_sam.launch.cluster import describe_state, job_states
 from agnostic_sam.launch.config import LauncherConfig, validate_launcher
 from agnostic_sam.launch.local import local_slots, run_inline, run_local
 from agnostic_sam.launch.outcome import ACTIONS, LaunchSummary, RunOutcome, outcome_for
-from agnostic_sam.launch.slurm import launch_slurm
+from agnostic_sam.launch.slurm import launch_slurm, ledger_folder, read_ledger
 from agnostic_sam.train.config import TrainConfig, default_out
 from agnostic_sam.train.rundir import RunDir
 
-__all__ = ["launch"]
+__all__ = ["launch", "unfinished"]
 
 
 def _plan(cfgs: Sequence[TrainConfig]) -> list[tuple[TrainConfig, str]]:
@@ -71,8 +72,9 @@ def launch(
                else (lambda line: None))
     planned = _plan(cfgs)
     done = on_done or (lambda outcome: None)
-    if lc.kind == "slurm":
-        summary = launch_slurm(planned, lc, dry_run=dry_run, log=log)
+    if lc.kind == "slurm":  # what was submitted and what is waited for is said in any case
+        notice = log if progress else (lambda line: print(line, file=sys.stderr, flush=True))
+        summary = launch_slurm(planned, lc, dry_run=dry_run, log=log, notice=notice)
         if not dry_run:
             for outcome in summary.runs:
                 done(outcome)
@@ -92,3 +94,31 @@ def launch(
     summary = LaunchSummary(lc.kind, outcomes)
     log(summary.text())
     return summary
+
+
+def unfinished(cfgs: Sequence[TrainConfig], lc: LauncherConfig | None = None) -> list[str]:
+    """One line per run of ``cfgs`` that has not ended (neither finished nor diverged): where
+    it stands and its directory. With the slurm launcher, a run submitted earlier is named by
+    its job and the job's state (queued, running, cancelled, failed (TIMEOUT), ...); other runs
+    by their directory: not started, partial (stopped; the next launch resumes it), or running
+    (another process holds its lock)."""
+    lc = lc or LauncherConfig()
+    runs = _plan(cfgs)
+    todo = [(cfg, state) for cfg, state in runs if state not in ("finished", "failed")]
+    ledger: dict[str, str] = {}
+    if lc.kind == "slurm" and lc.submitit_cluster == "slurm" and todo:
+        ledger = read_ledger(ledger_folder([cfg for cfg, _ in runs], lc))
+    mine = {os.path.abspath(cfg.out): ledger.get(os.path.abspath(cfg.out)) for cfg, _ in todo}
+    jobs = [j for j in mine.values() if j is not None]
+    try:
+        states = {j: describe_state(s) for j, s in job_states(jobs).items()}
+    except UsageError as exc:  # no cluster to ask here: name the jobs anyway
+        states = {j: f"state unknown ({exc})" for j in jobs}
+    words = {"new": "not started", "partial": "partial (stopped; the next launch resumes it)",
+             "running": "running (another process holds its lock)"}
+    lines = []
+    for cfg, state in todo:
+        job = mine[os.path.abspath(cfg.out)]
+        lines.append(f"{states[job]} (job {job}): {cfg.out}" if job else
+                     f"{words[state]}: {cfg.out}")
+    return lines
