@@ -107,6 +107,7 @@ def register_method(
     cost: Callable[[Mapping[str, Any], float], float] | None = None,
     fixed: Mapping[str, Any] | None = None,
     notes: str = "",
+    off: Mapping[str, Any] | None = None,
     radius_keys: Iterable[str] | None = None,
     adaptive: bool = False,
 ) -> Any:
@@ -123,7 +124,7 @@ def register_method(
     _check_record(name, passes, closure)
     fixed = dict(fixed or {})
     common = dict(description=description, paper=paper, follows=tuple(follows), passes=passes,
-                  closure=closure, state=tuple(state), cost=cost, fixed=fixed, notes=notes)
+                  closure=closure, state=tuple(state), cost=cost, fixed=fixed, notes=notes, off=off)
     if cls is not None:
         own = tuple(s for s in getattr(cls, "SETTINGS", ()) if s.name not in fixed)
         return _add(MethodInfo(

@@ -36,5 +36,5 @@ register_method(
     description="GSAM (Zhuang et al. 2022): SAM's gradient minus alpha times its part "
                 "orthogonal to it; two passes on B",
     paper="Zhuang et al., Surrogate Gap Guided Sharpness-Aware Minimization, ICLR 2022",
-    tune="rho", passes=("B", "B"), state=("gsam_lr0",),
+    tune="rho", passes=("B", "B"), state=("gsam_lr0",), off={"rho": 0.0, "alpha": 0.0},
 )

@@ -80,6 +80,15 @@ class MethodInfo:
     # Where this implementation differs from the authors' code and from pytorch_optimizer, and
     # why (docs/methods.md shows it).
     notes: str = ""
+    # Settings that turn the method off: its step is then the base optimizer's step, bit for bit
+    # (the conformance suite checks it). None: the tuned setting and its followers at 0.
+    off: Mapping[str, Any] | None = None
+
+    @property
+    def off_settings(self) -> dict[str, Any]:
+        if self.off is not None:
+            return dict(self.off)
+        return {k: 0.0 for k in self.shown}
 
     # ---- step shape ---------------------------------------------------------------------------
 
