@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from tests._family import dot, max_diff, norm, run_method, run_reference
 
 EPS = 1e-12
