@@ -17,10 +17,10 @@ from agnostic_sam.bench.timing import state_bytes as _state_bytes
 from agnostic_sam.bench.timing import time_steps as _time_steps
 from agnostic_sam.cli import main
 from agnostic_sam.errors import UsageError
-from agnostic_sam.methods import METHODS
+from agnostic_sam.methods import METHODS, list_methods
 
 ROOT = Path(__file__).resolve().parents[1]
-ALL = ("sgd", "sam", "agnostic-sam", "agnostic-sam-simpler")
+ALL = tuple(list_methods())  # every registered method, the family included
 TINY = dict(model="cnn_mini", batch_size=10, channels=1, image_size=8, num_classes=3,
             rounds=1, steps=1, warmup=1)
 
@@ -38,7 +38,8 @@ def test_samples_per_step_closed_form():
     # B = 64 splits into 45 + 19: SAM and full Agnostic-SAM push 2B images, simpler B + n_t.
     n_t, n_v = BenchConfig(batch_size=64).split_sizes()
     assert (n_t, n_v) == (45, 19)
-    assert {m: METHODS[m].samples(64, n_t) for m in ALL} == {
+    built_in = ("sgd", "sam", "agnostic-sam", "agnostic-sam-simpler")
+    assert {m: METHODS[m].samples(64, n_t) for m in built_in} == {
         "sgd": 64, "sam": 128, "agnostic-sam": 128, "agnostic-sam-simpler": 109}
 
 

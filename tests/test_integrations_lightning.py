@@ -180,7 +180,7 @@ def test_refuses_foreign_optimizer():
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
-    with pytest.raises(TypeError, match="agnostic_sam AgnosticSAM, SAM or Plain"):
+    with pytest.raises(TypeError, match="an optimizer of a registered method"):
         _fit(Foreign(), steps=1)
 
 

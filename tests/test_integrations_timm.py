@@ -15,6 +15,7 @@ from timm.optim import create_optimizer_v2  # noqa: E402
 
 from agnostic_sam import SAM, AgnosticSAM, LossScaler, accumulate, split_batch  # noqa: E402
 from agnostic_sam.integrations import timm as asam_timm  # noqa: E402
+from agnostic_sam.methods import get_method  # noqa: E402
 
 STEPS, BATCH, DIM = 20, 32, 6
 
@@ -93,15 +94,25 @@ def test_every_name_builds_through_create_optimizer_v2(name):
     asam_timm.register()
     net = _net()
     opt = create_optimizer_v2(net, name, lr=0.1, weight_decay=5e-4)
-    assert isinstance(opt, AgnosticSAM if name.startswith("agnostic") else SAM)
+    method = name.removesuffix("-adamw").removesuffix("-sgd")
+    assert type(opt) is get_method(method).cls  # the registry's class for the name's method
     assert [g["weight_decay"] for g in opt.param_groups] == [0.0, 5e-4]
-    assert opt.adaptive == name.startswith("asam")
     if name.endswith("adamw"):
         assert isinstance(opt.base_optimizer, torch.optim.AdamW)
     else:
         assert opt.param_groups[0]["momentum"] == 0.9
     if "simpler" in name:
         assert opt.variant == "simpler"
+
+
+def test_names_are_the_registry_times_the_base_optimizers():
+    from agnostic_sam.methods import BASE_OPTIMIZERS, list_methods
+
+    methods = list_methods(lambda m: m.tune is not None and m.cls is not None)
+    expected = {f"{m}-{b}" for m in methods for b in BASE_OPTIMIZERS}
+    expected |= {m for m in methods if "-" in m}  # bare hyphenated names: over SGD
+    assert set(asam_timm.NAMES) == expected
+    assert "sam" not in asam_timm.NAMES and {"sam-sgd", "agnostic-sam"} <= expected
 
 
 @pytest.mark.parametrize("name,method,base,extra", [

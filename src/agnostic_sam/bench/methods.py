@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from agnostic_sam.amp import LossScaler
 from agnostic_sam.methods import create_optimizer, get_method
+from agnostic_sam.methods.step import step_closures
 from agnostic_sam.optim import split_batch
 
 __all__ = ["StepFn", "build_step", "make_loss"]
@@ -71,11 +72,11 @@ def build_step(name: str, model: nn.Module, net: Callable[[Tensor], Tensor],
 
         return closure
 
+    def split(batch: tuple[Tensor, Tensor]) -> tuple[Any, Any]:
+        x_t, y_t, x_v, y_v = split_batch(*batch, cfg.split_ratio, generator=gen)
+        return (x_t, y_t), (x_v, y_v)
+
     def step(x: Tensor, y: Tensor) -> None:
-        if info.splits_batch:
-            x_t, y_t, x_v, y_v = split_batch(x, y, cfg.split_ratio, generator=gen)
-            opt.step(closure_for(x_t, y_t), closure_for(x_v, y_v))
-        else:
-            opt.step(closure_for(x, y))
+        opt.step(*step_closures(info, lambda b: closure_for(*b), (x, y), split=split))
 
     return opt, step

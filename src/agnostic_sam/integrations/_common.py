@@ -12,7 +12,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from agnostic_sam.optim import AgnosticSAM, SharpnessOptimizer, split_sizes
+from agnostic_sam.methods import method_of
+from agnostic_sam.methods.step import step_closures
+from agnostic_sam.optim import SharpnessOptimizer, split_sizes
 
 __all__ = ["batch_len", "concat", "ensure_scale", "micro_closure", "run_step", "split", "take"]
 
@@ -150,16 +152,13 @@ def run_step(
 ) -> Tensor:
     """One step of `opt` on the union of `micro_batches`, each pass re-running them all.
 
-    AgnosticSAM splits the joined batch into B^t/B^v (`split_batch`'s draw) and each part into
-    as many micro-batches as were given; SAM and Plain run the joined batch in as many slices.
+    A method that splits the batch (its registry record says so) splits the joined batch into
+    B^t/B^v (`split_batch`'s draw) and each part into as many micro-batches as were given; the
+    others run the joined batch in as many slices.
     `grad_scaler` (a torch.amp.GradScaler) drives the step when given; `max_grad_norm` is set on
     the optimizer for this step (the final gradient is clipped). Returns the loss at theta.
     """
-    if not isinstance(opt, SharpnessOptimizer):
-        raise TypeError(
-            "expected an agnostic_sam optimizer (AgnosticSAM, SAM or Plain), got "
-            f"{type(opt).__name__}"
-        )
+    info = method_of(opt)  # TypeError naming the registered methods for anything else
     if not micro_batches:
         raise RuntimeError("no micro-batch was recorded for this optimizer step")
     k = len(micro_batches)
@@ -167,12 +166,9 @@ def run_step(
     if backward is None:
         backward = ((lambda loss: grad_scaler.scale(loss).backward()) if grad_scaler is not None
                     else opt.backward)
-    if isinstance(opt, AgnosticSAM):
-        b_t, b_v = split(batch, split_ratio, generator)
-        closures = (micro_closure(loss_fn, b_t, k, backward, no_sync),
-                    micro_closure(loss_fn, b_v, k, backward, no_sync))
-    else:
-        closures = (micro_closure(loss_fn, batch, k, backward, no_sync),)
+    closures = step_closures(
+        info, lambda part: micro_closure(loss_fn, part, k, backward, no_sync), batch,
+        split=lambda b: split(b, split_ratio, generator))
     saved = opt.max_grad_norm
     if max_grad_norm is not None and max_grad_norm > 0:
         if saved is not None and saved != max_grad_norm:

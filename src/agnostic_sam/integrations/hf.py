@@ -81,7 +81,10 @@ class SharpnessTrainer(Trainer):
             (Algorithm 1), ``"agnostic-sam-simpler"`` (Sec. 5.1), ``"sam"`` (ASAM with
             ``sharpness_kwargs={"adaptive": True}``), ``"sgd"`` (the base optimizer alone, the
             one-pass `Plain`, whatever the Trainer's base optimizer is) or one of your own.
-        rho: SAM's radius; rho1, rho2: AgnosticSAM's radii.
+        method_args: the method's own settings (its registry record lists them, e.g.
+            ``{"alpha": 0.4}`` for GSAM); checked against the record.
+        rho, rho1, rho2: shorthands for the radius settings of the methods that have them
+            (None: the method's default).
         split_ratio: |B^t| / |B| for AgnosticSAM.
         split_seed: seed of the split generator ``self.split_generator``; its state is saved
             in each checkpoint folder (``agnostic_sam_split.pt``) and restored on resume.
@@ -94,19 +97,24 @@ class SharpnessTrainer(Trainer):
         self,
         *args: Any,
         sharpness: str = "agnostic-sam",
-        rho: float = 0.05,
-        rho1: float = 0.1,
-        rho2: float = 0.05,
+        method_args: dict[str, Any] | None = None,
+        rho: float | None = None,
+        rho1: float | None = None,
+        rho2: float | None = None,
         split_ratio: float = 0.7,
         split_seed: int = 0,
         sharpness_kwargs: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         try:
-            get_method(sharpness)
+            info = get_method(sharpness)
         except ValueError:
             raise ValueError(f"invalid sharpness={sharpness!r}: expected one of "
                              f"{', '.join(list_methods())}") from None
+        shorthands = {k: v for k, v in (("rho", rho), ("rho1", rho1), ("rho2", rho2))
+                      if v is not None and k in info.setting_names}
+        self.method_args = {**shorthands, **(method_args or {})}
+        info.resolve(self.method_args)  # a bad name or value fails here, in one line
         for name in ("_clip_grad_norm", "_get_grad_norm"):
             if not hasattr(Trainer, name):
                 raise ImportError(
@@ -114,7 +122,6 @@ class SharpnessTrainer(Trainer):
                     "(transformers >= 5): upgrade transformers"
                 )
         self.sharpness = sharpness
-        self.rho, self.rho1, self.rho2 = rho, rho1, rho2
         self.split_ratio = split_ratio
         self.split_generator = torch.Generator().manual_seed(int(split_seed))
         self.sharpness_kwargs = dict(sharpness_kwargs or {})
@@ -148,9 +155,8 @@ class SharpnessTrainer(Trainer):
                 f"args.optim={self.args.optim!r} gives {getattr(base, '__name__', base)!r}: use "
                 "e.g. optim='adamw_torch' or 'sgd'"
             )
-        radii = {"rho": self.rho, "rho1": self.rho1, "rho2": self.rho2}
-        self.optimizer = create_optimizer(self.sharpness, groups, base, base_kwargs, radii=radii,
-                                          **self.sharpness_kwargs)
+        self.optimizer = create_optimizer(self.sharpness, groups, base, base_kwargs,
+                                          settings=self.method_args, **self.sharpness_kwargs)
         return self.optimizer
 
     def _sharpness_optimizer(self) -> tuple[SharpnessOptimizer, Any]:

@@ -207,8 +207,9 @@ class SharpnessAwareMixin:
         opt = getattr(optimizer, "optimizer", optimizer)  # unwrap LightningOptimizer
         if not isinstance(opt, SharpnessOptimizer):
             raise TypeError(
-                "SharpnessAwareMixin needs configure_optimizers to return an agnostic_sam "
-                f"AgnosticSAM, SAM or Plain, got {type(opt).__name__}"
+                "SharpnessAwareMixin needs configure_optimizers to return an optimizer of a "
+                f"registered method (agnostic_sam.methods.list_methods()), got "
+                f"{type(opt).__name__}"
             )
         trainer = self.trainer  # type: ignore[attr-defined]
         batches = list(self._sharpness_pending)

@@ -7,18 +7,20 @@ timm-style training loop.
     for x, y in loader:
         asam_timm.train_step(opt, lambda b: criterion(model(b[0]), b[1]), (x, y), generator=gen)
 
-`register()` adds, with timm's weight-decay parameter groups (no decay for biases and norms) and
-momentum 0.9 unless given:
+`register()` adds every sharpness-aware method of the registry (`agnostic_sam.methods`) over
+every base optimizer of the registry, with timm's weight-decay parameter groups (no decay for
+biases and norms) and momentum 0.9 unless given; a method's settings are keywords of
+`create_optimizer_v2` (``rho=``, ``alpha=``, ...):
 
-    agnostic-sam, agnostic-sam-simpler     AgnosticSAM over SGD (rho1=, rho2= as kwargs)
-    agnostic-sam-adamw, agnostic-sam-simpler-adamw    ... over AdamW (betas, eps)
-    sam-sgd, asam-sgd, sam-adamw, asam-adamw          SAM / adaptive SAM
+    <method>-<base>      e.g. sam-sgd, agnostic-sam-adamw, gsam-sgd, looksam-adamw
+    <method>             the same over SGD, for hyphenated names only (agnostic-sam, ...)
 
 The names use hyphens because timm splits a name at "_" and keeps the last part (its
 "lookahead_" prefix): "agnostic_sam" would look up "sam" and "agnostic_sam_adamw" would build a
-plain AdamW. There is deliberately no bare "sam", so "agnostic_sam" fails in timm instead of
-building SAM; `create_optimizer` here refuses underscore spellings of these names with the right
-name, but timm's own `create_optimizer_v2("agnostic_sam_adamw")` cannot be intercepted.
+plain AdamW. There is deliberately no bare one-word name ("sam", "gsam"), so "agnostic_sam" fails
+in timm instead of building SAM; `create_optimizer` here refuses underscore spellings of these
+names with the right name, but timm's own `create_optimizer_v2("agnostic_sam_adamw")` cannot be
+intercepted.
 
 timm's train loop calls ``optimizer.step()`` after its own backward (through its NativeScaler
 too); these optimizers need the closure form and raise a one-line TypeError naming it. Use
@@ -34,39 +36,41 @@ import torch
 from torch import Tensor
 
 from agnostic_sam.integrations._common import Batch, run_step
-from agnostic_sam.optim import SAM, AgnosticSAM
+from agnostic_sam.methods import BASE_OPTIMIZERS, MethodInfo, get_method, list_methods
 
 __all__ = ["NAMES", "create_optimizer", "register", "train_step"]
 
 
-def _factory(method: type, base: type[torch.optim.Optimizer],
-             **fixed: Any) -> Callable[..., torch.optim.Optimizer]:
+def _factory(info: MethodInfo, base: type[torch.optim.Optimizer]
+             ) -> Callable[..., torch.optim.Optimizer]:
     def make(params: Any, **kwargs: Any) -> torch.optim.Optimizer:
-        return method(params, base, **fixed, **kwargs)
+        assert info.cls is not None
+        return info.cls(params, base, **info.fixed, **kwargs)
 
-    make.__name__ = f"{method.__name__}_{base.__name__}"
+    make.__name__ = f"{info.name}_{base.__name__}"
     return make
 
 
-# name -> (factory, description, has_momentum, has_betas, has_eps)
-_ENTRIES: dict[str, tuple[Callable[..., torch.optim.Optimizer], str, bool, bool, bool]] = {
-    "agnostic-sam": (_factory(AgnosticSAM, torch.optim.SGD),
-                     "Agnostic-SAM (Algorithm 1) over SGD with momentum", True, False, False),
-    "agnostic-sam-simpler": (_factory(AgnosticSAM, torch.optim.SGD, variant="simpler"),
-                             "Agnostic-SAM, simpler variant (Sec. 5.1), over SGD", True, False,
-                             False),
-    "agnostic-sam-adamw": (_factory(AgnosticSAM, torch.optim.AdamW),
-                           "Agnostic-SAM (Algorithm 1) over AdamW", False, True, True),
-    "agnostic-sam-simpler-adamw": (_factory(AgnosticSAM, torch.optim.AdamW, variant="simpler"),
-                                   "Agnostic-SAM, simpler variant, over AdamW", False, True, True),
-    "sam-sgd": (_factory(SAM, torch.optim.SGD), "SAM over SGD with momentum", True, False, False),
-    "asam-sgd": (_factory(SAM, torch.optim.SGD, adaptive=True),
-                 "adaptive SAM over SGD with momentum", True, False, False),
-    "sam-adamw": (_factory(SAM, torch.optim.AdamW), "SAM over AdamW", False, True, True),
-    "asam-adamw": (_factory(SAM, torch.optim.AdamW, adaptive=True), "adaptive SAM over AdamW",
-                   False, True, True),
-}
-NAMES = tuple(_ENTRIES)
+def _entries() -> dict[str, tuple[Callable[..., torch.optim.Optimizer], str, str]]:
+    """name -> (factory, description, base optimizer name), from the two registries."""
+    out = {}
+    for name in list_methods(lambda m: m.tune is not None and m.cls is not None):
+        info = get_method(name)
+        for base_name, base in BASE_OPTIMIZERS.items():
+            entry = (_factory(info, base.cls), f"{info.description}; over {base_name}",
+                     base_name)
+            out[f"{name}-{base_name}"] = entry
+            if "-" in name and base_name == "sgd":
+                out.setdefault(name, entry)
+    return out
+
+
+def names() -> tuple[str, ...]:
+    """The timm names of every registered sharpness-aware method x base optimizer."""
+    return tuple(_entries())
+
+
+NAMES = names()
 
 
 def register() -> tuple[str, ...]:
@@ -74,15 +78,16 @@ def register() -> tuple[str, ...]:
     from timm.optim import OptimInfo
     from timm.optim._optim_factory import default_registry
 
-    for name, (factory, description, momentum, betas, eps) in _ENTRIES.items():
-        if (name in default_registry._optimizers
-                and default_registry._optimizers[name].opt_class is factory):
+    entries = _entries()
+    for name, (factory, description, base) in entries.items():
+        known = default_registry._optimizers.get(name)
+        if known is not None and getattr(known.opt_class, "__name__", "") == factory.__name__:
             continue
         default_registry.register(OptimInfo(
-            name=name, opt_class=factory, description=description,
-            has_eps=eps, has_momentum=momentum, has_betas=betas,
+            name=name, opt_class=factory, description=description, has_eps=base == "adamw",
+            has_momentum=base == "sgd", has_betas=base == "adamw",
         ))
-    return NAMES
+    return tuple(entries)
 
 
 def create_optimizer(model_or_params: Any, opt: str, **kwargs: Any) -> torch.optim.Optimizer:
@@ -92,7 +97,7 @@ def create_optimizer(model_or_params: Any, opt: str, **kwargs: Any) -> torch.opt
 
     spelled = opt.lower().replace("_", "-")
     for prefix in ("", "lookahead-"):
-        if "_" in opt and spelled.startswith(prefix) and spelled[len(prefix):] in _ENTRIES:
+        if "_" in opt and spelled.startswith(prefix) and spelled[len(prefix):] in names():
             raise ValueError(
                 f"timm splits optimizer names at '_' and keeps the last part, so {opt!r} would not "
                 f"build {spelled[len(prefix):]}: use "

@@ -179,10 +179,13 @@ def get_method(name: str) -> MethodInfo:
 
 def method_of(opt: torch.optim.Optimizer) -> MethodInfo:
     """The record of an optimizer built from the registry (by its class): what a framework
-    adapter asks to know the step shape of an optimizer a user built."""
-    for info in METHODS.values():
-        if info.cls is type(opt):
-            return info
+    adapter asks to know the step shape of an optimizer a user built (a subclass of a
+    registered class has its step shape)."""
+    load_plugins()
+    for cls in type(opt).__mro__:
+        for info in METHODS.values():
+            if info.cls is cls:
+                return info
     raise TypeError(
         f"expected an optimizer of a registered method (agnostic_sam.methods.list_methods()), got "
         f"{type(opt).__name__}"
