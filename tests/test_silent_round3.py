@@ -34,7 +34,7 @@ def one_error_line(rc: int, err: str, *needles: str) -> str:
     assert rc == 2, err
     assert "Traceback" not in err, err
     assert len(lines) == 1, err
-    assert lines[0].startswith("agnostic-sam: error: "), err
+    assert lines[0].startswith("agnostic-sam") and ": error: " in lines[0], err
     for needle in needles:
         assert needle in lines[0], (needle, lines[0])
     return lines[0]
@@ -168,3 +168,166 @@ def test_analysis_refuses_a_checkpoint_of_another_run(command, finished, tmp_pat
     rc, err = run_main(argv, capsys)
     one_error_line(rc, err, str(run / "checkpoint.pt"), "another run", "seed: 1")
     assert tree(tmp_path) == before
+
+
+# --- compare --report-only: result files read strictly, every unusable run named ---------------
+
+COMPARE = ("compare", "--optimizers", "sgd", "sam", "--seeds", "0", "1", "--model", "mlp_mini",
+           "--epochs", "1", "--max-steps", "2", "--batch-size", "32", "--threads", "1",
+           "--no-progress", "--device", "cpu")
+
+
+@pytest.fixture(scope="module")
+def comparison(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished comparison (sgd and sam, seeds 0 and 1), made once; tests copy it."""
+    out = tmp_path_factory.mktemp("cmp") / "cmp"
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main([*COMPARE, "--out", str(out)]) == 0
+    finally:
+        torch.set_num_threads(before)
+    return out
+
+
+def copy_tree(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+# (file under <out>/sam/seed1, content; "<dir>" makes a folder) -> a word of the error line
+DAMAGE = {
+    "result-null": ("result.json", "null", "holds null"),
+    "result-folder": ("result.json", "<dir>", "is a folder"),
+    "result-list": ("result.json", "[1, 2]", "a JSON list"),
+    "result-no-final-acc": ("result.json", '{"status": "finished", "best_test_acc": 50.0, '
+                            '"total_seconds": 1.0}', "no final_test_acc"),
+    "result-nan-literal": ("result.json", '{"status": "finished", "final_test_acc": NaN, '
+                           '"best_test_acc": 50.0, "total_seconds": 1.0}', "NaN"),
+    "result-acc-text": ("result.json", '{"status": "finished", "final_test_acc": "90%", '
+                        '"best_test_acc": 50.0, "total_seconds": 1.0}', "'90%'"),
+    "result-binary": ("result.json", b"\xff\xfe\x00garbage", "UTF-8"),
+    "result-truncated": ("result.json", '{"status": "finished", "final_te', "not JSON"),
+    "metrics-garbage": ("metrics.jsonl", "not json at all\n", "line 1 is not JSON"),
+    "metrics-row-list": ("metrics.jsonl", "[1, 2]\n", "line 1 holds a JSON list"),
+    "metrics-nan": ("metrics.jsonl", '{"epoch": 1, "test_acc": NaN}\n', "NaN"),
+    "metrics-no-test-acc": ("metrics.jsonl", '{"epoch": 1}\n', "test_acc None"),
+    "config-garbage": ("config.yaml", "lr: [0.1\n", "config.yaml"),
+    "config-other-run": ("config.yaml", None, "different config"),
+}
+
+
+def damage(run: Path, name: str, content: str | bytes | None) -> None:
+    path = run / name
+    if content == "<dir>":
+        path.unlink()
+        path.mkdir()
+    elif content is None:  # another run's config: the seed differs
+        path.write_text(path.read_text().replace("seed: 1", "seed: 7"))
+    else:
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+
+
+@pytest.mark.parametrize("case", DAMAGE.values(), ids=DAMAGE.keys())
+def test_report_only_names_a_damaged_run(case, comparison, tmp_path, capsys):
+    name, content, needle = case
+    out = copy_tree(comparison, tmp_path / "cmp")
+    damage(out / "sam" / "seed1", name, content)
+    before = tree(tmp_path)
+    rc, err = run_main([*COMPARE, "--out", str(out), "--report-only"], capsys)
+    one_error_line(rc, err, "1 run(s) cannot be used", str(out / "sam" / "seed1"), needle)
+    assert "nan" not in err.replace("NaN", "")
+    assert tree(tmp_path) == before  # comparison.json/md and the plot are the earlier ones
+
+
+def test_report_only_names_every_damaged_run(comparison, tmp_path, capsys):
+    out = copy_tree(comparison, tmp_path / "cmp")
+    for run in ("sgd/seed0", "sgd/seed1", "sam/seed0", "sam/seed1"):
+        (out / run / "result.json").write_text("null\n")
+    rc, err = run_main([*COMPARE, "--out", str(out), "--report-only"], capsys)
+    one_error_line(rc, err, "4 run(s) cannot be used", "and 1 more", str(out / "sam" / "seed1"))
+
+
+def test_report_only_of_intact_runs_still_reports(comparison, tmp_path, capsys):
+    out = copy_tree(comparison, tmp_path / "cmp")
+    rc, err = run_main([*COMPARE, "--out", str(out), "--report-only"], capsys)
+    assert rc == 0, err
+    now, then = (json.loads((d / "comparison.json").read_text()) for d in (out, comparison))
+    assert now["paired"] == then["paired"]
+    for o in ("sgd", "sam"):
+        assert now["summary"][o]["per_seed"] == then["summary"][o]["per_seed"]
+        assert now["summary"][o]["final_test_acc"]["n"] == 2
+
+
+@pytest.mark.parametrize("command", ["compare", "reproduce"])
+def test_a_full_disk_while_writing_the_report_is_one_line(command, comparison, tmp_path,
+                                                          monkeypatch, capsys):
+    import errno
+
+    def full(path, text):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    if command == "compare":
+        out = copy_tree(comparison, tmp_path / "cmp")
+        monkeypatch.setattr("agnostic_sam.compare.report.atomic_write_text", full)
+        argv = [*COMPARE, "--out", str(out), "--report-only"]
+    else:
+        out = tmp_path / "rep"
+        monkeypatch.setattr("agnostic_sam.reproduce.report.atomic_write_text", full)
+        argv = ["reproduce", "table1", "--report-only", "--device", "cpu", "--out", str(out)]
+    before = tree(tmp_path)
+    rc, err = run_main(argv, capsys)
+    one_error_line(rc, err, "No space left on device", "the runs are intact", "--report-only")
+    assert tree(tmp_path) == before
+
+
+def test_a_second_compare_on_the_same_out_is_refused(comparison, tmp_path, capsys):
+    from agnostic_sam.train.rundir import RunDir
+
+    out = copy_tree(comparison, tmp_path / "cmp")
+    with RunDir(out).lock():  # the first comparison, still running
+        before = tree(tmp_path)
+        for flags in ((), ("--report-only",)):
+            rc, err = run_main([*COMPARE, "--out", str(out), *flags], capsys)
+            one_error_line(rc, err, str(out), "in use by another agnostic-sam process",
+                           f"PID {os.getpid()}")
+            assert tree(tmp_path) == before
+
+
+# --- reproduce: --report-only reads strictly, --seeds refuses repeats --------------------------
+
+
+def _table1_run_dir(out: Path) -> Path:
+    from agnostic_sam.reproduce.tables import plan
+
+    run = plan("table1")[0]
+    run.overrides["device"] = "cpu"  # as `reproduce --device cpu` plans it
+    return out / "runs" / run.run_id
+
+
+@pytest.mark.parametrize("content", ["null", "[1, 2]", '{"final_test_acc": NaN}',
+                                     '{"status": "finished"}', "<dir>"],
+                         ids=["null", "list", "nan", "no-metric", "folder"])
+def test_reproduce_report_only_names_a_damaged_run(content, tmp_path, capsys):
+    out = tmp_path / "rep"
+    run_dir = _table1_run_dir(out)
+    run_dir.mkdir(parents=True)
+    if content == "<dir>":
+        (run_dir / "result.json").mkdir()
+    else:
+        (run_dir / "result.json").write_text(content)
+    before = tree(tmp_path)
+    rc, err = run_main(["reproduce", "table1", "--report-only", "--device", "cpu",
+                        "--out", str(out)], capsys)
+    one_error_line(rc, err, "1 run(s) cannot be used", str(run_dir / "result.json"))
+    assert tree(tmp_path) == before  # no report.md / report.json half made
+
+
+@pytest.mark.parametrize("flag", ["--seeds", "--tune-seeds"])
+def test_reproduce_refuses_a_seed_listed_twice(flag, tmp_path, capsys):
+    rc, err = run_main(["reproduce", "table4-digits", flag, "0,1,0", "--out",
+                        str(tmp_path / "rep")], capsys)
+    one_error_line(rc, err, flag, "0,1,0")
+    assert list(tmp_path.iterdir()) == []

@@ -146,6 +146,9 @@ def check_output_folder(flag: str, path: str | Path) -> Path:
     text = str(path)
     if not text.strip():
         raise UsageError(f"{flag} must name a folder, got an empty string")
+    from agnostic_sam.train.rundir import check_path_names
+
+    check_path_names(flag, text)
     path = Path(text)
     if path.exists() and not path.is_dir():
         raise UsageError(f"{flag} {path} is a file, not a folder")

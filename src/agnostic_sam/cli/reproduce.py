@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 
 from agnostic_sam.cli.launcher import add_launcher_arguments, launcher_from_args
 from agnostic_sam.reproduce.tables import STUDIES, TABLES
@@ -84,12 +85,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from agnostic_sam.reproduce import reproduce
+    from agnostic_sam.train.rundir import RunDir
 
     launcher = launcher_from_args(args)
-    reproduce(
-        args.table, out=args.out, data_dir=args.data_dir, download=args.download, seeds=args.seeds,
-        tune_seeds=args.tune_seeds, smoke=args.smoke, device=args.device, dry_run=args.dry_run,
-        report_only=args.report_only, jobs=launcher.jobs or 1, threads=args.threads,
-        progress=args.progress and not args.smoke, launcher=launcher, log_to=args.log,
-    )
+    root = RunDir(args.out)
+    root.check_writable()  # an impossible --out stops here, before any plan is made
+    # One reproduction per --out at a time: a second one would train or report the same runs.
+    with contextlib.nullcontext() if args.dry_run else root.lock():
+        reproduce(
+            args.table, out=args.out, data_dir=args.data_dir, download=args.download,
+            seeds=args.seeds, tune_seeds=args.tune_seeds, smoke=args.smoke, device=args.device,
+            dry_run=args.dry_run, report_only=args.report_only, jobs=launcher.jobs or 1,
+            threads=args.threads, progress=args.progress and not args.smoke, launcher=launcher,
+            log_to=args.log,
+        )
     return 0

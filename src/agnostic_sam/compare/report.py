@@ -9,18 +9,48 @@ reference methods, the markdown page, the accuracy-curve plot and ``comparison.j
 from __future__ import annotations
 
 import dataclasses
+import errno
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from agnostic_sam.compare.config import CompareConfig, PlannedRun
+from agnostic_sam.errors import UsageError
 from agnostic_sam.methods import REFERENCES
 from agnostic_sam.stats import Summary, format_mean_std, format_paired, paired_difference, summarize
 from agnostic_sam.train.checkpoint import atomic_write_text
 from agnostic_sam.train.config import settings_text
 from agnostic_sam.train.rundir import RunDir, strict_json
 
-__all__ = ["jsonable", "markdown", "paired", "read_run", "summaries", "write_report"]
+__all__ = ["REPORT_KEYS", "jsonable", "markdown", "paired", "read_run", "report_write",
+           "summaries", "unusable", "write_report"]
+
+# The result.json numbers the report reads from every run (`compare.run` checks them first).
+REPORT_KEYS = ("final_test_acc", "best_test_acc", "total_seconds")
+# A full disk or quota: the runs are intact and the report can be written again from them.
+_DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+
+
+def unusable(problems: Sequence[tuple[str, str]]) -> UsageError:
+    """One line naming every run a report cannot use: ``(run, why)`` pairs, the reasons of the
+    first three in full and the other runs by name."""
+    named = "; ".join(reason for _, reason in problems[:3])
+    rest = [run for run, _ in problems[3:]]
+    more = f"; and {len(rest)} more: {', '.join(rest)}" if rest else ""
+    return UsageError(f"{len(problems)} run(s) cannot be used: {named}{more}")
+
+
+def report_write(path: Path, write: Callable[[], Any], again: str) -> Any:
+    """``write()`` of a report file; an OSError becomes one UsageError line naming ``path``
+    (and, for a full disk, that the runs are intact and ``again`` writes the report)."""
+    try:
+        return write()
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        if exc.errno in _DISK_FULL:
+            raise UsageError(f"cannot write {path}: {reason}; the runs are intact, free some "
+                             f"space and {again}") from None
+        raise UsageError(f"cannot write {path}: {reason}") from None
 
 
 def read_run(run: PlannedRun) -> dict:
@@ -188,12 +218,14 @@ def write_report(
 
     from agnostic_sam.analysis.plots import plot_accuracy_curves
 
-    png = plot_accuracy_curves(
+    again = "run the same command with --report-only"
+    report_write(root, lambda: root.mkdir(parents=True, exist_ok=True), again)
+    png = report_write(root / "accuracy_curves.png", lambda: plot_accuracy_curves(
         {o: e["curves"] for o, e in per_optimizer.items()},
         root / "accuracy_curves.png",
         title=f"{cc.train.dataset} / {cc.train.model}: {metric} accuracy (mean ± std over seeds)",
         ylabel=f"{metric} accuracy (%)",
-    )
+    ), again)
     report = {
         "metric": f"final_{metric}_acc",
         "config": jsonable(settings),
@@ -204,9 +236,12 @@ def write_report(
         "tuning": jsonable(tuning),
         "files": {"markdown": str(root / "comparison.md"), "curves": str(png)},
     }
-    root.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(root / "comparison.json", strict_json(report, indent=2) + "\n")
-    atomic_write_text(root / "comparison.md", page)
+    # Each file whole or not at all (atomic); the JSON last, as the mark of a complete report.
+    report_write(root / "comparison.md", lambda: atomic_write_text(root / "comparison.md", page),
+                 again)
+    text = strict_json(report, indent=2) + "\n"
+    report_write(root / "comparison.json",
+                 lambda: atomic_write_text(root / "comparison.json", text), again)
     if print_report:
         print(page, end="")
         print(f"\nwrote {root / 'comparison.md'}, {root / 'comparison.json'}, {png}")

@@ -36,9 +36,9 @@ from agnostic_sam.compare.config import (
     PlannedRun,
     load_compare_config,
 )
-from agnostic_sam.compare.report import write_report
+from agnostic_sam.compare.report import REPORT_KEYS, unusable, write_report
 from agnostic_sam.errors import TrainingDiverged, UsageError
-from agnostic_sam.launch import launch
+from agnostic_sam.launch import launch, unfinished
 from agnostic_sam.methods import get_method
 from agnostic_sam.stats import Summary, summarize
 from agnostic_sam.train.rundir import RunDir
@@ -120,6 +120,38 @@ def _status(run: PlannedRun) -> str:
     return {"finished": "finished", "failed": "diverged"}.get(state, "missing")
 
 
+def _check_files(run: PlannedRun, keys: tuple[str, ...], curve: bool) -> None:
+    """UsageError unless the finished run's files hold what the report reads: ``keys`` as finite
+    numbers in result.json and, with ``curve``, a test accuracy in every metrics.jsonl row."""
+    run_dir = RunDir(run.cfg.out)
+    run_dir.read_finished(keys)
+    if curve:
+        for number, row in enumerate(run_dir.read_metrics(), start=1):
+            value = row.get("test_acc")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                    or not math.isfinite(value):
+                raise UsageError(f"{run_dir.metrics_path}: line {number} has test_acc "
+                                 f"{value!r}, not a number; delete the run to retrain it")
+
+
+def _states(runs: list[PlannedRun], keys: tuple[str, ...], *, curve: bool) -> dict[str, str]:
+    """`_status` of every run, with each finished run's files read strictly (`_check_files`).
+    One UsageError naming every run that cannot be used, and why: a run is never dropped from
+    a report in silence."""
+    states: dict[str, str] = {}
+    problems: list[tuple[str, str]] = []
+    for run in runs:
+        try:
+            states[run.cfg.out] = _status(run)
+            if states[run.cfg.out] == "finished":
+                _check_files(run, keys, curve)
+        except UsageError as exc:
+            problems.append((str(run.cfg.out), str(exc)))
+    if problems:
+        raise unusable(problems)
+    return states
+
+
 def _tune_grid(cc: CompareConfig, tunable: list[str], runs: list[PlannedRun]) -> dict:
     """Mean held-out accuracy per method and candidate radius, and each method's choice. A
     candidate with a diverged (or, with --report-only, a missing) seed cannot be chosen: its
@@ -127,11 +159,12 @@ def _tune_grid(cc: CompareConfig, tunable: list[str], runs: list[PlannedRun]) ->
     grid: dict[str, dict[float, Summary]] = {}
     diverged: dict[str, dict[float, int]] = {}
     val_fraction = runs[0].cfg.val_fraction if runs else DEFAULT_TUNE_VAL_FRACTION
+    known = _states(runs, ("final_test_acc",), curve=False)
     for o in tunable:
         grid[o], diverged[o] = {}, {}
         for r in cc.tune:
             mine = [x for x in runs if x.optimizer == o and x.radius == r]
-            states = [_status(x) for x in mine]
+            states = [known[x.cfg.out] for x in mine]
             if all(s == "finished" for s in states):
                 grid[o][r] = summarize([float(RunDir(x.cfg.out).read_result()["final_test_acc"])
                                         for x in mine])
@@ -153,7 +186,17 @@ def compare(cc: CompareConfig, *, print_report: bool = True, dry_run: bool = Fal
     """Run (or reuse) every run of the comparison and write the report; returns the content
     of comparison.json, or None when runs are still to come (a dry run, a SLURM submission:
     run the same command again when they have finished). ``report_only`` trains nothing and
-    reports the finished runs, saying how many are missing."""
+    reports the finished runs, saying how many are missing; a run whose files are damaged stops
+    it in one line naming every such run. One comparison at a time per ``out``: a second one
+    (or a report of it) while the first runs is refused, naming the first's PID."""
+    if dry_run:
+        return _compare(cc, print_report=print_report, dry_run=True, report_only=report_only)
+    with RunDir(cc.train.out).lock():
+        return _compare(cc, print_report=print_report, dry_run=False, report_only=report_only)
+
+
+def _compare(cc: CompareConfig, *, print_report: bool, dry_run: bool,
+             report_only: bool) -> dict | None:
     eval_fraction = cc.train.val_fraction
     tuning = None
     final_radii: dict[str, list[float | None]] = {o: [None] for o in cc.optimizers}
@@ -162,7 +205,7 @@ def compare(cc: CompareConfig, *, print_report: bool = True, dry_run: bool = Fal
         val_fraction = cc.train.val_fraction or DEFAULT_TUNE_VAL_FRACTION
         tune_runs = _plan(cc, "tune", {o: list(cc.tune) for o in tunable}, val_fraction)
         if not _execute(tune_runs, cc, dry_run=dry_run, report_only=report_only):
-            print(f"{len(tune_runs)} tuning runs {'planned' if dry_run else 'submitted'}; the "
+            print(f"{len(tune_runs)} tuning runs {'planned' if dry_run else 'on SLURM'}; the "
                   "final runs follow once they have finished: run the same command again")
             return None
         tuning = _tune_grid(cc, tunable, tune_runs)
@@ -170,10 +213,10 @@ def compare(cc: CompareConfig, *, print_report: bool = True, dry_run: bool = Fal
         eval_fraction = 0.0  # the tuned methods are retrained on everything and tested once
     final_runs = _plan(cc, "final", final_radii, eval_fraction)
     if not _execute(final_runs, cc, dry_run=dry_run, report_only=report_only):
-        print(f"{len(final_runs)} runs {'planned' if dry_run else 'submitted'}; build the report "
+        print(f"{len(final_runs)} runs {'planned' if dry_run else 'on SLURM'}; build the report "
               "when they have finished: the same command with --report-only")
         return None
-    states = {r.cfg.out: _status(r) for r in final_runs}
+    states = _states(final_runs, REPORT_KEYS, curve=True)
     failed = [out for out, s in states.items() if s == "diverged"]
     if failed:
         raise TrainingDiverged(f"the run in {failed[0]} diverged (see its result.json); "
@@ -182,6 +225,8 @@ def compare(cc: CompareConfig, *, print_report: bool = True, dry_run: bool = Fal
     if missing:
         print(f"{len(missing)} of {len(final_runs)} final runs are missing (not finished); "
               "the report covers the finished ones")
+        for line in unfinished([r.cfg for r in missing], cc.launcher):
+            print(f"  {line}")
         final_runs = [r for r in final_runs if states[r.cfg.out] == "finished"]
         if not final_runs:
             raise UsageError("no final run has finished yet: nothing to report")

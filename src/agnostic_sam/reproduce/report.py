@@ -26,15 +26,20 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from agnostic_sam.compare.report import report_write, unusable
+from agnostic_sam.errors import UsageError
 from agnostic_sam.reproduce.study import render_study, study_report
 from agnostic_sam.reproduce.tables import TABLES, Run, TableSpec
 from agnostic_sam.stats import summarize
+from agnostic_sam.train.checkpoint import atomic_write_text
+from agnostic_sam.train.rundir import RunDir, strict_json
 
 __all__ = [
     "paper_numbers",
     "run_values",
     "seconds_per_epoch",
     "build_report",
+    "check_runs",
     "render_markdown",
     "write_report",
 ]
@@ -47,17 +52,19 @@ def paper_numbers() -> dict[str, Any]:
     return json.loads(text)
 
 
-def _read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def _epoch_seconds(run_dir: Path) -> list[float]:
-    """Per-epoch seconds, dropping the first epoch when later ones exist (warm-up)."""
-    seconds = [float(row["epoch_seconds"]) for row in _read_metrics(run_dir)
-               if "epoch_seconds" in row]
+    """Per-epoch seconds, dropping the first epoch when later ones exist (warm-up). The rows are
+    read strictly (`RunDir.read_metrics`); a row whose time is not a number is refused."""
+    rd = RunDir(run_dir)
+    seconds = []
+    for number, row in enumerate(rd.read_metrics(), start=1):
+        if "epoch_seconds" in row:
+            value = row["epoch_seconds"]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                    or not math.isfinite(value):
+                raise UsageError(f"{rd.metrics_path}: line {number} has epoch_seconds "
+                                 f"{value!r}, not a number; it is damaged")
+            seconds.append(float(value))
     return seconds[1:] if len(seconds) > 1 else seconds
 
 
@@ -70,14 +77,33 @@ def seconds_per_epoch(run_dir: str | Path) -> float | None:
 def run_values(run_dir: str | Path, metric: str) -> list[float]:
     """The values one finished run contributes to its cell: ``[result[metric]]`` for a result.json
     key, the per-epoch seconds for ``seconds_per_epoch``; ``[]`` while the run is unfinished."""
-    run_dir = Path(run_dir)
-    result_path = run_dir / "result.json"
-    if not result_path.exists():
+    rd = RunDir(run_dir)
+    result = rd.read_result()  # strict: a damaged file raises, naming it
+    if result is None or result.get("status") == "diverged":
         return []
     if metric == "seconds_per_epoch":
-        return _epoch_seconds(run_dir)
-    value = json.loads(result_path.read_text()).get(metric)
-    return [] if value is None else [float(value)]
+        return _epoch_seconds(rd.path)
+    return [float(rd.read_finished((metric,))[metric])]
+
+
+def check_runs(runs: list[Run], runs_root: str | Path) -> None:
+    """Read every finished run the report uses, strictly; one UsageError naming every run that
+    cannot be used and why (`agnostic_sam.compare.report.unusable`): none is left out in
+    silence, and nothing is written before."""
+    problems: list[tuple[str, str]] = []
+    seen: set[tuple[str, str]] = set()
+    for run in runs:
+        if run.pending or (run.run_id, run.metric) in seen:
+            continue
+        seen.add((run.run_id, run.metric))
+        try:
+            run_values(Path(runs_root) / run.run_id, run.metric)
+            seconds_per_epoch(Path(runs_root) / run.run_id)
+        except UsageError as exc:
+            if all(run.run_id != name for name, _ in problems):
+                problems.append((run.run_id, str(exc)))
+    if problems:
+        raise unusable(problems)
 
 
 def _finite(x: float) -> float | None:
@@ -145,6 +171,7 @@ def build_report(
     """
     runs_root = Path(runs_root)
     paper = paper if paper is not None else paper_numbers()
+    check_runs(runs, runs_root)
     if spec is not None:
         return {"tables": {spec.table: study_report(spec, runs, runs_root, choices or {}, paper)}}
     grouped: dict[str, dict[str, list[Run]]] = {}
@@ -213,8 +240,11 @@ def render_markdown(report: dict[str, Any]) -> str:
 def write_report(report: dict[str, Any], out_dir: str | Path) -> tuple[Path, Path]:
     """Write ``report.md`` and ``report.json`` into ``out_dir``; return their paths."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    again = "run the same command with --report-only"
+    report_write(out_dir, lambda: out_dir.mkdir(parents=True, exist_ok=True), again)
     md, js = out_dir / "report.md", out_dir / "report.json"
-    md.write_text(render_markdown(report))
-    js.write_text(json.dumps(report, indent=2) + "\n")
+    page, text = render_markdown(report), strict_json(report, indent=2) + "\n"
+    # Each file whole or not at all; the JSON last, as the mark of a complete report.
+    report_write(md, lambda: atomic_write_text(md, page), again)
+    report_write(js, lambda: atomic_write_text(js, text), again)
     return md, js

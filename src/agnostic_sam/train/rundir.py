@@ -60,6 +60,7 @@ __all__ = [
     "RESULT_NAME",
     "RUN_FILES",
     "RunDir",
+    "check_path_names",
     "json_safe",
     "run_id",
     "run_identity",
@@ -133,12 +134,74 @@ def strict_json(value: Any, **kwargs: Any) -> str:
     return json.dumps(json_safe(value), allow_nan=False, **kwargs)
 
 
+def _kind(value: Any) -> str:
+    return "null" if value is None else f"a JSON {type(value).__name__}"
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not strict JSON")
+
+
+def _read_strict(path: Path, read: Any, *, parse: bool = True, where: int | None = None) -> Any:
+    """``read()`` (text), parsed as strict JSON unless ``parse`` is false; UsageError naming
+    ``path`` (and line ``where``) for a folder, unreadable bytes or anything but strict JSON."""
+    at = f"{path}" if where is None else f"{path}: line {where}"
+    try:
+        text = read()
+        return json.loads(text, parse_constant=_refuse_constant) if parse else text
+    except IsADirectoryError:
+        raise UsageError(f"{path} is a folder, not a file; remove it") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"{path} is not UTF-8 text; it is damaged: delete it") from None
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{at} is not JSON ({exc.msg}); it is damaged: delete it") from None
+    except ValueError as exc:
+        raise UsageError(f"{at} is not strict JSON ({exc}); delete it") from None
+    except OSError as exc:
+        raise UsageError(f"{path} is unreadable ({exc.strerror or exc})") from None
+
+
 def _write_error(path: Path, exc: OSError) -> UsageError:
     reason = exc.strerror or str(exc)
     if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
         return UsageError(f"cannot write {path}: {reason}; the previous checkpoint is intact, "
                           "free some space and continue with --resume")
     return UsageError(f"cannot write {path}: {reason}")
+
+
+def _limit(name: str, default: int) -> int:
+    try:
+        return int(os.pathconf("/", name))
+    except (OSError, ValueError):
+        return default
+
+
+# Longest file name and path (bytes) the file system takes; beyond them every call fails with
+# ENAMETOOLONG, so a path is refused before anything is created.
+NAME_MAX = _limit("PC_NAME_MAX", 255)
+PATH_MAX = _limit("PC_PATH_MAX", 4096)
+
+
+def check_path_names(flag: str, path: str | Path) -> None:
+    """UsageError (one line) for a path no file system takes or no user means: a name longer than
+    NAME_MAX, a path longer than PATH_MAX, a dangling symbolic link or a loop of them on it."""
+    text = os.fspath(path)
+    for part in Path(text).parts:
+        if len(os.fsencode(part)) > NAME_MAX:
+            raise UsageError(f"{flag}: the name {part[:24]}... is {len(os.fsencode(part))} bytes "
+                             f"long, the file system takes at most {NAME_MAX}")
+    if len(os.fsencode(os.path.abspath(text))) >= PATH_MAX:
+        raise UsageError(f"{flag}: the path is longer than the file system takes ({PATH_MAX} "
+                         "bytes); choose a shorter one")
+    for link in (p for p in (Path(text), *Path(text).parents) if p.is_symlink()):
+        try:
+            link.resolve(strict=True)
+        except FileNotFoundError:
+            raise UsageError(f"{flag} {text}: {link} is a dangling symbolic link (to "
+                             f"{os.readlink(link)}); create its target or remove it") from None
+        except (OSError, RuntimeError):  # ELOOP; Python < 3.13 raises RuntimeError
+            raise UsageError(f"{flag} {text}: {link} is a loop of symbolic links; "
+                             "remove it") from None
 
 
 class RunDir:
@@ -159,7 +222,8 @@ class RunDir:
 
     def check_writable(self) -> None:
         """UsageError (one line) when the directory cannot be created or written: an existing
-        file, a path under a file, a read-only or special file system."""
+        file, a path under a file, a read-only or special file system, an impossible name."""
+        check_path_names("--out", self.path)
         if self.path.exists() and not self.path.is_dir():
             raise UsageError(f"--out {self.path} is a file, not a directory")
         ancestor = self.path
@@ -313,30 +377,45 @@ class RunDir:
     # ---- reading and writing ------------------------------------------------------------------
 
     def read_result(self) -> dict[str, Any] | None:
-        if not self.result_path.is_file():
+        """result.json (None when there is none); UsageError naming the file when it is not a
+        strict JSON object (a folder, null, a list, a NaN literal, unreadable bytes)."""
+        if not self.result_path.exists() and not self.result_path.is_symlink():
             return None
-        try:
-            return json.loads(self.result_path.read_text())
-        except (OSError, ValueError):
-            raise UsageError(f"{self.result_path} is unreadable or not JSON; delete it") from None
+        result = _read_strict(self.result_path, self.result_path.read_text)
+        if not isinstance(result, dict):
+            raise UsageError(f"{self.result_path} holds {_kind(result)}, not a JSON object; "
+                             "delete it (the run is then resumed or trained again)")
+        return result
+
+    def read_finished(self, keys: tuple[str, ...]) -> dict[str, Any]:
+        """result.json of a finished run whose ``keys`` are finite numbers; UsageError naming the
+        file and the field otherwise (no result, a diverged run, a damaged file)."""
+        result = self.read_result()
+        if result is None:
+            raise UsageError(f"{self.path} has no {RESULT_NAME} (not finished)")
+        if result.get("status", "finished") != "finished":
+            raise UsageError(f"{self.result_path}: status {result.get('status')!r}, not finished")
+        for key in keys:
+            value = result.get(key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                    or not math.isfinite(value):
+                what = f"{key} is {value!r}, not a number" if key in result else f"no {key}"
+                raise UsageError(f"{self.result_path}: {what}; it is damaged: delete it")
+        return result
 
     def read_metrics(self) -> list[dict[str, Any]]:
-        """One dict per finished epoch ([] before the first)."""
-        if not self.metrics_path.is_file():
+        """One dict per finished epoch ([] before the first), each line strict JSON."""
+        if not self.metrics_path.exists() and not self.metrics_path.is_symlink():
             return []
-        try:
-            lines = self.metrics_path.read_text().splitlines()
-        except (OSError, ValueError):
-            raise UsageError(f"{self.metrics_path} is unreadable") from None
+        text = _read_strict(self.metrics_path, self.metrics_path.read_text, parse=False)
         rows = []
-        for number, line in enumerate(lines, start=1):
+        for number, line in enumerate(text.splitlines(), start=1):
             if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise UsageError(
-                        f"{self.metrics_path}: line {number} is not JSON ({exc.msg})"
-                    ) from None
+                row = _read_strict(self.metrics_path, lambda line=line: line, where=number)
+                if not isinstance(row, dict):
+                    raise UsageError(f"{self.metrics_path}: line {number} holds {_kind(row)}, "
+                                     "not a JSON object")
+                rows.append(row)
         return rows
 
     def load_checkpoint(self) -> dict[str, Any]:
