@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from agnostic_sam.methods import register_method
 from agnostic_sam.optim import SAM, AgnosticSAM, Plain
+from agnostic_sam.optim.friendly_sam import FriendlySAM
 from agnostic_sam.optim.gsam import GSAM
 
 register_method(
@@ -37,4 +38,17 @@ register_method(
                 "orthogonal to it; two passes on B",
     paper="Zhuang et al., Surrogate Gap Guided Sharpness-Aware Minimization, ICLR 2022",
     tune="rho", passes=("B", "B"), state=("gsam_lr0",), off={"rho": 0.0, "alpha": 0.0},
+)
+register_method(
+    "friendly-sam", FriendlySAM,
+    description="Friendly-SAM (Li et al. 2024): ascent along g minus sigma times the moving "
+                "average of past gradients; two passes on B",
+    paper="Li et al., Friendly Sharpness-Aware Minimization, CVPR 2024",
+    tune="rho", passes=("B", "B"), state=("fsam_m",),
+    notes="m averages the raw gradient g(theta), as the authors' code (nblt/F-SAM) does; "
+          "pytorch_optimizer 4.1 does too (its per-tensor and foreach paths) and differs only "
+          "by its float32 gradient norm (tests/test_method_friendly_sam.py). m changes only "
+          "when the base optimizer steps (a step skipped by loss scaling or refused as "
+          "non-finite leaves it); the authors update it before the step. sigma and lmbda are "
+          "optimizer-wide and rho per group; weights are restored by copy.",
 )

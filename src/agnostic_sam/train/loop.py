@@ -40,6 +40,7 @@ from agnostic_sam.train.config import (
     config_to_dict,
     default_out,
     load_config,
+    method_settings,
     validate_config,
 )
 from agnostic_sam.train.distributed import (
@@ -183,6 +184,7 @@ def _closure(parts: RunParts, x: Tensor, y: Tensor,
     cfg, opt = parts.cfg, parts.opt
 
     def closure() -> Tensor:
+        meter["samples"] += len(y)  # images through forward + backward (no host sync)
         total = torch.zeros((), device=parts.device)
         micro = zip(x.tensor_split(cfg.accumulate), y.tensor_split(cfg.accumulate))
         for i, (xm, ym) in enumerate(micro):
@@ -231,7 +233,8 @@ def _train_epoch(parts: RunParts, state: RunState, epoch: int) -> dict[str, floa
     """The steps of one epoch; returns its sums over ranks (one host sync)."""
     cfg, info = parts.cfg, parts.info
     parts.fwd.train()
-    meter = {k: torch.zeros((), device=parts.device) for k in ("loss", "correct", "cos", "skipped")}
+    meter = {k: torch.zeros((), device=parts.device)
+             for k in ("loss", "correct", "cos", "skipped", "samples")}
     seen = steps = 0
     index = epoch_index(cfg, len(parts.data.train), parts.fixed, epoch, info.world_size)
     local = shard_columns(index, info, parts.split_parts)  # (steps, |B| / world) for this rank
@@ -287,6 +290,8 @@ def _evaluate(parts: RunParts, state: RunState, epoch: int, totals: dict[str, fl
         row["cos_train_val"] = totals["cos"] / max(steps * world, 1)  # mean over ranks too
     if cfg.amp == "fp16":
         row["skipped_steps"] = round(skipped)
+    # forward + backward work per step counted in this epoch, in batches (SAM: 2.0)
+    row["batch_equivalents"] = totals["samples"] / seen
     row["epoch_seconds"] = time.perf_counter() - started
     return row
 
@@ -326,6 +331,10 @@ def _record(parts: RunParts, state: RunState, rundir: RunDir, row: dict[str, Any
         parts.logger.log_epoch(state.epoch, row)
 
 
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
 def _result(parts: RunParts, state: RunState, *, status: str,
             error: str | None = None) -> dict[str, Any]:
     """result.json: the run's summary. A diverged run reports no accuracy: its last good epoch
@@ -349,6 +358,11 @@ def _result(parts: RunParts, state: RunState, *, status: str,
         "dataset": cfg.dataset,
         "model": cfg.model,
         "optimizer": cfg.optimizer,
+        "method_settings": method_settings(cfg),
+        # forward + backward work per step, counted, in batches: mean over the epochs
+        # (epochs written by 0.2 did not count it)
+        "batch_equivalents": _mean([m["batch_equivalents"] for m in state.metrics
+                                    if "batch_equivalents" in m]),
         "seed": cfg.seed,
         "device": str(parts.device),
         "world_size": parts.info.world_size,
