@@ -108,6 +108,7 @@ def register_method(
     fixed: Mapping[str, Any] | None = None,
     notes: str = "",
     off: Mapping[str, Any] | None = None,
+    random: bool = False,
     radius_keys: Iterable[str] | None = None,
     adaptive: bool = False,
 ) -> Any:
@@ -124,7 +125,7 @@ def register_method(
     _check_record(name, passes, closure)
     fixed = dict(fixed or {})
     common = dict(description=description, paper=paper, follows=tuple(follows), passes=passes,
-                  closure=closure, state=tuple(state), cost=cost, fixed=fixed, notes=notes, off=off)
+                  closure=closure, state=tuple(state), cost=cost, fixed=fixed, notes=notes, off=off, random=random)
     if cls is not None:
         own = tuple(s for s in getattr(cls, "SETTINGS", ()) if s.name not in fixed)
         return _add(MethodInfo(

@@ -83,6 +83,9 @@ class MethodInfo:
     # Settings that turn the method off: its step is then the base optimizer's step, bit for bit
     # (the conformance suite checks it). None: the tuned setting and its followers at 0.
     off: Mapping[str, Any] | None = None
+    # It draws random numbers (RWP's noise, ESAM's subsets, sharp_prob) from a generator it owns:
+    # its constructor takes ``seed=`` (an int), which `train` sets from the run's seed.
+    random: bool = False
 
     @property
     def off_settings(self) -> dict[str, Any]:

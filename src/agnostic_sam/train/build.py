@@ -206,6 +206,8 @@ def _optimizer(cfg: TrainConfig, model: nn.Module, ddp: nn.Module,
                                    loss_scaler=loss_scaler, check_finite=cfg.check_finite)
     if cfg.max_grad_norm is not None:
         options["max_grad_norm"] = cfg.max_grad_norm
+    if get_method(cfg.optimizer).random:  # its generator, seeded by the run (and in checkpoints)
+        options["seed"] = cfg.seed
     return create_optimizer(cfg.optimizer, model.parameters(), base.cls, base.kwargs(cfg),
                             settings=method_settings(cfg), **options)
 
