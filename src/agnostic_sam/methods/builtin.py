@@ -41,33 +41,6 @@ register_method(
     tune="rho", passes=("B", "B"), state=("gsam_lr0",), off={"rho": 0.0, "alpha": 0.0},
 )
 register_method(
-    "friendly-sam", FriendlySAM,
-    description="Friendly-SAM (Li et al. 2024): ascent along g minus sigma times the moving "
-                "average of past gradients; two passes on B",
-    paper="Li et al., Friendly Sharpness-Aware Minimization, CVPR 2024",
-    tune="rho", passes=("B", "B"), state=("fsam_m",),
-    notes="m averages the raw gradient g(theta), as the authors' code (nblt/F-SAM) does; "
-          "pytorch_optimizer 4.1 does too (its per-tensor and foreach paths) and differs only "
-          "by its float32 gradient norm (tests/test_method_friendly_sam.py). m changes only "
-          "when the base optimizer steps (a step skipped by loss scaling or refused as "
-          "non-finite leaves it); the authors update it before the step. sigma and lmbda are "
-          "optimizer-wide and rho per group; weights are restored by copy.",
-)
-register_method(
-    "friendly-sam", FriendlySAM,
-    description="Friendly-SAM (Li et al. 2024): ascent along g minus sigma times the moving "
-                "average of past gradients; two passes on B",
-    paper="Li et al., Friendly Sharpness-Aware Minimization, CVPR 2024",
-    tune="rho", passes=("B", "B"), state=("fsam_m",),
-    notes="m averages the raw gradient g(theta), as the authors' code (nblt/F-SAM) does. "
-          "pytorch_optimizer 4.1 does too (per-tensor and foreach paths; updating m with the "
-          "modified gradient would move its weights by 7.7e-3 in 20 float64 steps) and differs "
-          "from this one only by its float32 gradient norm: 2.3e-9 on float64 weights "
-          "(tests/test_method_friendly_sam.py). m changes only when the base optimizer steps "
-          "(a step skipped by loss scaling or refused as non-finite leaves it; the authors "
-          "update it before the step). sigma and lmbda are optimizer-wide, rho per group.",
-)
-register_method(
     "looksam", LookSAM,
     description="LookSAM (Liu et al. 2022): a SAM step every k steps; the steps between take "
                 "one pass and add alpha ||g|| times the stored sharpness direction v",
@@ -84,4 +57,18 @@ register_method(
           "once); here a reuse step is one pass. rho = 0 alone is not off (eps in the "
           "projection leaves u a tiny multiple of g, which v normalizes): off is rho = 0, "
           "alpha = 0",
+)
+register_method(
+    "friendly-sam", FriendlySAM,
+    description="Friendly-SAM (Li et al. 2024): ascent along g minus sigma times the moving "
+                "average of past gradients; two passes on B",
+    paper="Li et al., Friendly Sharpness-Aware Minimization, CVPR 2024",
+    tune="rho", passes=("B", "B"), state=("fsam_m",),
+    notes="m averages the raw gradient g(theta), as the authors' code (nblt/F-SAM) does. "
+          "pytorch_optimizer 4.1 does too (per-tensor and foreach paths; updating m with the "
+          "modified gradient would move its weights by 7.7e-3 in 20 float64 steps) and differs "
+          "from this one only by its float32 gradient norm: 2.3e-9 on float64 weights "
+          "(tests/test_method_friendly_sam.py). m changes only when the base optimizer steps "
+          "(a step skipped by loss scaling or refused as non-finite leaves it; the authors "
+          "update it before the step). sigma and lmbda are optimizer-wide, rho per group.",
 )
