@@ -18,7 +18,7 @@ __all__ = ["main"]
 
 # Sub-command modules under agnostic_sam.cli; each defines register(subparsers) and sets
 # `func` on its parser to a function run(args) -> int.
-COMMANDS = ["train", "compare", "reproduce", "analysis", "bench"]
+COMMANDS = ["train", "compare", "reproduce", "analysis", "bench", "methods"]
 # Import names of the `cli` extra's packages.
 CLI_PACKAGES = ("yaml", "tqdm", "torchvision", "sklearn", "scipy", "matplotlib")
 
