@@ -8,6 +8,7 @@ from agnostic_sam.optim import SAM, AgnosticSAM, Plain
 from agnostic_sam.optim.friendly_sam import FriendlySAM
 from agnostic_sam.optim.gsam import GSAM
 from agnostic_sam.optim.looksam import LookSAM
+from agnostic_sam.optim.vasso import VaSSO
 
 register_method(
     "sgd", Plain, description="the base optimizer alone: one pass per step (SGD by default)",
@@ -71,4 +72,17 @@ register_method(
           "(tests/test_method_friendly_sam.py). m changes only when the base optimizer steps "
           "(a step skipped by loss scaling or refused as non-finite leaves it; the authors "
           "update it before the step). sigma and lmbda are optimizer-wide, rho per group.",
+)
+register_method(
+    "vasso", VaSSO,
+    description="VaSSO (Li & Giannakis 2023): ascent along an exponential average of the "
+                "gradients; two passes on B",
+    paper="Li & Giannakis, Enhancing Sharpness-Aware Optimization Through Variance "
+          "Suppression, NeurIPS 2023",
+    tune="rho", passes=("B", "B"), state=("vasso_d",),
+    notes="eps = perturb_eps (1e-12; the authors' code adds 1e-7 to ||d||), weights restored "
+          "by copy (the authors subtract e), d changes only when the base optimizer steps (a "
+          "step skipped by loss scaling or refused as non-finite leaves it; the authors update "
+          "it before the step). theta is optimizer-wide, rho per group. No pytorch_optimizer "
+          "peer.",
 )
