@@ -84,7 +84,21 @@ def test_cli_train_writes_every_output(tmp_path, capsys):
 @pytest.mark.parametrize("optimizer", ["sgd", "sam", "agnostic-sam", "agnostic-sam-simpler"])
 def test_every_optimizer_learns(tmp_path, optimizer):
     result = train(cfg_for(tmp_path, optimizer=optimizer, epochs=2))
-    assert result["final_test_acc"] > 60.0
+    # The reported accuracy is the saved model's on the test set, evaluated here independently,
+    # and far above chance (10 classes); an untrained model of the same seed stays near chance.
+    model, _ = load_trained(tmp_path / "run")
+    from agnostic_sam.data import build_data
+    from agnostic_sam.models import create_model
+
+    x, y = build_data("digits").test.tensors
+    with torch.no_grad():
+        acc = 100.0 * int((model(x).argmax(1) == y).sum()) / len(y)
+        torch.manual_seed(0)
+        untrained = create_model(cfg_for(tmp_path).model, num_classes=10, in_channels=1,
+                                 image_size=8).eval()
+        chance = 100.0 * int((untrained(x).argmax(1) == y).sum()) / len(y)
+    assert acc == pytest.approx(result["final_test_acc"], abs=1e-9)
+    assert acc > chance + 40.0
     rows = read_metrics(tmp_path / "run")
     assert ("cos_train_val" in rows[0]) == optimizer.startswith("agnostic")
 
@@ -150,7 +164,10 @@ def test_mixed_precision_runs(tmp_path, amp, optimizer):
     # fp16 counts the steps the loss scaler skipped; bf16 needs no scaler.
     assert ("skipped_steps" in row) == (amp == "fp16")
     if amp == "fp16":
-        assert 0 <= row["skipped_steps"] <= 4
+        # Independently: the scale only moves by backoff (x0.5) on a skipped step within the
+        # first 2000, so the checkpointed scale says how many the loss scaler skipped.
+        scale = load_checkpoint(tmp_path / "run" / "checkpoint.pt")["loss_scaler"]["scale"]
+        assert row["skipped_steps"] == round(math.log2(2.0**16 / float(scale)))
 
 
 @pytest.mark.slow
