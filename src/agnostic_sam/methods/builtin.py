@@ -7,6 +7,7 @@ from agnostic_sam.methods import register_method
 from agnostic_sam.optim import SAM, AgnosticSAM, Plain
 from agnostic_sam.optim.friendly_sam import FriendlySAM
 from agnostic_sam.optim.gsam import GSAM
+from agnostic_sam.optim.lookbehind_sam import LookbehindSAM
 from agnostic_sam.optim.looksam import LookSAM
 from agnostic_sam.optim.vasso import VaSSO
 
@@ -85,4 +86,21 @@ register_method(
           "step skipped by loss scaling or refused as non-finite leaves it; the authors update "
           "it before the step). theta is optimizer-wide, rho per group. No pytorch_optimizer "
           "peer.",
+)
+register_method(
+    "lookbehind-sam", LookbehindSAM,
+    description="Lookbehind-SAM (Mordido et al. 2024): each step one inner step (an ascent "
+                "accumulated over the cycle, a base step of the fast weights); every k steps "
+                "the slow weights move alpha towards the fast ones",
+    paper="Mordido et al., Lookbehind-SAM: k steps back, 1 step forward, ICML 2024",
+    tune="rho", passes=("B", "B"),
+    state=("lookbehind_fast", "lookbehind_point", "lookbehind_first", "lookbehind_step"),
+    off={"rho": 0.0, "k": 1, "alpha": 1.0},
+    notes="One step() is one inner step on its own batch; the authors' loop runs a cycle's k "
+          "inner steps on one batch (give step() the same batch k times for theirs). The "
+          "model holds the slow weights phi between steps (the authors' holds the accumulated "
+          "point mid-cycle). BatchNorm statistics move in each step's first pass (at the "
+          "accumulated point, phi at a cycle's first step), the authors' in every pass. "
+          "Ascents use the global norm with eps 1e-12 (theirs 1e-16); phi + alpha (f - phi) "
+          "for alpha*f + (1 - alpha)*phi (equal up to rounding). No pytorch_optimizer peer",
 )
