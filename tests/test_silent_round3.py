@@ -331,3 +331,96 @@ def test_reproduce_refuses_a_seed_listed_twice(flag, tmp_path, capsys):
                         str(tmp_path / "rep")], capsys)
     one_error_line(rc, err, flag, "0,1,0")
     assert list(tmp_path.iterdir()) == []
+
+
+# --- adversary paths: impossible --out / --run names -----------------------------------------
+
+LONG = "n" * 300  # longer than any file system's name limit (255 bytes)
+
+
+def _paths(tmp_path: Path) -> dict[str, str]:
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    (tmp_path / "loop1").symlink_to(tmp_path / "loop2")
+    (tmp_path / "loop2").symlink_to(tmp_path / "loop1")
+    return {"dangling": str(tmp_path / "dangling"), "under-dangling": str(tmp_path / "dangling/x"),
+            "loop": str(tmp_path / "loop1"), "long-name": str(tmp_path / LONG),
+            "long-inner-name": str(tmp_path / "a" / LONG / "b")}
+
+
+OUT_COMMANDS = {
+    "train": ["train", *TINY, "--out"],
+    "compare": [*COMPARE, "--out"],
+    "reproduce": ["reproduce", "table4-digits", "--smoke", "--seeds", "0", "--out"],
+    "bench": ["bench", "--model", "mlp_mini", "--steps", "1", "--rounds", "1", "--out"],
+    "landscape": ["landscape", "--run", "{run}", "--steps", "2", "--batches", "1", "--out"],
+    "hessian-run": ["hessian", "--run"],
+    "congruence-out": ["congruence", "--run", "{run}", "--out"],
+}
+PATH_KINDS = ["dangling", "under-dangling", "loop", "long-name", "long-inner-name"]
+NEEDLES = {"dangling": "dangling symbolic link", "under-dangling": "dangling symbolic link",
+           "loop": "loop of symbolic links", "long-name": "bytes long",
+           "long-inner-name": "bytes long"}
+
+
+@pytest.mark.parametrize("kind", PATH_KINDS)
+@pytest.mark.parametrize("command", OUT_COMMANDS)
+def test_an_impossible_path_is_one_line_and_creates_nothing(command, kind, finished, tmp_path,
+                                                            capsys):
+    path = _paths(tmp_path)[kind]
+    if command == "congruence-out":
+        path += "/c.png" if kind in ("dangling", "loop") else ".png"
+    argv = [a.format(run=finished["seed0"]) for a in OUT_COMMANDS[command]] + [path]
+    before = tree(tmp_path)
+    rc, err = run_main(argv, capsys)
+    one_error_line(rc, err, NEEDLES[kind])
+    assert tree(tmp_path) == before
+
+
+def test_a_symlinked_out_to_a_folder_is_followed(tmp_path, capsys):
+    # A link to a real folder is a legitimate --out: the run lands in the target.
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    train_run(tmp_path / "link", capsys)
+    assert (tmp_path / "real" / "result.json").is_file()
+
+
+# --- analysis commands on damaged run files ---------------------------------------------------
+
+ANALYSIS_DAMAGE = {
+    "checkpoint-truncated": ("checkpoint.pt", "truncate", "corrupt or unreadable"),
+    "checkpoint-garbage": ("checkpoint.pt", b"\x00garbage" * 10, "corrupt or unreadable"),
+    "checkpoint-empty": ("checkpoint.pt", b"", "corrupt or unreadable"),
+    "config-garbage": ("config.yaml", "lr: [0.1\n", "config.yaml"),
+    "config-binary": ("config.yaml", b"\xff\xfe\x00", "UTF-8"),
+    "config-folder": ("config.yaml", "<dir>", "config.yaml"),
+}
+
+
+@pytest.mark.parametrize("command", ["hessian", "landscape"])
+@pytest.mark.parametrize("case", ANALYSIS_DAMAGE.values(), ids=ANALYSIS_DAMAGE.keys())
+def test_analysis_of_a_damaged_run_is_one_line(case, command, finished, tmp_path, capsys):
+    name, content, needle = case
+    run = copy_run(finished["seed0"], tmp_path / "a")
+    if content == "truncate":
+        data = (run / name).read_bytes()
+        (run / name).write_bytes(data[: len(data) // 2])
+    else:
+        damage(run, name, content)
+    before = tree(tmp_path)
+    argv = [command, "--run", str(run), "--batches", "1", "--threads", "1", "--device", "cpu"]
+    argv += ["--iters", "2", "--trace-samples", "0"] if command == "hessian" else ["--steps", "2"]
+    rc, err = run_main(argv, capsys)
+    one_error_line(rc, err, needle)
+    assert tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("content", ["not json\n", "[1]\n", '{"epoch": 1, "cos_train_val": NaN}\n',
+                                     '{"epoch": 1, "cos_train_val": "high"}\n', "<dir>"],
+                         ids=["garbage", "list-row", "nan", "text-value", "folder"])
+def test_congruence_of_damaged_metrics_is_one_line(content, finished, tmp_path, capsys):
+    run = copy_run(finished["seed0"], tmp_path / "a")
+    damage(run, "metrics.jsonl", content)
+    before = tree(tmp_path)
+    rc, err = run_main(["congruence", "--run", str(run), "--out", str(tmp_path / "c.png")], capsys)
+    one_error_line(rc, err, "metrics.jsonl")
+    assert tree(tmp_path) == before

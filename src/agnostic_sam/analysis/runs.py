@@ -23,7 +23,13 @@ from torch import nn
 from agnostic_sam.analysis.common import Batch
 from agnostic_sam.analysis.hessian import top_eigenvalues
 from agnostic_sam.errors import UsageError
-from agnostic_sam.train.rundir import CHECKPOINT_NAME, CONFIG_NAME, METRICS_NAME, RunDir
+from agnostic_sam.train.rundir import (
+    CHECKPOINT_NAME,
+    CONFIG_NAME,
+    METRICS_NAME,
+    RunDir,
+    check_path_names,
+)
 
 __all__ = [
     "check_run_dir",
@@ -37,7 +43,9 @@ __all__ = [
 
 def check_run_dir(run_dir: str | Path, *,
                   need: tuple[str, ...] = (CONFIG_NAME, CHECKPOINT_NAME)) -> Path:
-    """The run directory as a Path, or UsageError naming what is missing."""
+    """The run directory as a Path, or UsageError naming what is missing (or an impossible
+    name: too long, a dangling or looping symbolic link)."""
+    check_path_names("--run", run_dir)
     path = Path(run_dir)
     if not path.is_dir():
         raise UsageError(f"run directory {str(path)!r} does not exist "

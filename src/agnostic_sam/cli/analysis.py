@@ -280,7 +280,9 @@ def run_landscape(args: argparse.Namespace) -> int:
 def run_congruence(args: argparse.Namespace) -> int:
     from agnostic_sam.analysis.plots import plot_congruence
     from agnostic_sam.analysis.runs import check_run_dir, read_metrics
+    from agnostic_sam.train.rundir import check_path_names
 
+    check_path_names("--out", args.out)
     out = Path(args.out)
     if out.suffix.lower() != ".png":
         raise UsageError(f"--out must name a .png file, got {args.out!r}")
@@ -296,8 +298,13 @@ def run_congruence(args: argparse.Namespace) -> int:
             print(f"note: {run_dir} has no cos_train_val in metrics.jsonl (only Agnostic-SAM "
                   "records it); skipped")
             continue
+        values = [r["cos_train_val"] for r in rows]
+        bad = [v for v in values if isinstance(v, bool) or not isinstance(v, (int, float))]
+        if bad:
+            raise UsageError(f"{run_dir / 'metrics.jsonl'}: cos_train_val {bad[0]!r} is not a "
+                             "number; the file is damaged")
         series[label] = ([r.get("epoch", i + 1) for i, r in enumerate(rows)],
-                         [float(r["cos_train_val"]) for r in rows])
+                         [float(v) for v in values])
     if not series:
         raise UsageError("no run has cos_train_val in metrics.jsonl: train with --optimizer "
                          "agnostic-sam")

@@ -57,8 +57,11 @@ class LoadReport:
 def resolve_weights(weights: str) -> Path:
     """Local file of ``weights`` (a path, or a torchvision weights name in the hub cache)."""
     path = Path(weights).expanduser()
-    if path.is_file():
-        return path
+    try:
+        if path.is_file():
+            return path
+    except OSError as exc:  # a name too long, a loop of symbolic links
+        raise UsageError(f"weights file {weights[:80]}: {exc.strerror or exc}") from None
     looks_like_path = os.sep in weights or path.suffix in {".pt", ".pth", ".bin", ".ckpt"}
     if looks_like_path:
         raise UsageError(f"weights file {path} does not exist")
