@@ -25,6 +25,8 @@ INTERFACE_FIELDS = [
     "train_fraction",
     # 0.3: the method's own settings (checked against its registry record)
     "method_args",
+    # 0.3: the compute budget (issue 20)
+    "budget", "budget_reference",
 ]
 
 

@@ -55,6 +55,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--base-optimizer", default=S, choices=("sgd", "adamw"),
                    help=f"the optimizer that takes the step (default {d.base_optimizer})")
     g.add_argument("--epochs", type=int, default=S, help=f"default {d.epochs}")
+    g.add_argument("--budget", default=S, choices=("epochs", "passes"),
+                   help="epochs: every method trains --epochs epochs; passes: every method gets "
+                   "the forward + backward work of --budget-reference in --epochs epochs (a "
+                   "cheaper method takes more steps, its schedule stretched) (default epochs)")
+    g.add_argument("--budget-reference", default=S, metavar="METHOD",
+                   help=f"the method whose cost sets a passes budget (default "
+                   f"{d.budget_reference})")
     g.add_argument("--batch-size", type=int, default=S, help=f"|B| (default {d.batch_size})")
     g.add_argument("--lr", type=float, default=S,
                    help=f"peak lr of the cosine schedule (default {d.lr})")

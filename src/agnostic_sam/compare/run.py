@@ -41,6 +41,7 @@ from agnostic_sam.errors import TrainingDiverged, UsageError
 from agnostic_sam.launch import launch, unfinished
 from agnostic_sam.methods import get_method
 from agnostic_sam.stats import Summary, summarize
+from agnostic_sam.train.config import method_settings
 from agnostic_sam.train.rundir import RunDir
 
 __all__ = ["CompareConfig", "PlannedRun", "compare", "load_compare_config", "select_radius"]
@@ -181,6 +182,27 @@ def _tune_grid(cc: CompareConfig, tunable: list[str], runs: list[PlannedRun]) ->
     }
 
 
+def budget_plan(runs: list[PlannedRun]) -> list[str]:
+    """One line per method: its cost per step (the registry's mean, in batches) and the steps it
+    gets under the run's budget (first seed's run of each method)."""
+    from agnostic_sam.train.build import steps_per_epoch_of
+    from agnostic_sam.train.config import budget_factor, planned_steps
+
+    lines, seen = [], set()
+    for run in runs:
+        if run.optimizer in seen:
+            continue
+        seen.add(run.optimizer)
+        cfg = run.cfg
+        cost = get_method(cfg.optimizer).batch_equivalents(cfg.split_ratio, method_settings(cfg))
+        spe = steps_per_epoch_of(cfg)
+        budget = ("epochs" if cfg.budget == "epochs"
+                  else f"passes of {cfg.budget_reference} in {cfg.epochs} epochs")
+        lines.append(f"  {cfg.optimizer}: {cost:.3g} batches/step, {planned_steps(cfg, spe)} steps "
+                     f"({cfg.epochs} x {spe} x {budget_factor(cfg):.4g}; budget {budget})")
+    return ["planned steps per run:"] + lines
+
+
 def compare(cc: CompareConfig, *, print_report: bool = True, dry_run: bool = False,
             report_only: bool = False) -> dict | None:
     """Run (or reuse) every run of the comparison and write the report; returns the content
@@ -212,6 +234,9 @@ def _compare(cc: CompareConfig, *, print_report: bool, dry_run: bool,
         final_radii.update({o: [r] for o, r in tuning["chosen"].items()})
         eval_fraction = 0.0  # the tuned methods are retrained on everything and tested once
     final_runs = _plan(cc, "final", final_radii, eval_fraction)
+    if dry_run:
+        for line in budget_plan(final_runs):
+            print(line)
     if not _execute(final_runs, cc, dry_run=dry_run, report_only=report_only):
         print(f"{len(final_runs)} runs {'planned' if dry_run else 'on SLURM'}; build the report "
               "when they have finished: the same command with --report-only")

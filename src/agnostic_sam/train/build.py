@@ -22,7 +22,13 @@ from agnostic_sam.errors import UsageError
 from agnostic_sam.methods import MethodInfo, create_optimizer, get_base_optimizer, get_method
 from agnostic_sam.models import create_model, load_pretrained
 from agnostic_sam.train.batches import RANK_SEED_STRIDE, device_tensors, epoch_index
-from agnostic_sam.train.config import TrainConfig, config_to_dict, method_settings
+from agnostic_sam.train.config import (
+    TrainConfig,
+    budget_factor,
+    config_to_dict,
+    method_settings,
+    planned_steps,
+)
 from agnostic_sam.train.distributed import (
     DistInfo,
     global_split_sizes,
@@ -38,6 +44,7 @@ __all__ = [
     "lr_schedule",
     "resolve_device",
     "seed_everything",
+    "steps_per_epoch_of",
     "unwrap",
 ]
 
@@ -137,9 +144,12 @@ def lr_schedule(opt: torch.optim.Optimizer, cfg: TrainConfig,
                 steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
     """Per-step cosine from the peak lr to 0 over the run, after a linear warm-up of
     ``warmup_epochs`` (step t < w: lr = peak (t + 1) / w; then peak (1 + cos(pi (t - w) /
-    (T - w))) / 2, with T = epochs * steps_per_epoch and w = round(warmup_epochs * steps)."""
-    total = cfg.epochs * steps_per_epoch
-    warmup = max(1, round(cfg.warmup_epochs * steps_per_epoch)) if cfg.warmup_epochs > 0 else 0
+    (T - w))) / 2, with T = the run's planned steps (epochs * steps_per_epoch, times the budget
+    factor under ``budget: passes``) and w = round(warmup_epochs * steps_per_epoch * factor)."""
+    total = planned_steps(cfg, steps_per_epoch)
+    stretch = budget_factor(cfg)
+    warmup = (max(1, round(cfg.warmup_epochs * steps_per_epoch * stretch))
+              if cfg.warmup_epochs > 0 else 0)
     if warmup == 0:  # torch's own cosine, as every run before warm-up existed
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
     warmup = min(warmup, total)
@@ -210,6 +220,13 @@ def _optimizer(cfg: TrainConfig, model: nn.Module, ddp: nn.Module,
         options["seed"] = cfg.seed
     return create_optimizer(cfg.optimizer, model.parameters(), base.cls, base.kwargs(cfg),
                             settings=method_settings(cfg), **options)
+
+
+def steps_per_epoch_of(cfg: TrainConfig, world: int = 1) -> int:
+    """Optimizer steps in one epoch of run `cfg` (loads the data set's index, not a model)."""
+    data = _data(cfg)
+    fixed, _ = _fixed_split(cfg, get_method(cfg.optimizer), len(data.train), world)
+    return int(epoch_index(cfg, len(data.train), fixed, 0, world).shape[0])
 
 
 def build_run(cfg: TrainConfig, info: DistInfo) -> RunParts:

@@ -32,6 +32,9 @@ __all__ = [
     "default_out",
     "load_config",
     "method_settings",
+    "budget_factor",
+    "planned_epochs",
+    "planned_steps",
     "settings_text",
     "read_config_file",
     "save_config",
@@ -39,6 +42,7 @@ __all__ = [
 ]
 
 SPLITS = ("batch", "fixed")
+BUDGETS = ("epochs", "passes")
 AMP_MODES = ("none", "bf16", "fp16")
 LOGGERS = ("tensorboard", "wandb")
 _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
@@ -71,6 +75,11 @@ class TrainConfig:
     optimizer: str = "agnostic-sam"
     base_optimizer: str = "sgd"  # sgd (momentum, nesterov) or adamw (betas, adam_eps)
     epochs: int = 30
+    # Compute budget: "epochs" (this many epochs, whatever a step costs) or "passes" (the forward
+    # + backward work of `budget_reference` in `epochs` epochs: a cheaper method trains
+    # proportionally more steps, its schedule and warm-up stretched to its own length).
+    budget: str = "epochs"
+    budget_reference: str = "sam"
     batch_size: int = 64  # |B| = |B^t| + |B^v| for the Agnostic-SAM family
     lr: float = 0.05  # peak learning rate of the per-step cosine schedule
     # linear warm-up to the peak lr before the cosine (fractions allowed)
@@ -175,8 +184,9 @@ def validate_config(cfg: TrainConfig) -> TrainConfig:
     _check_choices(cfg)
     try:
         method_settings(cfg)
+        get_method(cfg.budget_reference)
     except ValueError as exc:
-        raise UsageError(str(exc)) from None
+        raise UsageError(f"{exc}" if "budget" not in str(exc) else str(exc)) from None
     _check_numbers(cfg)
     _check_sizes(cfg, method.splits_batch)
     return cfg
@@ -184,6 +194,7 @@ def validate_config(cfg: TrainConfig) -> TrainConfig:
 
 def _check_choices(cfg: TrainConfig) -> None:
     for key, value, choices in (("split", cfg.split, SPLITS), ("amp mode", cfg.amp, AMP_MODES),
+                                ("budget", cfg.budget, BUDGETS),
                                 ("perturbation", cfg.perturbation, PERTURBATIONS),
                                 ("base optimizer", cfg.base_optimizer, tuple(BASE_OPTIMIZERS))):
         if value not in choices:
@@ -269,6 +280,28 @@ def method_settings(cfg: TrainConfig) -> dict[str, Any]:
                              "method_args; set one of them")
         values[key] = value
     return info.resolve(values)
+
+
+def budget_factor(cfg: TrainConfig) -> float:
+    """Steps of this run over its epochs' steps: 1 for ``budget: epochs``; for ``budget:
+    passes``, the reference method's cost per step over this method's (record costs in
+    batch-equivalents at ``split_ratio``; the reference at its default settings)."""
+    if cfg.budget == "epochs" or cfg.budget_reference == cfg.optimizer:
+        return 1.0
+    own = get_method(cfg.optimizer).batch_equivalents(cfg.split_ratio, method_settings(cfg))
+    ref = get_method(cfg.budget_reference).batch_equivalents(cfg.split_ratio)
+    return ref / own
+
+
+def planned_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
+    """Optimizer steps of the whole run (before ``max_steps``): epochs x steps per epoch x
+    `budget_factor`, rounded."""
+    return max(1, round(cfg.epochs * steps_per_epoch * budget_factor(cfg)))
+
+
+def planned_epochs(cfg: TrainConfig, steps_per_epoch: int) -> int:
+    """Passes over the data the run starts (the last one may stop early)."""
+    return math.ceil(planned_steps(cfg, steps_per_epoch) / steps_per_epoch)
 
 
 def settings_text(cfg: TrainConfig) -> str:

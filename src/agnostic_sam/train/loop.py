@@ -41,6 +41,8 @@ from agnostic_sam.train.config import (
     default_out,
     load_config,
     method_settings,
+    planned_epochs,
+    planned_steps,
     validate_config,
 )
 from agnostic_sam.train.distributed import (
@@ -109,8 +111,8 @@ def _train(cfg: TrainConfig, info: DistInfo, rundir: RunDir) -> dict[str, Any]:
         # Rewritten from the checkpoint: a kill between checkpoint and metrics loses no line.
         rundir.write_metrics(state.metrics)
     try:
-        for epoch in range(state.epoch, cfg.epochs):
-            if cfg.max_steps is not None and state.step >= cfg.max_steps:
+        for epoch in range(state.epoch, planned_epochs(cfg, parts.steps_per_epoch)):
+            if state.step >= _last_step(parts):
                 break
             started = time.perf_counter()
             totals = _train_epoch(parts, state, epoch)
@@ -229,6 +231,12 @@ def _step(parts: RunParts, x: Tensor, y: Tensor, meter: dict[str, Tensor]) -> No
     meter["skipped"] += opt.stats["skipped"]
 
 
+def _last_step(parts: RunParts) -> int:
+    """The step count at which the run stops: its planned steps, or ``max_steps`` if fewer."""
+    planned = planned_steps(parts.cfg, parts.steps_per_epoch)
+    return planned if parts.cfg.max_steps is None else min(planned, parts.cfg.max_steps)
+
+
 def _train_epoch(parts: RunParts, state: RunState, epoch: int) -> dict[str, float]:
     """The steps of one epoch; returns its sums over ranks (one host sync)."""
     cfg, info = parts.cfg, parts.info
@@ -256,7 +264,7 @@ def _train_epoch(parts: RunParts, state: RunState, epoch: int) -> dict[str, floa
             stats = {k: float(v) for k, v in parts.opt.stats.items()}
             parts.logger.log_step(state.step, {"lr": lr, **stats})
         bar.update(1)
-        if cfg.max_steps is not None and state.step >= cfg.max_steps:
+        if state.step >= _last_step(parts):
             break
     bar.close()
     meter["seen"] = torch.tensor(float(seen), device=parts.device)
@@ -326,7 +334,7 @@ def _record(parts: RunParts, state: RunState, rundir: RunDir, row: dict[str, Any
     if parts.cfg.progress:
         from tqdm.auto import tqdm
 
-        tqdm.write(format_row(row, parts.cfg.epochs))
+        tqdm.write(format_row(row, planned_epochs(parts.cfg, parts.steps_per_epoch)))
     if parts.logger is not None:
         parts.logger.log_epoch(state.epoch, row)
 

@@ -99,6 +99,8 @@ def run_identity(cfg: TrainConfig) -> dict[str, Any]:
         settings = method_settings(cfg)
     except ValueError:  # not a run any command will train; compared as written
         return identity
+    if identity.get("budget") == "epochs":  # the reference only matters for a passes budget
+        identity["budget_reference"] = TrainConfig.budget_reference
     for key, legacy in _SHORTHAND_IDENTITY.items():
         if identity[key] is None:
             identity[key] = settings.get(key, legacy)
