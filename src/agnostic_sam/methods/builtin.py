@@ -9,6 +9,7 @@ from agnostic_sam.optim.friendly_sam import FriendlySAM
 from agnostic_sam.optim.gsam import GSAM
 from agnostic_sam.optim.lookbehind_sam import LookbehindSAM
 from agnostic_sam.optim.looksam import LookSAM
+from agnostic_sam.optim.momentum_sam import MomentumSAM
 from agnostic_sam.optim.vasso import VaSSO
 from agnostic_sam.optim.wsam import WSAM
 
@@ -120,4 +121,19 @@ register_method(
           "restored by copy (they subtract e); the move is skipped with a skipped base step. "
           "pytorch_optimizer 4.1 differs only by its float32 ||g(theta)||: 5.0e-10 (decoupled) "
           "and 3.4e-9 (coupled) on float64 weights after 20 steps (tests/test_method_wsam.py).",
+)
+register_method(
+    "momentum-sam", MomentumSAM,
+    description="Momentum-SAM (Becker et al. 2024): one pass at theta - rho v/||v||, v the "
+                "base optimizer's momentum; SAM at the cost of the base optimizer",
+    paper="Becker et al., Momentum-SAM: Sharpness Aware Minimization without Computational "
+          "Overhead, 2024",
+    tune="rho", passes=("B",),
+    notes="The weights return to theta after every step (the authors' code keeps the model at "
+          "the perturbed point between steps and moves it back for evaluation); weight decay "
+          "is the base optimizer's, at theta (the authors' SGD adds weight_decay times the "
+          "perturbed weights). BatchNorm statistics move in the one pass, at the perturbed "
+          "point, as in the authors' code (no pass runs at theta). rho is per group and ||v|| "
+          "global (the authors' code takes one group). Needs a base with momentum state "
+          "(SGD momentum > 0, Adam-like exp_avg). No pytorch_optimizer peer",
 )
