@@ -165,3 +165,11 @@ def test_pytorch_optimizer_friendly_sam_differs_only_by_its_float32_norm() -> No
           f"{diff:.3g}; the modified-m variant vs pytorch_optimizer: {other:.3g}")
     assert diff < 1e-7  # float32 rounding of ||d|| (relative 6e-8) carried through 20 steps
     assert other > 100 * diff
+
+
+def test_friendly_sam_foreach_equals_the_loop() -> None:
+    loop = run_method("friendly-sam", "adamw", SETTINGS, per_group={"rho": 0.2},
+                      perturb_foreach=False)
+    multi = run_method("friendly-sam", "adamw", SETTINGS, per_group={"rho": 0.2},
+                       perturb_foreach=True)
+    assert max_diff(loop, multi) < 1e-12
