@@ -98,3 +98,9 @@ def test_a_skipped_step_leaves_d_alone() -> None:
     _step(model, opt, 1, factor=float("inf"))  # the loss scaler skips this step
     assert float(opt.stats["skipped"]) == 1.0
     assert all(torch.equal(before[k], opt.state[first][k]) for k in before)
+
+
+def test_vasso_foreach_equals_the_loop() -> None:
+    loop = run_method("vasso", "adamw", SETTINGS, per_group={"rho": 0.2}, perturb_foreach=False)
+    multi = run_method("vasso", "adamw", SETTINGS, per_group={"rho": 0.2}, perturb_foreach=True)
+    assert max_diff(loop, multi) < 1e-12
