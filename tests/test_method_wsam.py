@@ -143,3 +143,31 @@ def test_pytorch_optimizer_wsam_differs_only_by_its_float32_norm(decouple) -> No
     print(f"wsam vs pytorch_optimizer 4.1 (decouple={decouple}, float64 weights, 20 steps): "
           f"max diff {diff:.3g}")
     assert diff < 1e-7
+
+
+@pytest.mark.parametrize("decouple", [True, False])
+def test_wsam_foreach_equals_the_loop(decouple) -> None:
+    settings = {"rho": 0.1, "gamma": GAMMA, "decouple": decouple}
+    loop = run_method("wsam", "adamw", settings, per_group={"rho": 0.2}, perturb_foreach=False)
+    multi = run_method("wsam", "adamw", settings, per_group={"rho": 0.2}, perturb_foreach=True)
+    assert max_diff(loop, multi) < 1e-12
+
+
+def test_wsam_decoupled_move_reads_a_tensor_lr() -> None:
+    weights = []
+    for lr in (0.1, torch.tensor(0.1, dtype=torch.float64)):
+        model = make_model()
+        opt = create_optimizer("wsam", groups(model), torch.optim.SGD,
+                               {"lr": lr, "momentum": 0.9, "foreach": False},
+                               settings={"rho": 0.1, "gamma": GAMMA})
+        for step in range(5):
+            x, y = batches()[step]
+
+            def closure(x=x, y=y, model=model, opt=opt):
+                loss = loss_of(model, x, y)
+                opt.backward(loss)
+                return loss
+
+            opt.step(closure)
+        weights.append([p.detach().clone() for p in model.parameters()])
+    assert max_diff(*weights) < 1e-12
