@@ -27,6 +27,8 @@ INTERFACE_FIELDS = [
     "method_args",
     # 0.3: the compute budget (issue 20)
     "budget", "budget_reference",
+    # 0.3: a held-out part as noisy as the training labels (the family study's tuning)
+    "val_noise",
 ]
 
 

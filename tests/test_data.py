@@ -243,3 +243,15 @@ def test_missing_imagefolder_names_the_folders(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match=f"{tmp_path / 'test'}"):
         build_data("imagefolder", data_dir=tmp_path)
     shutil.rmtree(tmp_path / "train")
+
+
+def test_val_noise_flips_the_held_out_labels_at_the_training_rate():
+    from agnostic_sam.data import build_data
+
+    clean = build_data("digits", val_fraction=0.1, noise_rate=0.4, seed=3)
+    noisy = build_data("digits", val_fraction=0.1, noise_rate=0.4, seed=3, val_noise=True)
+    y_clean, y_noisy = clean.test.tensors[1], noisy.test.tensors[1]
+    flipped = (y_clean != y_noisy).float().mean().item()
+    assert 0.3 < flipped < 0.5  # 144 held-out labels, 40% flipped (symmetric: never to itself)
+    assert torch.equal(clean.train_targets, noisy.train_targets)  # training labels unchanged
+    assert torch.equal(clean.test.tensors[0], noisy.test.tensors[0])  # the same images

@@ -40,6 +40,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                    help="evaluate on this held-out fraction of the training set instead of test")
     g.add_argument("--train-fraction", type=float, default=S,
                    help="train on a class-stratified subset of this fraction (seeded by --seed)")
+    g.add_argument("--val-noise", action=on_off, default=S,
+                   help="the held-out part (--val-fraction) carries the training labels' noise")
     g.add_argument("--image-size", type=int, default=S, help="image side in pixels")
     g.add_argument("--num-classes", type=int, default=S, help="synthetic data only: class count")
     g.add_argument("--train-size", type=int, default=S,

@@ -36,6 +36,8 @@ __all__ = [
 
 # The held-out validation part is the same for every method and run seed.
 HOLDOUT_SEED = 0
+# Seed offset of the held-out labels' noise (val_noise): a stream apart from the training labels'.
+HELD_NOISE_OFFSET = 1_000_003
 
 
 def default_data_dir() -> Path:
@@ -141,6 +143,7 @@ def build_data(
     seed: int = 0,
     val_fraction: float = 0.0,
     train_fraction: float = 1.0,
+    val_noise: bool = False,
     image_size: int | None = None,
     num_classes: int | None = None,
     in_channels: int | None = None,
@@ -157,7 +160,11 @@ def build_data(
         val_fraction: in [0, 1). When > 0, a class-stratified part of the training split chosen
             with seed 0 (the same for every method and seed) becomes ``test`` with eval
             transforms and clean labels; the rest is ``train``, and the real test split is never
-            opened. Label noise is applied after this split, to the remaining training part only.
+            opened. Label noise is applied after this split, to the remaining training part only,
+            unless ``val_noise``.
+        val_noise: the held-out labels carry the same symmetric noise (rate ``noise_rate``,
+            drawn with seed ``seed + HELD_NOISE_OFFSET``, a stream apart from the training
+            labels'): a user's validation set is as noisy as their training set.
         train_fraction: in (0, 1]. Below 1, train on a class-stratified subset of that many of
             the (remaining) training examples, drawn with ``seed`` (the same subset for every
             method of a seed: the paper's small-data protocol); label noise is applied after.
@@ -186,9 +193,15 @@ def build_data(
     source = spec.builder(request)
     clean = torch.as_tensor(source.train_targets, dtype=torch.long)
 
+    if val_noise and not val_fraction > 0:
+        raise UsageError("val_noise needs a held-out part: set val_fraction > 0")
     if val_fraction > 0:
         keep, held = stratified_holdout(clean, val_fraction, seed=HOLDOUT_SEED)
-        test = make_view(source.train, held, source.eval_transform, clean[held])
+        held_labels = clean[held]
+        if val_noise:
+            held_labels, _ = symmetric_label_noise(held_labels, noise_rate, source.num_classes,
+                                                   seed=seed + HELD_NOISE_OFFSET)
+        test = make_view(source.train, held, source.eval_transform, held_labels)
         clean = clean[keep]
     else:
         keep = None

@@ -168,6 +168,7 @@ def _data(cfg: TrainConfig) -> DataBundle:
     with main_process_first():  # under DDP rank 0 downloads / caches before the others read
         return build_data(cfg.dataset, data_dir=cfg.data_dir, download=cfg.download,
                           noise_rate=cfg.noise_rate, seed=cfg.seed, val_fraction=cfg.val_fraction,
+                          val_noise=cfg.val_noise,
                           train_fraction=cfg.train_fraction, image_size=cfg.image_size, **synthetic)
 
 

@@ -62,6 +62,7 @@ class TrainConfig:
     download: bool = False
     noise_rate: float = 0.0  # fraction of training labels flipped (symmetric noise), in [0, 1)
     val_fraction: float = 0.0  # > 0: evaluate on a held-out part of the training set, never on test
+    val_noise: bool = False  # the held-out labels carry the training labels' noise
     train_fraction: float = 1.0  # < 1: train on a stratified subset this size (small-data protocol)
     image_size: int | None = None  # None: the data set's native size
     # `synthetic` only (smoke runs and benchmarks shaped like a real data set); None: its defaults
@@ -244,6 +245,8 @@ def _check_sizes(cfg: TrainConfig, splits_batch: bool) -> None:
             raise UsageError(f"{key} must be <= {high}, got {value}")
     if not 0 <= cfg.workers <= 1024:
         raise UsageError(f"workers must be in [0, 1024], got {cfg.workers}")
+    if cfg.val_noise and cfg.val_fraction == 0:
+        raise UsageError("val_noise needs a held-out part: set val_fraction > 0")
     if cfg.dataset != "synthetic":
         for key in ("num_classes", "train_size", "test_size"):
             if getattr(cfg, key) is not None:
