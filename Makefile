@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow lint bench clean
+.PHONY: demo test test-slow test-slurm slurm-up slurm-down lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,17 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
+
+# A one-node SLURM cluster on this machine (root, Debian; no systemd): installs slurm-wlm,
+# munge, slurmdbd and MariaDB when missing, starts them, waits until a job runs. Idempotent.
+slurm-up:
+	scripts/slurm-up.sh
+
+slurm-down:
+	scripts/slurm-down.sh
+
+test-slurm: $(STAMP)
+	$(BIN)/python -m pytest -q -m slurm
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

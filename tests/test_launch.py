@@ -411,7 +411,7 @@ def _fake_slurm(tmp_path: Path, monkeypatch, *, gres: str = "(null)",
     ``sbatch_error`` and fails (it never submits)."""
     bin_dir, calls = tmp_path / "fake-bin", tmp_path / "slurm-calls"
     bin_dir.mkdir()
-    answers = {"sinfo": f'case "$*" in *%P*) echo "debug*";; *) echo "{gres}";; esac',
+    answers = {"sinfo": f'case "$*" in *%P*) echo "debug*";; *) echo "2|4096|{gres}";; esac',
                "sbatch": f'echo "{sbatch_error or "sbatch: error: refused"}" >&2; exit 1',
                "squeue": "true", "sacct": "true", "srun": "exit 1"}
     for tool, body in answers.items():
@@ -448,11 +448,16 @@ def test_bad_slurm_flags_exit_2_before_anything_is_submitted(tmp_path, capsys, m
 
 @pytest.mark.parametrize("gres, flags, sbatch_error, needle", [
     ("(null)", ["--gpus-per-run", "1"], None,
-     "the default partition has no GPUs (sinfo shows no gpu GRES), and --gpus-per-run 1 asks for "
-     "more: use --gpus-per-run 0"),
-    ("gpu:2", ["--gpus-per-run", "4"], None, "at most 2 GPUs a node"),
+     "the nodes of the default partition have no GPUs (no gpu GRES), and --gpus-per-run 1 asks "
+     "for more: use --gpus-per-run 0"),
+    ("gpu:2", ["--gpus-per-run", "4"], None, "have at most 2 GPUs, and --gpus-per-run 4 asks "
+                                             "for more: use --gpus-per-run 2"),
+    ("(null)", ["--cpus-per-run", "3"], None, "have at most 2 CPUs, and --cpus-per-run 3 asks "
+                                              "for more: use --cpus-per-run 2"),
+    ("(null)", ["--mem-gb", "4.5"], None, "have at most 4 GB, and --mem-gb 4.5 asks for more: "
+                                          "use --mem-gb 4"),
     ("(null)", ["--partition", "gpu"], None, "SLURM has no partition 'gpu'; choose from debug"),
-    ("(null)", ["--mem-gb", "4000"],
+    ("(null)", ["--mem-gb", "2"],
      "sbatch: error: Memory specification can not be satisfied\\nsbatch: error: Batch job "
      "submission failed: Requested node configuration is not available",
      "sbatch refused the job array of 2 tasks (nothing was submitted): Batch job submission "

@@ -26,7 +26,8 @@ def add_launcher_arguments(parser: Any, *, jobs: bool = True) -> None:
                    help="slurm: per run, in minutes or SLURM's MM:SS, HH:MM:SS, D-HH[:MM[:SS]]")
     g.add_argument("--gpus-per-run", type=int, default=None,
                    help="slurm: GPUs per run (default: 1 where the partition has GPUs, else 0)")
-    g.add_argument("--cpus-per-run", type=int, default=None, help="slurm: CPUs per run (default 4)")
+    g.add_argument("--cpus-per-run", type=int, default=None,
+                   help="slurm: CPUs per run (default 4, or all a node has when fewer)")
     g.add_argument("--mem-gb", type=float, default=None, help="slurm: memory per run in GB")
     g.add_argument("--submitit-folder", dest="submitit_folder", default=None,
                    help="slurm: folder for submitit's logs (default: next to the runs)")

@@ -9,10 +9,11 @@ import re
 import shutil
 import subprocess
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from agnostic_sam.errors import UsageError
 
-__all__ = ["LIVE", "cluster_gpus", "describe_state", "job_states", "partitions",
+__all__ = ["LIVE", "NodeLimits", "describe_state", "job_states", "node_limits", "partitions",
            "sbatch_refusal", "slurm_command"]
 
 # SLURM job states (squeue/sacct) in which a job will still run or is running: a run left to
@@ -31,6 +32,8 @@ _FIXES = (
     ("node configuration is not available", "lower --cpus-per-run, --mem-gb or --gpus-per-run "
                                             "(sinfo -o '%P %c %m %G' shows what nodes have)"),
     ("time limit", "lower --time (sinfo -o '%P %l' shows each partition's limit)"),
+    ("feature", "use --sbatch constraint=FEATURE with a feature the nodes have "
+                "(sinfo -o '%P %f')"),
     ("account", "use --sbatch account=NAME with an account of yours (sacctmgr show assoc)"),
     ("qos", "use --sbatch qos=NAME with a QOS you may use (sacctmgr show qos)"),
 )
@@ -59,23 +62,38 @@ def partitions() -> list[str]:
     return default + sorted({n.rstrip("*") for n in names} - set(default))
 
 
-def cluster_gpus(partition: str | None) -> int:
-    """The most GPUs one node of ``partition`` (None: the default one) has, from its GRES
-    (``gpu:2``, ``gpu:a100:4(S:0-1)``); 0 on a cluster without GPUs. UsageError naming the
-    partitions when ``partition`` is not one of them."""
+@dataclass(frozen=True)
+class NodeLimits:
+    """The most one node of a partition has: CPUs, memory (MB), GPUs (its gpu GRES)."""
+
+    cpus: int
+    mem_mb: int
+    gpus: int
+
+
+def _gpus(gres: str) -> int:
+    """GPUs in a GRES string (``gpu:2``, ``gpu:a100:4(S:0-1)``, ``(null)``)."""
+    counts = [re.match(r"gpu(?::[^:(,]+)?:(\d+)", item) for item in gres.split(",")]
+    return max([int(m.group(1)) for m in counts if m] or [0])
+
+
+def node_limits(partition: str | None) -> NodeLimits:
+    """What the biggest node of ``partition`` (None: the default one; a comma list: the
+    biggest of them) has, from sinfo. UsageError naming the partitions when it is not one."""
     known = partitions()
     wanted = partition.split(",") if partition else known[:1]
     unknown = [p for p in wanted if p not in known]
     if unknown:
         raise UsageError(f"SLURM has no partition {unknown[0]!r}; choose from "
                          f"{', '.join(known) or '(none)'} (sinfo)")
-    most = 0
-    for part in wanted:
-        for gres in slurm_command(["sinfo", "-h", "-p", part, "-o", "%G"]).split():
-            for item in gres.split(","):
-                m = re.match(r"gpu(?::[^:(]+)?:(\d+)", item)
-                most = max(most, int(m.group(1)) if m else 0)
-    return most
+    rows = slurm_command(["sinfo", "-h", "-p", ",".join(wanted), "-o", "%c|%m|%G"]).split()
+    cpus, mem, gpus = [0], [0], [0]
+    for row in rows:
+        c, m, g = row.split("|")
+        cpus.append(int(re.match(r"\d*", c).group() or 0))
+        mem.append(int(re.match(r"\d*", m).group() or 0))
+        gpus.append(_gpus(g))
+    return NodeLimits(max(cpus), max(mem), max(gpus))
 
 
 def _expand(job_id: str) -> list[str]:

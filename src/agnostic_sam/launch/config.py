@@ -12,10 +12,11 @@ from typing import Any
 
 from agnostic_sam.errors import UsageError
 
-__all__ = ["LAUNCHERS", "LAUNCHER_KEYS", "MAX_MEM_GB", "MAX_TIME_MIN", "SUBMITIT_CLUSTERS",
-           "LauncherConfig", "launcher_config", "validate_launcher"]
+__all__ = ["DEFAULT_CPUS", "LAUNCHERS", "LAUNCHER_KEYS", "MAX_MEM_GB", "MAX_TIME_MIN",
+           "SUBMITIT_CLUSTERS", "LauncherConfig", "launcher_config", "validate_launcher"]
 
 LAUNCHERS = ("inline", "local", "slurm")
+DEFAULT_CPUS = 4  # CPUs a SLURM task asks for unless told (or fewer, when a node has fewer)
 SUBMITIT_CLUSTERS = ("slurm", "local")  # "local": submitit's LocalExecutor, no scheduler
 
 
@@ -30,9 +31,10 @@ class LauncherConfig:
     # slurm (submitit)
     partition: str | None = None
     time: int = 24 * 60  # minutes of wall time per run (each requeue gets it again)
-    # None: 1 where the partition's nodes have GPUs (a gpu GRES), else 0 (see launch.cluster)
+    # None: what suits the partition's nodes (sinfo): 1 GPU where they have a gpu GRES, else
+    # none; DEFAULT_CPUS CPUs, or all a node has when it has fewer
     gpus_per_run: int | None = None
-    cpus_per_run: int = 4
+    cpus_per_run: int | None = None
     mem_gb: float | None = None  # None: the partition's default
     folder: str | None = None  # submitit's logs and pickles; None: <runs' common parent>/submitit
     max_parallel: int | None = None  # array tasks running at once; None: all
@@ -135,7 +137,7 @@ def validate_launcher(lc: LauncherConfig) -> LauncherConfig:
                          f"{lc.time} minutes")
     _check_int("jobs", lc.jobs, 1, optional=True)
     _check_int("gpus_per_run", lc.gpus_per_run, 0, optional=True)
-    _check_int("cpus_per_run", lc.cpus_per_run, 1)
+    _check_int("cpus_per_run", lc.cpus_per_run, 1, optional=True)
     _check_int("max_parallel", lc.max_parallel, 1, optional=True)
     _check_mem(lc.mem_gb)
     if lc.partition is not None and (not isinstance(lc.partition, str)

@@ -22,12 +22,12 @@ from typing import Any
 from agnostic_sam.errors import UsageError
 from agnostic_sam.launch.cluster import (
     LIVE,
-    cluster_gpus,
     describe_state,
     job_states,
+    node_limits,
     sbatch_refusal,
 )
-from agnostic_sam.launch.config import LauncherConfig
+from agnostic_sam.launch.config import DEFAULT_CPUS, LauncherConfig
 from agnostic_sam.launch.outcome import (
     LaunchSummary,
     RunOutcome,
@@ -73,7 +73,12 @@ class SubmititRun:
 
     def __call__(self, cfg: TrainConfig) -> dict[str, Any]:
         todo = _resume_if_partial(cfg)
-        return todo if isinstance(todo, dict) else run_one(todo)
+        if isinstance(todo, dict):
+            print(f"agnostic-sam: {cfg.out} has ended ({todo['status']})", flush=True)
+            return todo
+        # in the task's log (appended to on a requeue): what each start of the task did
+        print(f"agnostic-sam: {'resuming' if todo.resume else 'starting'} {cfg.out}", flush=True)
+        return run_one(todo)
 
     def checkpoint(self, cfg: TrainConfig) -> Any:
         from submitit.helpers import DelayedSubmission
@@ -113,33 +118,44 @@ def _write_ledger(folder: Path, ledger: dict[str, str]) -> None:
     os.replace(tmp, folder / LEDGER_NAME)
 
 
-def _with_gpus(lc: LauncherConfig, *, ask_cluster: bool) -> tuple[LauncherConfig, str]:
-    """``lc`` with ``gpus_per_run`` decided, and a note for the user when it was chosen here:
-    None becomes 1 where the partition's nodes have a gpu GRES and 0 where they have none; more
-    than a node has is refused in one line naming ``--gpus-per-run``. ``ask_cluster`` False
-    (dry runs): sinfo is asked only for the default, and a machine without sinfo plans 1."""
-    if lc.submitit_cluster == "local":  # submitit's LocalExecutor: this machine's GPUs
-        from agnostic_sam.launch.local import visible_gpus
-
-        return dataclasses.replace(lc, gpus_per_run=lc.gpus_per_run if lc.gpus_per_run is not None
-                                   else int(bool(visible_gpus()))), ""
-    if not ask_cluster and lc.gpus_per_run is not None:
-        return lc, ""
+def _fit_to_nodes(lc: LauncherConfig, *, ask_cluster: bool) -> tuple[LauncherConfig, str]:
+    """``lc`` with the defaults of ``gpus_per_run`` and ``cpus_per_run`` decided by what the
+    partition's nodes have (sinfo), and a note saying so: 1 GPU where they have a gpu GRES,
+    none where they have none; 4 CPUs or all a node has. More GPUs, CPUs or memory than a node
+    has is refused in one line naming the flag (SLURM would queue such a job forever or refuse
+    it). ``ask_cluster`` False (dry runs): sinfo is asked only for defaults, and a machine
+    without it plans 1 GPU and 4 CPUs."""
+    fallback = dataclasses.replace(
+        lc, gpus_per_run=1 if lc.gpus_per_run is None else lc.gpus_per_run,
+        cpus_per_run=DEFAULT_CPUS if lc.cpus_per_run is None else lc.cpus_per_run)
+    if lc.submitit_cluster == "local" or not ask_cluster and fallback == lc:
+        return fallback, ""  # submitit's LocalExecutor: gpus_per_run is what the tasks see
     try:
-        most = cluster_gpus(lc.partition)
+        node = node_limits(lc.partition)
     except UsageError:
         if ask_cluster:
             raise
-        return dataclasses.replace(lc, gpus_per_run=1), ""
+        return fallback, ""
     where = f"partition {lc.partition}" if lc.partition else "the default partition"
-    if lc.gpus_per_run is None:
-        note = "" if most else f" (no GPUs: {where} has no gpu GRES, as --gpus-per-run 0)"
-        return dataclasses.replace(lc, gpus_per_run=int(most > 0)), note
-    if lc.gpus_per_run > most:
-        have = "no GPUs (sinfo shows no gpu GRES)" if not most else f"at most {most} GPUs a node"
-        raise UsageError(f"{where} has {have}, and --gpus-per-run {lc.gpus_per_run} asks for "
-                         f"more: use --gpus-per-run {most}")
-    return lc, ""
+    gpus = int(node.gpus > 0) if lc.gpus_per_run is None else lc.gpus_per_run
+    cpus = min(DEFAULT_CPUS, node.cpus) if lc.cpus_per_run is None else lc.cpus_per_run
+    notes = []
+    if lc.gpus_per_run is None and not node.gpus:
+        notes.append(f"no GPUs: {where} has no gpu GRES, as --gpus-per-run 0")
+    if lc.cpus_per_run is None and cpus < DEFAULT_CPUS:
+        notes.append(f"{cpus} CPUs a run: the most a node of {where} has")
+    if ask_cluster:
+        too_many = [("--gpus-per-run", gpus, node.gpus, "GPUs"), ("--cpus-per-run", cpus,
+                                                                    node.cpus, "CPUs")]
+        if lc.mem_gb is not None:  # in GB, rounded down to 0.01
+            too_many.append(("--mem-gb", lc.mem_gb, int(node.mem_mb / 10.24) / 100, "GB"))
+        for flag, asked, most, what in too_many:
+            if asked > most:
+                have = f"at most {most:g} {what}" if most else "no GPUs (no gpu GRES)"
+                raise UsageError(f"the nodes of {where} have {have}, and {flag} {asked:g} asks "
+                                 f"for more: use {flag} {most:g}")
+    lc = dataclasses.replace(lc, gpus_per_run=gpus, cpus_per_run=cpus)
+    return lc, f" ({'; '.join(notes)})" if notes else ""
 
 
 def _sbatch_options(lc: LauncherConfig) -> dict[str, Any]:
@@ -278,7 +294,7 @@ def launch_slurm(planned: Planned, lc: LauncherConfig, *, dry_run: bool,
     folder = ledger_folder([cfg for cfg, _ in planned], lc)
     ledger = read_ledger(folder) if lc.submitit_cluster == "slurm" else {}
     outcomes, todo = _sort(planned, ledger)
-    lc, gpu_note = _with_gpus(lc, ask_cluster=not dry_run and bool(todo))
+    lc, fit_note = _fit_to_nodes(lc, ask_cluster=not dry_run and bool(todo))
     if dry_run:
         return _dry_run(lc, folder, outcomes, todo, len(planned))
     adopted = [o for o in outcomes if o.action == "queued"]
@@ -292,7 +308,7 @@ def launch_slurm(planned: Planned, lc: LauncherConfig, *, dry_run: bool,
             _write_ledger(folder, ledger)
         array = str(jobs[0].job_id).split("_")[0]
         notice(f"submitted job array {array}: {len(jobs)} task(s) for the unfinished runs; "
-               f"watch: squeue -j {array}; logs: {folder}/{array}_<task>/{gpu_note}")
+               f"watch: squeue -j {array}; logs: {folder}/{array}_<task>/{fit_note}")
     if lc.wait and (jobs or adopted):
         notice(f"waiting for {len(jobs)} task(s) submitted now and {len(adopted)} earlier")
         _wait(lc, folder, jobs, todo, adopted, log)
