@@ -1,0 +1,148 @@
+"""The parts of torch's optimizer contract that a wrapper around a base optimizer must keep by
+hand: step hooks that fire once per step, state-dict hooks, copies (``copy.deepcopy``,
+``pickle``), `torch.amp.GradScaler`'s two protocols, and wrappers that skip a closure step.
+
+torch only, like the rest of `optim`: frameworks are recognized by what their objects hold
+(accelerate's ``AcceleratedOptimizer`` holds ``.optimizer`` and ``.gradient_state``), never
+imported.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+__all__ = [
+    "GRAD_SCALER_SETS_ATTRIBUTES",
+    "check_not_skipped_by_wrapper",
+    "driving_grad_scaler",
+    "run_load_state_dict_hooks",
+    "run_state_dict_hooks",
+    "step_signature",
+    "without_global_step_hooks",
+]
+
+# torch's GradScaler calls `step` of an optimizer with `_step_supports_amp_scaling` in one of two
+# ways: passing itself as ``grad_scaler=`` (with a FutureWarning since torch 2.x, when step has
+# that keyword), or setting ``opt.grad_scale`` / ``opt.found_inf`` before the call (the announced
+# contract). True when the installed torch implements the second.
+GRAD_SCALER_SETS_ATTRIBUTES = "found_inf" in torch.amp.GradScaler.step.__code__.co_names
+
+# How far up the stack a caller of `step` is looked for: torch's hook wrapper, no_grad, our
+# context managers and at most one framework wrapper (accelerate's patched step) lie between.
+_DEPTH = 16
+
+
+def step_signature(step: Callable[..., Any]) -> None:
+    """Make `step` show no ``grad_scaler`` keyword where the installed GradScaler sets
+    attributes: GradScaler picks its protocol by that signature, and the keyword one prints a
+    FutureWarning on every step. The keyword still works when a caller passes it."""
+    if not GRAD_SCALER_SETS_ATTRIBUTES:
+        return
+    sig = inspect.signature(step)
+    if "grad_scaler" in sig.parameters:
+        params = [p for p in sig.parameters.values() if p.name != "grad_scaler"]
+        step.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
+
+
+def _callers(depth: int = _DEPTH) -> Any:
+    frame = sys._getframe(2)
+    for _ in range(depth):
+        if frame is None:
+            return
+        yield frame
+        frame = frame.f_back
+
+
+def driving_grad_scaler(opt: torch.optim.Optimizer) -> Any:
+    """The `torch.amp.GradScaler` whose ``scaler.step(opt, ...)`` set ``opt.grad_scale`` (the
+    attribute protocol), found among the callers; None when there is none.
+
+    The step needs the scaler itself, not only the two tensors: every pass is unscaled by its
+    scale, and the final gradient goes through ``scaler.unscale_(opt)`` so that
+    ``scaler.update()`` sees the inf check of this step's gradients (computed inside the step,
+    after GradScaler looked at p.grad)."""
+    for frame in _callers():
+        if frame.f_code.co_name != "step":
+            continue
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, torch.amp.GradScaler) and frame.f_locals.get("optimizer") is opt:
+            return owner
+    return None
+
+
+def check_not_skipped_by_wrapper(opt: torch.optim.Optimizer) -> None:
+    """Refuse a step called through a wrapper that accumulates gradients over micro-batches and
+    calls ``step`` on the last one only: accelerate's ``AcceleratedOptimizer`` inside
+    ``accelerator.accumulate()``. With a closure, the skipped micro-batches never run, so the
+    step would see 1/k of the data."""
+    for frame in _callers():
+        if frame.f_code.co_name != "step":
+            continue
+        owner = frame.f_locals.get("self")
+        if owner is opt or getattr(owner, "optimizer", None) is not opt:
+            continue
+        steps = getattr(getattr(owner, "gradient_state", None), "num_steps", 1)
+        if isinstance(steps, int) and steps > 1:
+            raise RuntimeError(
+                f"accelerate's gradient accumulation ({steps} micro-batches) calls "
+                "optimizer.step(closure) on the last micro-batch only, so the other closures "
+                "never run: use agnostic_sam.integrations.accelerate.SharpnessStep, which runs "
+                "every micro-batch in every pass"
+            )
+        return
+
+
+def without_global_step_hooks(base: torch.optim.Optimizer) -> None:
+    """Give `base` a step that skips torch's global step hooks
+    (``register_optimizer_step_pre_hook`` / ``_post_hook``): they fire for the wrapper's step,
+    once per optimizer step. The base optimizer's own per-instance hooks still fire."""
+    hooked = type(base).step
+    raw = getattr(hooked, "__wrapped__", None)
+    if raw is None or not getattr(hooked, "hooked", False):
+        return  # not torch's hook wrapper: nothing to skip
+
+    def step(*args: Any, **kwargs: Any) -> Any:
+        full = (base, *args)
+        for pre_hook in list(base._optimizer_step_pre_hooks.values()):
+            result = pre_hook(base, full, kwargs)
+            if result is not None:
+                full, kwargs = result
+        out = raw(*full, **kwargs)
+        for post_hook in list(base._optimizer_step_post_hooks.values()):
+            post_hook(base, full, kwargs)
+        return out
+
+    base.step = step  # type: ignore[method-assign]
+
+
+def run_state_dict_hooks(opt: torch.optim.Optimizer, make: Callable[[], dict[str, Any]]) -> Any:
+    """``opt.state_dict()`` as torch.optim builds it: pre hooks, the dict, post hooks (each may
+    return a replacement)."""
+    for pre_hook in list(opt._optimizer_state_dict_pre_hooks.values()):
+        pre_hook(opt)
+    state = make()
+    for post_hook in list(opt._optimizer_state_dict_post_hooks.values()):
+        result = post_hook(opt, state)
+        if result is not None:
+            state = result
+    return state
+
+
+def run_load_state_dict_hooks(
+    opt: torch.optim.Optimizer, state: dict[str, Any], load: Callable[[dict[str, Any]], None]
+) -> None:
+    """``opt.load_state_dict(state)`` as torch.optim runs it: pre hooks on a shallow copy (each
+    may return a replacement), the load, post hooks."""
+    state = dict(state)
+    for pre_hook in list(opt._optimizer_load_state_dict_pre_hooks.values()):
+        result = pre_hook(opt, state)
+        if result is not None:
+            state = result
+    load(state)
+    for post_hook in list(opt._optimizer_load_state_dict_post_hooks.values()):
+        post_hook(opt)
