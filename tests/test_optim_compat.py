@@ -186,21 +186,36 @@ def test_grad_scaler_davda54_backward_then_step() -> None:
     assert same(ref, model) and s1.get_scale() == s2.get_scale()
 
 
-def test_grad_scaler_through_a_wrapper_hiding_the_keyword_raises() -> None:
-    """accelerate's fp16 AcceleratedOptimizer replaces opt.step by a (*args, **kwargs) wrapper."""
-    model = mlp(torch.float32)
-    opt = build("sam", model)
+def test_grad_scaler_through_a_wrapper_hiding_the_keyword_works() -> None:
+    """accelerate's fp16 AcceleratedOptimizer replaces opt.step by a (*args, **kwargs) wrapper:
+    GradScaler then takes its attribute protocol (grad_scale / found_inf), and the step finds the
+    scaler that drives it. Same weights and scale as scaler.step on the optimizer itself."""
+    ref, model = mlp(torch.float32), mlp(torch.float32)
+    ref_opt, opt = build("sam", ref), build("sam", model)
     inner = opt.step
     opt.step = lambda *args, **kwargs: inner(*args, **kwargs)
-    scaler = torch.amp.GradScaler("cpu")
-    scaler.scale(torch.zeros(()))
+    s1 = torch.amp.GradScaler("cpu", init_scale=2.0**8, growth_interval=2)
+    s2 = torch.amp.GradScaler("cpu", init_scale=2.0**8, growth_interval=2)
+    for s in (s1, s2):
+        s.scale(torch.zeros(()))
+    for x, y in data(6, dtype=torch.float32):
+        s1.step(ref_opt, closure(ref, x, y, lambda loss: s1.scale(loss).backward()))
+        s1.update()
+        s2.step(opt, closure(model, x, y, lambda loss: s2.scale(loss).backward()))
+        s2.update()
+    assert same(ref, model) and s1.get_scale() == s2.get_scale()
+    assert not hasattr(opt, "grad_scale")
+
+
+def test_grad_scale_attribute_without_a_driving_scaler_raises() -> None:
+    model = mlp(torch.float32)
+    opt = build("sam", model)
+    opt.grad_scale = torch.ones(())  # set by hand: no scaler.step(opt, ...) drives the step
     before = copy.deepcopy(model)
-    with pytest.raises(RuntimeError, match="hides its grad_scaler keyword"):
-        scaler.step(opt, closure(model, *data(1, dtype=torch.float32)[0],
-                                 lambda loss: scaler.scale(loss).backward()))
+    with pytest.raises(RuntimeError, match="no scaler.step"):
+        opt.step(closure(model, *data(1, dtype=torch.float32)[0]))
     assert same(before, model)
     assert not hasattr(opt, "grad_scale")  # a direct step afterwards works
-    opt.step = inner
     opt.step(closure(model, *data(1, dtype=torch.float32)[0]))
 
 

@@ -237,7 +237,7 @@ class SharpnessOptimizer(torch.optim.Optimizer):
     def _begin(self, grad_scaler: Any) -> None:
         self._check_groups()
         _contract.check_not_skipped_by_wrapper(self)
-        if grad_scaler is None and getattr(self, "grad_scale", None) is not None:
+        if grad_scaler is None and "grad_scale" in self.__dict__:
             grad_scaler = _contract.driving_grad_scaler(self)  # GradScaler's attribute protocol
         _checks.check_entry_scaler(self, grad_scaler)
         self._grad_scaler = grad_scaler

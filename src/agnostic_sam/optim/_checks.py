@@ -108,18 +108,18 @@ def check_options(
 
 
 def check_entry_scaler(opt: Any, grad_scaler: Any) -> None:
-    """At step entry: the GradScaler (if any) drives this step by the protocol's keyword, the
-    optimizer has no second scaler, and `scaler.unscale_(opt)` was not called before."""
-    if grad_scaler is None and getattr(opt, "grad_scale", None) is not None:
-        # GradScaler's attribute protocol: it could not see step's grad_scaler keyword, so
-        # it cannot learn this step's inf checks and scaler.update() would fail after it.
-        # The attributes go now: GradScaler deletes them only after a step that returns.
+    """At step entry: the GradScaler (if any) drives this step (by the protocol's keyword, or
+    found by `_contract.driving_grad_scaler` under the attribute protocol), the optimizer has no
+    second scaler, and `scaler.unscale_(opt)` was not called before."""
+    if grad_scaler is None and "grad_scale" in opt.__dict__:
+        # opt.grad_scale without a GradScaler.step driving this step: the step could not feed
+        # its inf checks to any scaler.update(). The attributes go now (GradScaler deletes them
+        # only after a step that returns).
         opt.__dict__.pop("grad_scale", None)
         opt.__dict__.pop("found_inf", None)
         raise RuntimeError(
-            "a torch.amp.GradScaler drives this step through a wrapper that hides its "
-            "grad_scaler keyword (e.g. accelerate's fp16 optimizer): call "
-            "scaler.step(opt, closure) on this optimizer itself, "
+            "opt.grad_scale is set but no scaler.step(opt, closure) call of a "
+            "torch.amp.GradScaler drives this step: call scaler.step(opt, closure), "
             "or use loss_scaler=LossScaler()"
         )
     if grad_scaler is None:
