@@ -424,3 +424,49 @@ def test_congruence_of_damaged_metrics_is_one_line(content, finished, tmp_path, 
     rc, err = run_main(["congruence", "--run", str(run), "--out", str(tmp_path / "c.png")], capsys)
     one_error_line(rc, err, "metrics.jsonl")
     assert tree(tmp_path) == before
+
+
+# --- AGNOSTIC_SAM_PLUGINS: a broken plugin is one line, even for --help -----------------------
+
+PLUGINS = {
+    "missing": (None, "cannot be found"),
+    "raises": ("raise RuntimeError('boom at import')\n", "raised RuntimeError while being "
+               "imported: boom at import"),
+    "syntax-error": ("def broken(:\n    pass\n", "has a syntax error"),
+    "exits": ("import sys\nsys.exit(0)\n", "called sys.exit(0)"),
+    "missing-dependency": ("import agnostic_sam_no_such_dependency\n", "needs a module"),
+    "registers-sgd-again": ("from agnostic_sam.methods import register_method\n"
+                            "from agnostic_sam.optim import Plain\n"
+                            "register_method('sgd', Plain, description='not the real sgd')\n",
+                            "'sgd' is already registered"),
+}
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["methods"]],
+                         ids=["help", "train-help", "methods"])
+@pytest.mark.parametrize("case", PLUGINS.values(), ids=PLUGINS.keys())
+def test_a_broken_plugin_is_one_line(case, argv, tmp_path, monkeypatch, capsys):
+    from agnostic_sam.methods import METHODS
+
+    source, needle = case
+    name = f"round3_plugin_{abs(hash((source, tuple(argv)))) % 10**8}"
+    if source is not None:
+        (tmp_path / f"{name}.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("AGNOSTIC_SAM_PLUGINS", name)
+    registry = dict(METHODS)
+    rc, err = run_main(argv, capsys)
+    one_error_line(rc, err, "AGNOSTIC_SAM_PLUGINS", name, needle)
+    assert METHODS == registry  # a failed plugin leaves the registry as it was
+    rc, err = run_main(argv, capsys)  # and is not taken as loaded the second time
+    one_error_line(rc, err, name, needle)
+
+
+def test_a_real_process_with_a_broken_plugin_says_so_for_help(tmp_path):
+    (tmp_path / "round3_exits.py").write_text("import sys\nsys.exit(0)\n")
+    done = cli("--help", env={"AGNOSTIC_SAM_PLUGINS": "round3_exits",
+                              "PYTHONPATH": str(tmp_path)})
+    assert done.returncode == 2
+    assert done.stderr == ("agnostic-sam: error: AGNOSTIC_SAM_PLUGINS: 'round3_exits' called "
+                           "sys.exit(0) while being imported\n")
+    assert done.stdout == ""

@@ -59,6 +59,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"agnostic-sam: error: the command line needs the 'cli' extra ({', '.join(missing)} "
               "missing): pip install 'agnostic-sam[cli]'", file=sys.stderr)
         return EXIT_USAGE
+    try:
+        # Plugins register methods the parser lists: a broken one is one line, even for --help.
+        from agnostic_sam.methods import load_plugins
+
+        load_plugins()
+    except ValueError as exc:
+        print(f"agnostic-sam: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_USAGE
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -66,6 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, ValueError) as exc:
         # One line naming the problem, no traceback; argparse uses the same prefix and status.
         print(f"agnostic-sam: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as exc:  # a file the checks before could not foresee (a full disk, a race)
+        where = f"{str(exc.filename)[:80]}: " if exc.filename else ""
+        print(f"agnostic-sam: error: {where}{exc.strerror or _one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
     except TrainingDiverged as exc:
         print(f"agnostic-sam: error: {_one_line(exc)}", file=sys.stderr)
