@@ -331,7 +331,7 @@ def _dropout_masks(shared: bool):
     seed = int(torch.randint(2**62, ()))  # one draw per step, outside the closure
 
     def closure():
-        with torch.random.fork_rng(devices=[], enabled=shared):
+        with torch.random.fork_rng(enabled=shared):  # as docs/integrations.md shows
             if shared:
                 torch.manual_seed(seed)
             loss = F.cross_entropy(net(x), y)
