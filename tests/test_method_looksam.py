@@ -3,8 +3,10 @@ against pytorch_optimizer's LookSAM (a documented difference: it decomposes per 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import pickle
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -244,3 +246,43 @@ def test_looksam_failed_sam_step_keeps_v_and_count() -> None:
     assert after["looksam_step"] == before["looksam_step"] == 2
     assert all(torch.equal(before["state"][i]["looksam_v"], s["looksam_v"])
                for i, s in after["state"].items())
+
+
+class _DDPLike(nn.Module):
+    """A model with DDP's no_sync(): records whether each forward ran without synchronization."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = make_model()
+        self.silenced = False
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.inner(x)
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        self.silenced = True
+        try:
+            yield
+        finally:
+            self.silenced = False
+
+
+@pytest.mark.parametrize("name", ["looksam", "sam"])
+def test_looksam_synchronizes_every_pass_under_ddp(name) -> None:
+    """v is state: g must be the all-reduced gradient, or the replicas' reuse steps differ."""
+    model = _DDPLike()
+    cls, kwargs = BASES["sgd"]
+    opt = create_optimizer(name, model.parameters(), cls, kwargs, settings={"rho": 0.1},
+                           model=model, perturbation="local")
+    silenced: list[bool] = []
+    for x, y in batches(steps=3):
+        def closure(x=x, y=y) -> Tensor:
+            silenced.append(model.silenced)
+            loss = loss_of(model, x, y)
+            opt.backward(loss)
+            return loss
+
+        opt.step(closure)
+    # SAM's local ascent pass runs in no_sync; every LookSAM pass synchronizes
+    assert silenced == ([False] * 4 if name == "looksam" else [True, False] * 3)

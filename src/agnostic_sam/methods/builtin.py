@@ -60,7 +60,8 @@ register_method(
           "before step(), the closure again on reuse steps; 4.1 adds the reused direction "
           "once); here a reuse step is one pass. rho = 0 alone is not off (eps in the "
           "projection leaves u a tiny multiple of g, which v normalizes): off is rho = 0, "
-          "alpha = 0",
+          "alpha = 0. Under DDP every pass synchronizes (v is state: the same on every rank, "
+          "so perturbation='local' saves nothing here)",
 )
 register_method(
     "friendly-sam", FriendlySAM,

@@ -48,9 +48,10 @@ class LookSAM(SharpnessOptimizer):
     projection without eps leaves rounding noise, normalized the same way); ``rho = 0,
     alpha = 0`` is the base optimizer, bit for bit.
 
-    Options (``model``, ``perturbation``, ``loss_scaler``, ``check_finite``, ``perturb_eps``,
-    ``perturb_foreach``, ``max_grad_norm``) act as in `SAM`; clipping acts on the stepped
-    gradient (g_s or d). ``opt.stats``: ``loss_train`` (at theta), ``grad_norm_train`` = ||g||,
+    Options (``model``, ``loss_scaler``, ``check_finite``, ``perturb_eps``, ``perturb_foreach``,
+    ``max_grad_norm``) act as in `SAM`; clipping acts on the stepped gradient (g_s or d). Under
+    DDP every pass synchronizes (``perturbation`` has no effect): v is state, and must be the
+    same on every rank. ``opt.stats``: ``loss_train`` (at theta), ``grad_norm_train`` = ||g||,
     ``skipped``.
     """
 
@@ -131,7 +132,10 @@ class LookSAM(SharpnessOptimizer):
 
     def _step_sam(self, closure: Closure, params: list[Tensor], groups: list[dict[str, Any]],
                   foreach: bool) -> None:
-        loss = self._run(closure, params, at_theta=True, final=False)
+        # final=True: under DDP this pass synchronizes too (whatever `perturbation` says), so g,
+        # hence v, is the same on every rank: the reuse steps then step every replica alike,
+        # and rank 0's checkpoint holds every rank's v.
+        loss = self._run(closure, params, at_theta=True, final=True)
         theta = [p.detach().clone() for p in params]
         grads = self._grads(params, foreach, take=True)
         norm = self._norm(grads, theta, foreach)
