@@ -3,8 +3,10 @@ float64: slow weights phi, fast weights f, the accumulated ascent point p, k inn
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import pickle
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -160,3 +162,41 @@ def test_lookbehind_failed_step_leaves_phi_and_state() -> None:
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), weights))
     assert all(torch.equal(v, after["state"][i][key]) for i, s in before["state"].items()
                for key, v in s.items())
+
+
+class _DDPLike(nn.Module):
+    """A model with DDP's no_sync(): records whether each forward ran without synchronization."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = make_model()
+        self.silenced = False
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.inner(x)
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        self.silenced = True
+        try:
+            yield
+        finally:
+            self.silenced = False
+
+
+def test_lookbehind_synchronizes_both_passes_under_ddp() -> None:
+    """p is state (rank 0's checkpoint holds it): its ascents must use all-reduced gradients."""
+    model = _DDPLike()
+    cls, kwargs = BASES["sgd"]
+    opt = create_optimizer("lookbehind-sam", model.parameters(), cls, kwargs,
+                           settings={"rho": 0.1}, model=model, perturbation="local")
+    silenced: list[bool] = []
+    for x, y in batches(steps=3):
+        def closure(x=x, y=y) -> Tensor:
+            silenced.append(model.silenced)
+            loss = loss_of(model, x, y)
+            opt.backward(loss)
+            return loss
+
+        opt.step(closure)
+    assert silenced == [False] * 6

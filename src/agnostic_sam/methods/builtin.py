@@ -105,7 +105,8 @@ register_method(
           "point mid-cycle). BatchNorm statistics move in each step's first pass (at the "
           "accumulated point, phi at a cycle's first step), the authors' in every pass. "
           "Ascents use the global norm with eps 1e-12 (theirs 1e-16); phi + alpha (f - phi) "
-          "for alpha*f + (1 - alpha)*phi (equal up to rounding). No pytorch_optimizer peer",
+          "for alpha*f + (1 - alpha)*phi (equal up to rounding). Under DDP both passes "
+          "synchronize (p is state, saved from rank 0). No pytorch_optimizer peer",
 )
 register_method(
     "wsam", WSAM,

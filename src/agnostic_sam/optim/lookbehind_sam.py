@@ -52,7 +52,9 @@ class LookbehindSAM(SharpnessOptimizer):
     State in ``state_dict()``: f, p (and f_1 for ``alpha=None``) per parameter while a cycle
     runs (``lookbehind_fast``, ``lookbehind_point``, ``lookbehind_first``; dropped when phi
     moves), and the inner-step count (``lookbehind_step``). Two parameter-sized buffers (phi and
-    the ascent) live during a step. Options act as in `SAM`; clipping acts on g_d.
+    the ascent) live during a step. Options act as in `SAM`, but under DDP both passes
+    synchronize (``perturbation`` has no effect: p is state, the same on every rank); clipping
+    acts on g_d.
     ``opt.stats``: ``loss_train`` = L_B(p_{j-1}), ``grad_norm_train`` = ||g_a||, ``skipped``.
     """
 
@@ -138,7 +140,9 @@ class LookbehindSAM(SharpnessOptimizer):
                     phi: list[Tensor], fast: list[Tensor], foreach: bool) -> list[Tensor | None]:
         """Passes at p_{j-1} and p_j, then the base step on the fast weights: the weights are
         f_j afterwards. Returns the ascent rho g_a / (||g_a|| + eps) (None: no gradient)."""
-        loss = self._run(closure, params, at_theta=True, final=False)
+        # final=True: under DDP this pass synchronizes too (whatever `perturbation` says), so
+        # p is the same on every rank and rank 0's checkpoint holds every rank's p.
+        loss = self._run(closure, params, at_theta=True, final=True)
         grads = self._grads(params, foreach, take=True)
         norm = self._norm(grads, phi, foreach)
         check = [norm]
@@ -168,8 +172,8 @@ class LookbehindSAM(SharpnessOptimizer):
             if e is not None:  # p_j = p_{j-1} + e, unless the step was skipped
                 if skipped is not None:
                     e.masked_fill_(skipped, 0.0)
-                if first or _POINT not in s:
-                    s[_POINT] = e.add_(phi_i)
+                if first or _POINT not in s:  # a tensor of its own: e may view a step buffer
+                    s[_POINT] = phi_i + e
                 else:
                     s[_POINT].add_(e)
         F.copy_(params, phi, foreach)
