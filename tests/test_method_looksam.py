@@ -24,6 +24,7 @@ from tests._family import (
 )
 from torch import Tensor, nn
 
+from agnostic_sam import LossScaler
 from agnostic_sam.methods import create_optimizer, get_method
 
 EPS = 1e-12
@@ -286,3 +287,18 @@ def test_looksam_synchronizes_every_pass_under_ddp(name) -> None:
         opt.step(closure)
     # SAM's local ascent pass runs in no_sync; every LookSAM pass synchronizes
     assert silenced == ([False] * 4 if name == "looksam" else [True, False] * 3)
+
+
+def test_looksam_sam_step_skipped_by_loss_scaling_keeps_v() -> None:
+    model = make_model()
+    cls, kwargs = BASES["sgd"]
+    opt = create_optimizer("looksam", model.parameters(), cls, kwargs, settings={"k": 2},
+                           loss_scaler=LossScaler())
+    data = batches(steps=2)
+    _train(model, opt, data)
+    before = copy.deepcopy(opt.state_dict()["state"])
+    x, y = data[0]
+    _train(model, opt, [(x * float("nan"), y)])  # step 3: a SAM step, skipped
+    assert float(opt.stats["skipped"]) == 1.0 and opt.looksam_step == 3
+    after = opt.state_dict()["state"]
+    assert all(torch.equal(s["looksam_v"], after[i]["looksam_v"]) for i, s in before.items())
