@@ -23,6 +23,7 @@ from tests._family import (
 )
 from torch import Tensor, nn
 
+from agnostic_sam import LossScaler
 from agnostic_sam.methods import create_optimizer
 
 EPS = 1e-12
@@ -200,3 +201,20 @@ def test_lookbehind_synchronizes_both_passes_under_ddp() -> None:
 
         opt.step(closure)
     assert silenced == [False] * 6
+
+
+def test_lookbehind_step_skipped_by_loss_scaling_keeps_f_and_p() -> None:
+    model = make_model()
+    cls, kwargs = BASES["sgd"]
+    opt = create_optimizer("lookbehind-sam", model.parameters(), cls, kwargs,
+                           settings={"rho": 0.1, "k": 3}, loss_scaler=LossScaler())
+    data = batches(steps=2)
+    _train(model, opt, data[:1])
+    before = copy.deepcopy(opt.state_dict()["state"])
+    x, y = data[1]
+    _train(model, opt, [(x * float("nan"), y)])
+    assert float(opt.stats["skipped"]) == 1.0 and opt.lookbehind_step == 2
+    after = opt.state_dict()["state"]
+    for i, s in before.items():
+        for key in ("lookbehind_fast", "lookbehind_point"):
+            assert torch.equal(s[key], after[i][key])
