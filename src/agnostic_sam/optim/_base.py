@@ -18,9 +18,11 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from agnostic_sam.amp import LossScaler
-from agnostic_sam.optim import _checks, _contract, _scaling
+from agnostic_sam.optim import _checks, _contract, _flat, _scaling
 from agnostic_sam.optim import _functional as F
 from agnostic_sam.optim._checks import PERTURBATIONS, Closure
+from agnostic_sam.optim._flat import Layout
+from agnostic_sam.optim._watch import BackwardWatch
 
 __all__ = ["PERTURBATIONS", "Closure", "SharpnessOptimizer"]
 
@@ -94,9 +96,8 @@ class SharpnessOptimizer(torch.optim.Optimizer):
         # True exactly while a closure runs at the unperturbed weights theta.
         self.at_theta = False
         self._grad_scaler: Any = None  # the torch.amp.GradScaler driving the current step
-        self._grad_counts: dict[int, int] = {}  # id(p) -> backward passes summed into p.grad
-        self._hooked: set[int] = set()
-        self._hook_handles: list[Any] = []
+        self._watch = BackwardWatch()  # backward passes since the optimizer emptied p.grad
+        self._layout_cache: Layout | None = None  # the param lists, cached per group structure
         self._grads_zeroed = False  # zero_grad(set_to_none=False) left zeros in p.grad
         self._scale_calls = 0  # loss_scaler.calls when the optimizer last cleared p.grad
         # Whether a GradScaler drove the step in which the closure's scaling was last checked.
@@ -121,16 +122,15 @@ class SharpnessOptimizer(torch.optim.Optimizer):
                 f"{type(self).__name__} cannot be copied between first_step() and "
                 "second_step() (the weights are perturbed): call second_step() first"
             )
-        skip = {"_hook_handles", "_hooked", "_grad_counts", "_grad_scaler"}
+        skip = {"_watch", "_layout_cache", "_grad_scaler"}
         skip.update(k for k in self.__dict__ if k.startswith("_optimizer_") and k.endswith("hooks"))
         return {k: v for k, v in self.__dict__.items() if k not in skip}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)  # torch.optim: empty hook dicts, the hooked step
         self._grad_scaler = None
-        self._grad_counts = {}
-        self._hooked = set()
-        self._hook_handles = []
+        self._watch = BackwardWatch()
+        self._layout_cache = None
         _contract.without_global_step_hooks(self.base_optimizer)
         self._share_base()
         self._hook_params()
@@ -142,16 +142,21 @@ class SharpnessOptimizer(torch.optim.Optimizer):
         self.state = self.base_optimizer.state
 
     def _hook_params(self) -> None:
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.requires_grad and id(p) not in self._hooked:
-                    hook = _checks.count_accumulations(self._grad_counts)
-                    self._hook_handles.append(p.register_post_accumulate_grad_hook(hook))
-                    self._hooked.add(id(p))
+        self._watch.attach(self._layout().params)
+
+    def _layout(self) -> Layout:
+        """The cached parameter lists (rebuilt when a group or a group's parameter list
+        changes)."""
+        cache = self._layout_cache
+        if cache is None or cache.key != _flat.layout_key(self.param_groups):
+            cache = self._layout_cache = Layout(self.param_groups)
+            self._watch.attach(cache.params)
+        return cache
 
     def __del__(self) -> None:
-        for handle in getattr(self, "_hook_handles", ()):
-            handle.remove()
+        watch = getattr(self, "_watch", None)
+        if watch is not None:
+            watch.detach()
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         for key in self._radius_keys:
@@ -167,7 +172,7 @@ class SharpnessOptimizer(torch.optim.Optimizer):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none)
-        self._grad_counts.clear()
+        self._watch.reset()
         self._grads_zeroed = not set_to_none
 
     def state_dict(self) -> dict[str, Any]:
@@ -217,19 +222,17 @@ class SharpnessOptimizer(torch.optim.Optimizer):
     # ---- pieces used by the step functions -------------------------------------------------
 
     def _params(self) -> tuple[list[Tensor], list[dict[str, Any]]]:
-        """All parameters, and for each its group (the radii are per group)."""
-        params, groups = [], []
-        for group in self.param_groups:
-            for p in group["params"]:
-                params.append(p)
-                groups.append(group)
-        return params, groups
+        """All parameters, and for each its group (the radii are per group). The lists are
+        cached (rebuilt when the groups change): read them, do not modify them."""
+        layout = self._layout()
+        return layout.params, layout.groups
 
     def _use_foreach(self, params: list[Tensor]) -> bool:
         if self.perturb_foreach is not None:
             return bool(self.perturb_foreach)
-        # As torch.optim does: the multi-tensor kernels pay off on accelerators.
-        return bool(params) and all(p.device.type != "cpu" for p in params)
+        # The multi-tensor ops run the same per-tensor kernels on the CPU (same bits), looped in
+        # C++ instead of Python: faster everywhere.
+        return bool(params)
 
     def _check_groups(self) -> None:
         _checks.check_groups(self.param_groups, self._radius_keys)
@@ -241,17 +244,16 @@ class SharpnessOptimizer(torch.optim.Optimizer):
             grad_scaler = _contract.driving_grad_scaler(self)  # GradScaler's attribute protocol
         _checks.check_entry_scaler(self, grad_scaler)
         self._grad_scaler = grad_scaler
-        self._hook_params()
+        self._layout().begin()  # also re-hooks the sentinels when the parameters changed
 
     def _end(self) -> None:
         """After every step (taken, skipped or failed): p.grad is left empty, so the next step
         never mistakes this step's gradients for gradients present at its entry."""
         self._grad_scaler = None
         self.at_theta = False
-        for group in self.param_groups:
-            for p in group["params"]:
-                p.grad = None
-        self._grad_counts.clear()
+        for p in self._layout().params:
+            p.grad = None
+        self._watch.reset()
         self._grads_zeroed = False
         if self.loss_scaler is not None:
             self._scale_calls = self.loss_scaler.calls
@@ -384,15 +386,39 @@ class SharpnessOptimizer(torch.optim.Optimizer):
         idx = [i for i, g in enumerate(grads) if g is not None]
         if not idx:
             return self._zero_like_norm(theta)
+        if len(idx) == len(grads):  # every one: the lists as they are (packed ones stay packed)
+            return self._global_norm(grads, foreach, theta if self.adaptive else None)
         weights = [theta[i] for i in idx] if self.adaptive else None
-        return F.global_norm([grads[i] for i in idx], foreach, weights)
+        return self._global_norm([grads[i] for i in idx], foreach, weights)
+
+    def _global_norm(
+        self, tensors: list[Tensor], foreach: bool, weights: list[Tensor] | None = None
+    ) -> Tensor:
+        """`_functional.global_norm`, through the flat fast path when it applies (same bits)."""
+        return _flat.global_norm(self._layout(), tensors, foreach, weights)
+
+    def _dot(self, a: list[Tensor | None], b: list[Tensor | None], like: Tensor) -> Tensor:
+        """<a, b> over the parameters where both have a gradient (0 like `like` where none)."""
+        fast = _flat.dot(self._layout(), a, b)  # type: ignore[arg-type]
+        if fast is not None:
+            return fast
+        both = [(x, y) for x, y in zip(a, b) if x is not None and y is not None]
+        if not both:
+            return like * 0
+        return F.dot([x for x, _ in both], [y for _, y in both])
+
+    def _snapshot(self, params: list[Tensor], foreach: bool) -> list[Tensor]:
+        """theta: a copy of `params` (one flat buffer when the fast path applies), restored
+        bit for bit with `_functional.copy_`."""
+        theta = _flat.snapshot(self._layout(), params)
+        return theta if theta is not None else [p.detach().clone() for p in params]
 
     def _plain_norm(self, grads: list[Tensor | None], norm: Tensor, foreach: bool) -> Tensor:
         """The plain 2-norm for the stats: the perturbation norm unless adaptive scaling is on."""
         present = [g for g in grads if g is not None]
         if not self.adaptive or not present:
             return norm
-        return F.global_norm(present, foreach)
+        return self._global_norm(present, foreach)
 
     def _perturb(
         self,

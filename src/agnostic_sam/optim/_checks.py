@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from agnostic_sam.amp import LossScaler
+from agnostic_sam.optim._watch import all_zero
 
 __all__ = [
     "PERTURBATIONS",
@@ -29,7 +30,6 @@ __all__ = [
     "check_groups",
     "check_options",
     "check_radius",
-    "count_accumulations",
     "present_gradients",
     "radius_error",
     "run_watching_grad_scalers",
@@ -139,29 +139,26 @@ def check_entry_scaler(opt: Any, grad_scaler: Any) -> None:
         )
 
 
-def count_accumulations(counts: dict[int, int]) -> Callable[[Tensor], None]:
-    """A post-accumulate-grad hook: counts the backward passes summed into p.grad. It holds the
-    counter, not the optimizer, so a parameter does not keep its optimizer alive."""
-
-    def hook(p: Tensor) -> None:
-        counts[id(p)] = counts.get(id(p), 0) + 1
-
-    return hook
-
-
 def present_gradients(opt: Any, params: list[Tensor]) -> int:
     """The number of backward passes summed into the gradients found in p.grad at step entry
-    (0: none). Zeros left by `zero_grad(set_to_none=False)` count as none."""
+    (0: none), as counted by `opt._watch`. Zeros count as none: those left by the optimizer's own
+    `zero_grad(set_to_none=False)`, and those of the model's or another optimizer's, seen as a
+    change in place after the last backward pass and confirmed zero by one host sync (only on
+    that path)."""
     present = [p for p in params if p.grad is not None]
     if not present:
         return 0
-    passes = max(opt._grad_counts.get(id(p), 0) for p in present)
+    passes = opt._watch.passes()
     name = type(opt).__name__
+    if passes == 0 and opt._grads_zeroed:
+        for p in present:
+            p.grad = None
+        return 0
+    if passes > 0 and not opt._watch.untouched() and all_zero([p.grad for p in present]):
+        for p in present:  # zero_grad(set_to_none=False) after the backward: no gradient
+            p.grad = None
+        return 0
     if passes == 0:
-        if opt._grads_zeroed:
-            for p in present:
-                p.grad = None
-            return 0
         raise RuntimeError(
             f"{name} found gradients in p.grad at step entry that no backward pass since its "
             "last step produced (left over or set by hand): call opt.zero_grad() first"

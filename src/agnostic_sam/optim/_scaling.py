@@ -16,7 +16,6 @@ from torch import Tensor
 
 from agnostic_sam.amp import LossScaler
 from agnostic_sam.optim import _checks
-from agnostic_sam.optim import _functional as F
 
 __all__ = [
     "final_gradients",
@@ -88,7 +87,7 @@ def final_gradients(
     opt._transform_final(params, foreach)
     if want_norm or opt.check_finite or opt._scaled:
         final = [p.grad for p in params if p.grad is not None]
-        norm = F.global_norm(final, foreach) if final else opt._zero_like_norm(params)
+        norm = opt._global_norm(final, foreach) if final else opt._zero_like_norm(params)
         if opt.check_finite or opt._scaled:
             check.append(norm)
     if opt.max_grad_norm is not None:

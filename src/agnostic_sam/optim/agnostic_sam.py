@@ -179,7 +179,7 @@ class AgnosticSAM(SharpnessOptimizer):
                 "and call opt.zero_grad() before the step"
             )
         foreach = self._use_foreach(params)
-        theta = [p.detach().clone() for p in params]  # buffer 1: theta, restored bit for bit
+        theta = self._snapshot(params, foreach)  # buffer 1: theta, restored bit for bit
         with self._restore_on_error(params, theta, foreach):
             # Pass 1: B^v at theta.
             loss_val = self._run(val_closure, params, at_theta=True, final=False)
@@ -204,8 +204,7 @@ class AgnosticSAM(SharpnessOptimizer):
             norm_t = self._norm(gt, theta, foreach)
             check.append(norm_t)
             grad_norm_train = self._plain_norm(gt, norm_t, foreach)
-            both = [(a, b) for a, b in zip(gt, gv) if a is not None and b is not None]
-            dot = F.dot([a for a, _ in both], [b for _, b in both]) if both else norm_t * 0
+            dot = self._dot(gt, gv, norm_t)
             cos = dot / (grad_norm_train * grad_norm_val).clamp_min(torch.finfo(dot.dtype).tiny)
 
             # theta^t = theta + rho1 g_t / ||g_t|| - rho2 g_v / ||g_v||   (5); grads consumed.

@@ -105,7 +105,7 @@ class SAM(SharpnessOptimizer):
         self, params: list[Tensor], groups: list[dict[str, Any]], foreach: bool
     ) -> tuple[list[Tensor], list[Tensor], Tensor]:
         """From g(theta) in p.grad: keep theta, move to theta + e. Returns (theta, check, ||g||)."""
-        theta = [p.detach().clone() for p in params]  # restored bit for bit
+        theta = self._snapshot(params, foreach)  # restored bit for bit
         grads = self._grads(params, foreach, take=True)
         norm = self._norm(grads, theta, foreach)
         grad_norm = self._plain_norm(grads, norm, foreach)

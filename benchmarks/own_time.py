@@ -1,0 +1,236 @@
+"""Own-time benchmark: the optimizer's work outside its passes when passes are cheap.
+
+A deep narrow MLP (60 Linear + LayerNorm blocks of width 32: 242 parameter tensors) at batch 16
+on one CPU thread, so that one forward+backward pass costs about what a base optimizer step
+costs. Every method of the registry (`agnostic_sam.methods.list_methods()`) is built with its
+defaults over SGD (momentum 0.9, weight decay 5e-4) and stepped in interleaved rounds. Per
+method, medians over every measured step:
+
+- pass ms:  time inside the closures of one step (forward + backward, all passes)
+- step ms:  the whole ``opt.step(...)`` call
+- own ms:   step - pass: the optimizer's own work (norms, perturbations, copies, checks,
+            the base step it calls)
+- own/base: own ms over the base step: ``torch.optim.SGD.step() + zero_grad()`` alone, with
+            the same settings, timed in the same rounds
+
+and the hook overhead: one backward pass through a model whose parameters an optimizer holds,
+over the same backward through an identical model no optimizer holds (ratio of medians).
+
+    OMP_NUM_THREADS=1 python benchmarks/own_time.py --threads 1 [--rounds 15 --steps 5]
+        [--out benchmarks/results/cpu_own_time]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from agnostic_sam.methods import create_optimizer, get_method, list_methods
+
+BASE_KWARGS = {"lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4}
+
+
+def make_model(depth: int, width: int, classes: int, seed: int) -> nn.Module:
+    """`depth` blocks Linear(width, width) + LayerNorm + ReLU, then a Linear head:
+    4 * depth + 2 parameter tensors."""
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    for _ in range(depth):
+        layers += [nn.Linear(width, width), nn.LayerNorm(width), nn.ReLU()]
+    return nn.Sequential(*layers, nn.Linear(width, classes))
+
+
+class Timed:
+    """The closures of one method; `spent` accumulates the seconds spent inside them."""
+
+    def __init__(self, model: nn.Module, opt: Any, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.model, self.opt, self.x, self.y = model, opt, x, y
+        self.spent = 0.0
+
+    def closure(self, x: torch.Tensor, y: torch.Tensor, per_sample: bool) -> Any:
+        def run(index: Any = None, backward: bool = True) -> torch.Tensor:
+            t0 = time.perf_counter()
+            xb, yb = (x, y) if index is None else (x[index], y[index])
+            losses = F.cross_entropy(self.model(xb), yb, reduction="none")
+            if backward:
+                self.opt.backward(losses.mean())
+            self.spent += time.perf_counter() - t0
+            return losses.detach() if per_sample else losses.mean()
+
+        return run
+
+
+def build(name: str, model0: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[Any, Timed]:
+    """Method `name` over its own copy of the model; returns (step function, timer)."""
+    info = get_method(name)
+    model = copy.deepcopy(model0)
+    opt = create_optimizer(name, model.parameters(), torch.optim.SGD, dict(BASE_KWARGS),
+                           model=model)
+    timer = Timed(model, opt, x, y)
+    per_sample = info.closure == "per-sample"
+    if info.splits_batch:
+        n_t = round(0.7 * len(x))
+        closures = (timer.closure(x[:n_t], y[:n_t], per_sample),
+                    timer.closure(x[n_t:], y[n_t:], per_sample))
+    else:
+        closures = (timer.closure(x, y, per_sample),)
+    return (lambda: opt.step(*closures)), timer
+
+
+def base_step(model0: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Any:
+    """The base optimizer's own step + zero_grad, with gradients of one pass in place."""
+    model = copy.deepcopy(model0)
+    opt = torch.optim.SGD(model.parameters(), **BASE_KWARGS)
+    grads = None
+
+    def run() -> float:
+        nonlocal grads
+        if grads is None:
+            F.cross_entropy(model(x), y).backward()
+            grads = [p.grad.clone() for p in model.parameters()]
+        for p, g in zip(model.parameters(), grads):
+            p.grad = g.clone()  # outside the timed region: SGD mutates nothing of it, but fresh
+        t0 = time.perf_counter()
+        opt.step()
+        opt.zero_grad()
+        return time.perf_counter() - t0
+
+    return run
+
+
+def backward_timer(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Any:
+    def run() -> float:
+        model.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x), y)
+        t0 = time.perf_counter()
+        loss.backward()
+        dt = time.perf_counter() - t0
+        model.zero_grad(set_to_none=True)
+        return dt
+
+    return run
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    torch.set_num_threads(args.threads)
+    model0 = make_model(args.depth, args.width, 10, args.seed)
+    gen = torch.Generator().manual_seed(args.seed)
+    x = torch.randn(args.batch_size, args.width, generator=gen)
+    y = torch.randint(0, 10, (args.batch_size,), generator=gen)
+    names = args.methods.split(",") if args.methods else list_methods()
+    steps = {name: build(name, model0, x, y) for name in names}
+    base = base_step(model0, x, y)
+    # Hook overhead: a model held by an optimizer (hooks, if any, registered) vs. a fresh copy.
+    held = copy.deepcopy(model0)
+    holder = create_optimizer("sam", held.parameters(), torch.optim.SGD, dict(BASE_KWARGS))
+    free = copy.deepcopy(model0)
+    bwd = {"held": backward_timer(held, x, y), "free": backward_timer(free, x, y)}
+    samples: dict[str, dict[str, list[float]]] = {n: {"step": [], "pass": []} for n in names}
+    base_ms: list[float] = []
+    bwd_ms: dict[str, list[float]] = {"held": [], "free": []}
+    for r in range(args.rounds + 1):  # round 0 warms every path up
+        for name, (step, timer) in steps.items():
+            for _ in range(args.steps):
+                timer.spent = 0.0
+                t0 = time.perf_counter()
+                step()
+                total = time.perf_counter() - t0
+                if r:
+                    samples[name]["step"].append(total * 1e3)
+                    samples[name]["pass"].append(timer.spent * 1e3)
+        for _ in range(args.steps):
+            dt = base()
+            if r:
+                base_ms.append(dt * 1e3)
+        for _ in range(args.steps * 4):
+            for key in ("held", "free") if r % 2 else ("free", "held"):
+                dt = bwd[key]()
+                if r:
+                    bwd_ms[key].append(dt * 1e3)
+    del holder
+    base_med = statistics.median(base_ms)
+    methods = {}
+    for name, s in samples.items():
+        own = [a - b for a, b in zip(s["step"], s["pass"])]
+        methods[name] = {
+            "pass_ms": statistics.median(s["pass"]),
+            "step_ms": statistics.median(s["step"]),
+            "own_ms": statistics.median(own),
+            "own_over_base": statistics.median(own) / base_med,
+            "own_share": statistics.median([o / t for o, t in zip(own, s["step"])]),
+        }
+    return {
+        "config": {k: v for k, v in vars(args).items() if k != "out"},
+        "param_tensors": sum(1 for _ in model0.parameters()),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.processor() or platform.machine(),
+        "base_step_ms": base_med,
+        "backward_ms": {k: statistics.median(v) for k, v in bwd_ms.items()},
+        "hook_overhead": statistics.median(bwd_ms["held"]) / statistics.median(bwd_ms["free"]),
+        "methods": methods,
+    }
+
+
+def markdown(result: dict[str, Any], command: str) -> str:
+    c = result["config"]
+    rows = [
+        f"# Own time, {c['depth']}-block MLP width {c['width']} "
+        f"({result['param_tensors']} parameter tensors), batch {c['batch_size']}, "
+        f"{c['threads']} thread(s)",
+        "",
+        f"`{command}`; torch {result['torch']}; medians of {c['rounds']} interleaved rounds x "
+        f"{c['steps']} steps.",
+        "",
+        f"Base step (SGD momentum, step + zero_grad): {result['base_step_ms']:.2f} ms. "
+        f"Backward pass, parameters held by an optimizer / not: "
+        f"{result['backward_ms']['held']:.2f} / {result['backward_ms']['free']:.2f} ms = "
+        f"{result['hook_overhead']:.3f}.",
+        "",
+        "| method | pass ms | step ms | own ms | own / base step | own share of step |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, m in result["methods"].items():
+        rows.append(f"| {name} | {m['pass_ms']:.2f} | {m['step_ms']:.2f} | {m['own_ms']:.2f} | "
+                    f"{m['own_over_base']:.2f} | {100 * m['own_share']:.1f}% |")
+    return "\n".join(rows) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--depth", type=int, default=60, help="Linear+LayerNorm blocks")
+    ap.add_argument("--width", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--steps", type=int, default=5, help="steps per method per round")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--methods", default="", help="comma-separated (default: the whole registry)")
+    ap.add_argument("--out", default="", help="write OUT.json and OUT.md")
+    args = ap.parse_args(argv)
+    result = measure(args)
+    command = "OMP_NUM_THREADS=1 python benchmarks/own_time.py " + " ".join(
+        sys.argv[1:] if argv is None else argv)
+    text = markdown(result, command.strip())
+    print(text)
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+        out.with_suffix(".md").write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""The flat fast path: a step's per-parameter lists packed into one contiguous buffer, so that a
+global norm or a scaling costs a few kernels instead of one per parameter tensor.
+
+A `Layout` caches, for one structure of param groups, the parameters in order, their groups,
+and a packing order: parameters sorted by size (stable), so that the tensors of equal numel are
+rows of one ``(count, numel)`` block. A packed list (`Packed`) is a list of views of such a
+buffer, in parameter order, usable wherever a list of tensors is: theta, copied with one foreach
+copy into a buffer of a pool kept with the layout (allocated once; valid until the next step
+begins). Norms of other lists go through a scratch buffer that is never handed out.
+
+Same bits as the per-tensor path: a row norm of a block equals the norm of that tensor alone
+(the same reduction over the same contiguous numbers), the norms are put back in parameter order
+before the norm of norms, and element-wise products are element-wise products. The fast path is
+taken on the CPU for float32/float64 dense tensors on one device (on accelerators the foreach
+kernels already fuse per-tensor work; other dtypes keep their reduction as it was).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from agnostic_sam.optim import _functional as F
+
+__all__ = ["Layout", "Packed", "dot", "global_norm", "layout_key", "snapshot"]
+
+_DTYPES = (torch.float32, torch.float64)
+
+
+def layout_key(param_groups: list[dict[str, Any]]) -> tuple[Any, ...]:
+    """What a `Layout` depends on: the group list and each group's parameter list (identity and
+    length). Cheap: per group, not per parameter."""
+    return (id(param_groups),) + tuple((id(g["params"]), len(g["params"])) for g in param_groups)
+
+
+class Packed(list):  # type: ignore[type-arg]
+    """Views (in parameter order) of one flat buffer `flat` packed by `layout`."""
+
+    flat: Tensor
+    layout: Layout
+    views: tuple[Tensor, ...]
+
+    def of(self, layout: Layout) -> bool:
+        """Packed by `layout`, and every element still the view it was (none replaced)."""
+        return (self.layout is layout and len(self) == len(self.views)
+                and all(a is b for a, b in zip(self, self.views)))
+
+
+class Layout:
+    """Parameters and groups in order, and the packing order of the flat fast path."""
+
+    def __init__(self, param_groups: list[dict[str, Any]]) -> None:
+        self.key = layout_key(param_groups)
+        self.params: list[Tensor] = []
+        self.groups: list[dict[str, Any]] = []
+        for group in param_groups:
+            for p in group["params"]:
+                self.params.append(p)
+                self.groups.append(group)
+        self.single_group = len(param_groups) == 1
+        first = self.params[0] if self.params else None
+        self.fast = first is not None and all(
+            p.device == first.device and p.dtype == first.dtype and p.layout == torch.strided
+            for p in self.params
+        ) and first.device.type == "cpu" and first.dtype in _DTYPES
+        self.pool: list[Packed] = []
+        self.free: list[Packed] = []
+        self.scratch: list[Packed] = []
+        if not self.fast:
+            return
+        n = len(self.params)
+        self.order = sorted(range(n), key=lambda i: self.params[i].numel())
+        position = [0] * n  # position[i]: row of parameter i in the packed order
+        for row, i in enumerate(self.order):
+            position[i] = row
+        self.position = position
+        self.gather = torch.tensor(position, dtype=torch.long)
+        # Blocks of equal numel: (offset into flat, rows, numel).
+        self.blocks: list[tuple[int, int, int]] = []
+        offset = 0
+        sizes = [self.params[i].numel() for i in self.order]
+        start = 0
+        while start < n:
+            end = start
+            while end < n and sizes[end] == sizes[start]:
+                end += 1
+            self.blocks.append((offset, end - start, sizes[start]))
+            offset += (end - start) * sizes[start]
+            start = end
+        self.shapes = [p.shape for p in self.params]
+        self.total = sum(p.numel() for p in self.params)
+
+    def matches(self, params: list[Tensor]) -> bool:
+        """`params` is this layout's parameter list, element for element."""
+        mine = self.params
+        if params is mine:
+            return True
+        return len(params) == len(mine) and all(a is b for a, b in zip(params, mine))
+
+    def accepts(self, tensors: list[Tensor | None]) -> bool:
+        """The fast path applies to `tensors` (aligned with the parameters): every one present,
+        dense, of the parameters' dtype and shape."""
+        if not self.fast or len(tensors) != len(self.params):
+            return False
+        if isinstance(tensors, Packed) and tensors.of(self):
+            return True
+        dtype = self.params[0].dtype
+        if not all(t is not None and t.layout is torch.strided and t.dtype is dtype
+                   for t in tensors):
+            return False
+        return [t.shape for t in tensors] == self.shapes  # type: ignore[union-attr]
+
+    def _buffer(self) -> Packed:
+        """A flat buffer and its views (in parameter order), allocated once and reused."""
+        ordered = [self.params[i] for i in self.order]
+        flat = ordered[0].new_empty(self.total)
+        views = torch._C._nn.unflatten_dense_tensors(flat, ordered)
+        out = Packed(views[r] for r in self.position)
+        out.flat, out.layout, out.views = flat, self, tuple(out)
+        return out
+
+    def begin(self) -> None:
+        """A new step: every buffer of the pool is free again."""
+        self.free = list(self.pool)
+
+    def pack(self, tensors: list[Tensor]) -> Packed:
+        """A copy of `tensors` (aligned with the parameters) in a buffer of the pool, valid until
+        it is released (`release`) or the next step begins. No allocation after the first
+        steps: the pool holds as many buffers as a step has alive at once."""
+        if self.free:
+            out = self.free.pop(0)
+        else:
+            out = self._buffer()
+            self.pool.append(out)
+        torch._foreach_copy_(list(out.views), tensors)
+        return out
+
+    def flat_of(self, tensors: list[Tensor], slot: int = 0) -> Tensor:
+        """The flat buffer of `tensors`: its own when packed by this layout, else a copy in
+        scratch buffer `slot` (read at once; never handed out)."""
+        if isinstance(tensors, Packed) and tensors.of(self):
+            return tensors.flat
+        while len(self.scratch) <= slot:
+            self.scratch.append(self._buffer())
+        torch._foreach_copy_(list(self.scratch[slot].views), tensors)
+        return self.scratch[slot].flat
+
+    def norms(self, flat: Tensor) -> Tensor:
+        """The 2-norm of every tensor packed in `flat`, in parameter order: shape (n,)."""
+        parts = [
+            torch.linalg.vector_norm(flat[o:o + rows * size].view(rows, size), dim=1)
+            for o, rows, size in self.blocks
+        ]
+        return torch.cat(parts).index_select(0, self.gather)
+
+
+
+# ---- the fast paths of SharpnessOptimizer's step pieces (same bits as the list paths) ---------
+
+
+def snapshot(layout: Layout, params: list[Tensor]) -> list[Tensor] | None:
+    """theta: a copy of `params` in a pool buffer (valid until the next step begins), or None
+    when the fast path does not apply."""
+    if not (layout.fast and layout.matches(params)):
+        return None
+    return layout.pack(params)
+
+
+def global_norm(layout: Layout, tensors: list[Tensor], foreach: bool,
+                weights: list[Tensor] | None = None) -> Tensor:
+    """`_functional.global_norm`, bit for bit, with a few kernels when `layout` packs them (one
+    foreach copy into a scratch buffer, one row norm per block of equal numel)."""
+    if not (layout.accepts(tensors) and (weights is None or layout.accepts(weights))):
+        return F.global_norm(tensors, foreach, weights)
+    flat = layout.flat_of(tensors)
+    if weights is not None:
+        flat = layout.flat_of(weights, 1) * flat  # ||T g|| = ||theta * g||, element by element
+    return torch.linalg.vector_norm(layout.norms(flat))
+
+
+def dot(layout: Layout, a: list[Tensor], b: list[Tensor]) -> Tensor | None:
+    """<a, b> in one kernel over flat copies (the order of the sum differs from
+    `_functional.dot`'s: a float64 parity test keeps them within 1e-12); None when the fast
+    path does not apply."""
+    if not (layout.accepts(a) and layout.accepts(b)):
+        return None
+    return torch.dot(layout.flat_of(a), layout.flat_of(b, 1))
