@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from agnostic_sam.methods import register_method
 from agnostic_sam.optim import SAM, AgnosticSAM, Plain
+from agnostic_sam.optim.asam import KwonASAM
 from agnostic_sam.optim.friendly_sam import FriendlySAM
 from agnostic_sam.optim.gsam import GSAM
 from agnostic_sam.optim.lookbehind_sam import LookbehindSAM
@@ -138,4 +139,17 @@ register_method(
           "point, as in the authors' code (no pass runs at theta). rho is per group and ||v|| "
           "global (the authors' code takes one group). Needs a base with momentum state "
           "(SGD momentum > 0, Adam-like exp_avg). No pytorch_optimizer peer",
+)
+register_method(
+    "asam", KwonASAM,
+    description="ASAM as Kwon et al. (2021) wrote it: T = |w| + eta on weights, 1 on biases; "
+                "two passes on B",
+    paper="Kwon et al., ASAM: Adaptive Sharpness-Aware Minimization for Scale-Invariant "
+          "Learning of Deep Neural Networks, ICML 2021",
+    tune="rho", passes=("B", "B"),
+    notes="The authors' ascent_step (T from the parameter's name, eta = 0.01, rho = 0.5); "
+          "weights restored by copy (they subtract e); eps = perturb_eps (theirs 1e-16 on the "
+          "norm). Needs names: model= or model.named_parameters(). sam with adaptive=true is "
+          "davda54's form (T = |w| everywhere, no eta). pytorch_optimizer's SAM(adaptive=True) "
+          "is davda54's form too: no peer of this one",
 )
