@@ -28,9 +28,9 @@ __all__ = ["PERTURBATIONS", "Closure", "SharpnessOptimizer"]
 
 
 @contextlib.contextmanager
-def frozen_batchnorm(model: nn.Module) -> Iterator[None]:
-    """BatchNorm layers of `model` leave their running statistics alone inside the block."""
-    saved = [(m, m.track_running_stats) for m in model.modules() if isinstance(m, _BatchNorm)]
+def frozen_batchnorm(layers: list[nn.Module]) -> Iterator[None]:
+    """The BatchNorm `layers` leave their running statistics alone inside the block."""
+    saved = [(m, m.track_running_stats) for m in layers]
     try:
         for m, _ in saved:
             m.track_running_stats = False
@@ -38,6 +38,10 @@ def frozen_batchnorm(model: nn.Module) -> Iterator[None]:
     finally:
         for m, value in saved:
             m.track_running_stats = value
+
+
+def _pick(xs: list[Any], idx: list[int] | None) -> list[Any]:
+    return xs if idx is None else [xs[i] for i in idx]
 
 
 class SharpnessOptimizer(torch.optim.Optimizer):
@@ -286,7 +290,11 @@ class SharpnessOptimizer(torch.optim.Optimizer):
         if not freeze or self.model is None:
             yield
             return
-        with frozen_batchnorm(self.model):
+        layout = self._layout()  # the layers are looked up once per parameter structure
+        if layout.batchnorms is None or layout.batchnorms[0] is not self.model:
+            layers = [m for m in self.model.modules() if isinstance(m, _BatchNorm)]
+            layout.batchnorms = (self.model, layers)
+        with frozen_batchnorm(layout.batchnorms[1]):
             yield
 
     def _sync_context(self, sync: bool) -> contextlib.AbstractContextManager[Any]:
@@ -371,7 +379,7 @@ class SharpnessOptimizer(torch.optim.Optimizer):
         present = [g for g in grads if g is not None]
         if present and self._scaled:
             F.scale_(present, self._inv_scale(present[0].dtype), foreach)
-        return grads
+        return _flat.checked(self._layout(), params, grads)
 
     @staticmethod
     def _zero_like_norm(params: list[Tensor]) -> Tensor:
@@ -435,6 +443,14 @@ class SharpnessOptimizer(torch.optim.Optimizer):
 
         Lists are aligned with `params`; parameters whose gradient is None are not touched.
         """
+        layout = self._layout()
+        if isinstance(grads, _flat.Checked) and grads.layout is layout and groups is layout.groups:
+            # Every parameter has a gradient: the groups' index lists are cached.
+            for group, idx in layout.by_group:
+                F.perturb_(_pick(params, idx), _pick(grads, idx),  # type: ignore[arg-type]
+                           _pick(theta, idx) if self.adaptive else None,
+                           sign * group[key], norm + self.perturb_eps, foreach)
+            return
         # Group by group: the radius is a per-group hyper-parameter, the norm is global.
         by_group: dict[int, tuple[dict[str, Any], list[int]]] = {}
         for i, (g, group) in enumerate(zip(grads, groups)):

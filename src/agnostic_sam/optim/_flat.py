@@ -24,7 +24,8 @@ from torch import Tensor
 
 from agnostic_sam.optim import _functional as F
 
-__all__ = ["Layout", "Packed", "dot", "global_norm", "layout_key", "snapshot"]
+__all__ = ["Checked", "Layout", "Packed", "checked", "dot", "global_norm", "layout_key",
+           "snapshot"]
 
 _DTYPES = (torch.float32, torch.float64)
 
@@ -48,6 +49,13 @@ class Packed(list):  # type: ignore[type-arg]
                 and all(a is b for a, b in zip(self, self.views)))
 
 
+class Checked(list):  # type: ignore[type-arg]
+    """The gradients of `layout`'s parameters, every one present and dense (read from p.grad,
+    so of their parameters' shape and dtype): the fast path applies without a check."""
+
+    layout: Layout
+
+
 class Layout:
     """Parameters and groups in order, and the packing order of the flat fast path."""
 
@@ -60,6 +68,14 @@ class Layout:
                 self.params.append(p)
                 self.groups.append(group)
         self.single_group = len(param_groups) == 1
+        # Per group: (group, indices of its parameters, or None for all of them).
+        by_group: dict[int, tuple[dict[str, Any], list[int]]] = {}
+        for i, g in enumerate(self.groups):
+            by_group.setdefault(id(g), (g, []))[1].append(i)
+        self.by_group: list[tuple[dict[str, Any], list[int] | None]] = [
+            (g, None if len(by_group) == 1 else idx) for g, idx in by_group.values()
+        ]
+        self.batchnorms: tuple[Any, list[Any]] | None = None  # (model, its BatchNorm layers)
         first = self.params[0] if self.params else None
         self.fast = first is not None and all(
             p.device == first.device and p.dtype == first.dtype and p.layout == torch.strided
@@ -104,6 +120,8 @@ class Layout:
         dense, of the parameters' dtype and shape."""
         if not self.fast or len(tensors) != len(self.params):
             return False
+        if isinstance(tensors, Checked) and tensors.layout is self:
+            return True
         if isinstance(tensors, Packed) and tensors.of(self):
             return True
         dtype = self.params[0].dtype
@@ -166,6 +184,16 @@ def snapshot(layout: Layout, params: list[Tensor]) -> list[Tensor] | None:
     if not (layout.fast and layout.matches(params)):
         return None
     return layout.pack(params)
+
+
+def checked(layout: Layout, params: list[Tensor], grads: list[Tensor | None]) -> list[Any]:
+    """`grads` (read from p.grad of `params`) marked `Checked` when the fast path applies."""
+    if not (layout.fast and layout.matches(params)
+            and all(g is not None and not g.is_sparse for g in grads)):
+        return grads
+    out = Checked(grads)
+    out.layout = layout
+    return out
 
 
 def global_norm(layout: Layout, tensors: list[Tensor], foreach: bool,

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from agnostic_sam.amp import LossScaler
-from agnostic_sam.optim import _checks
+from agnostic_sam.optim import _checks, _flat
 
 __all__ = [
     "final_gradients",
@@ -87,6 +87,8 @@ def final_gradients(
     opt._transform_final(params, foreach)
     if want_norm or opt.check_finite or opt._scaled:
         final = [p.grad for p in params if p.grad is not None]
+        if len(final) == len(params):  # every parameter has one: mark it for the fast path
+            final = _flat.checked(opt._layout(), params, final)
         norm = opt._global_norm(final, foreach) if final else opt._zero_like_norm(params)
         if opt.check_finite or opt._scaled:
             check.append(norm)
