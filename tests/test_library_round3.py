@@ -93,7 +93,7 @@ def _assert_equal_tensors(a, b, atol=1e-5):
 def test_state_dict_hooks_fire_once_and_may_modify(name):
     # Old behaviour: registered on the wrapper, never called (0 of 4).
     net = _net()
-    opt = _make(name, net.parameters())
+    opt = _make(name, net.named_parameters())
     calls = {"pre": 0, "post": 0, "load_pre": 0, "load_post": 0}
 
     def pre(o):
@@ -136,7 +136,7 @@ def test_step_hooks_fire_once_per_step(name):
     )
 
     net = _net()
-    opt = _make(name, net.parameters())
+    opt = _make(name, net.named_parameters())
     seen: list[tuple[str, object]] = []
     handles = [
         register_optimizer_step_pre_hook(lambda o, a, k: seen.append(("global pre", o))),
@@ -179,7 +179,7 @@ def _functional_loss(opt):
 def test_deepcopy_of_the_optimizer_alone_steps_like_the_original(name):
     # Old behaviour: the copy lacked base_optimizer, model, ...: AttributeError on its step.
     net = _net()
-    opt = _make(name, net.parameters())
+    opt = _make(name, net.named_parameters())
     _train(name, opt, _functional_loss(opt), 3)
     twin = copy.deepcopy(opt)
     assert all(a is not b for a, b in zip(_params(opt), _params(twin)))
@@ -192,7 +192,7 @@ def test_deepcopy_of_the_optimizer_alone_steps_like_the_original(name):
 
 def _model_and_opt(name):
     net = _net(bn=True)
-    opt = _make(name, net.parameters(), model=net)
+    opt = _make(name, net.named_parameters(), model=net)
     return net, opt
 
 
@@ -220,7 +220,7 @@ def test_copy_of_model_and_optimizer_steps_like_the_original(name, how):
 
 def test_pickle_of_the_optimizer_alone_steps_like_the_original():
     net = _net()
-    opt = _make("sam", net.parameters())
+    opt = _make("sam", net.named_parameters())
     _train("sam", opt, _functional_loss(opt), 3)
     twin = pickle.loads(pickle.dumps(opt))
     _train("sam", opt, _functional_loss(opt), STEPS, start=3)
@@ -243,7 +243,7 @@ def test_copy_between_first_and_second_step_is_refused():
 
 def _grad_scaler_steps(name, scaler_cls):
     net = _net()
-    opt = _make(name, net.parameters())
+    opt = _make(name, net.named_parameters())
     scaler = scaler_cls("cpu", init_scale=2.0**10, growth_interval=3)
     scaler.scale(torch.zeros(()))  # GradScaler makes its scale in the first scale()
     x, y = _data()
@@ -262,7 +262,7 @@ def _grad_scaler_steps(name, scaler_cls):
 def _loss_scaler_steps(name):
     net = _net()
     scaler = LossScaler(init_scale=2.0**10, growth_interval=3)
-    opt = _make(name, net.parameters(), loss_scaler=scaler)
+    opt = _make(name, net.named_parameters(), loss_scaler=scaler)
     x, y = _data()
     x[5 * BATCH] = 1e30
     loss_fn = _model_loss(net)
@@ -311,7 +311,7 @@ def test_step_signature_follows_the_installed_grad_scaler():
     names = set(torch.amp.GradScaler.step.__code__.co_names)
     sets_attributes = {"grad_scale", "found_inf"} <= names
     for name in list_methods():
-        opt = _make(name, _net().parameters())
+        opt = _make(name, _net().named_parameters())
         keyword = "grad_scaler" in inspect.signature(opt.step).parameters
         assert keyword is not sets_attributes
 
@@ -398,7 +398,7 @@ def _raw_accelerate(name, accum, micro):
 
     acc = Accelerator(cpu=True, gradient_accumulation_steps=accum)
     net = _net()
-    model, opt = acc.prepare(net, _make(name, net.parameters()))
+    model, opt = acc.prepare(net, _make(name, net.named_parameters()))
     x, y = _data()
     loss_fn = lambda xb, yb: F.cross_entropy(model(xb), yb)  # noqa: E731
     for i in range(STEPS * BATCH // micro):
@@ -425,7 +425,7 @@ def test_raw_accelerate_accumulation_is_refused_naming_sharpness_step(name, fres
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     acc = Accelerator(cpu=True, gradient_accumulation_steps=2)
-    model, opt = acc.prepare(net, _make(name, net.parameters()))
+    model, opt = acc.prepare(net, _make(name, net.named_parameters()))
     x, y = _data(32)
     loss_fn = lambda xb, yb: F.cross_entropy(model(xb), yb)  # noqa: E731
     with pytest.raises(RuntimeError, match="SharpnessStep"):
@@ -443,7 +443,7 @@ def test_raw_accelerate_accumulation_is_refused_naming_sharpness_step(name, fres
 def test_raw_accelerate_without_accumulation_equals_plain_loop(name, fresh_accelerate):
     net = _raw_accelerate(name, accum=1, micro=BATCH)
     ref = _net()
-    opt = _make(name, ref.parameters())
+    opt = _make(name, ref.named_parameters())
     _train(name, opt, _model_loss(ref), STEPS)
     _assert_equal_tensors(list(net.state_dict().values()), list(ref.state_dict().values()))
 
@@ -460,7 +460,7 @@ def _sharpness_step_run(tmp_path, steps, *, load=False, save=False):
     GradientState._reset_state()
     acc = Accelerator(cpu=True, gradient_accumulation_steps=2)
     net = _net()
-    model, opt = acc.prepare(net, _make("agnostic-sam", net.parameters()))
+    model, opt = acc.prepare(net, _make("agnostic-sam", net.named_parameters()))
     step = SharpnessStep(acc, model, opt, lambda b: F.cross_entropy(model(b[0]), b[1]),
                          split_seed=4)
     x, y = _data()
@@ -495,10 +495,37 @@ def test_accelerate_save_state_mid_window_is_refused(tmp_path, fresh_accelerate)
 
     acc = Accelerator(cpu=True, gradient_accumulation_steps=2)
     net = _net()
-    model, opt = acc.prepare(net, _make("agnostic-sam", net.parameters()))
+    model, opt = acc.prepare(net, _make("agnostic-sam", net.named_parameters()))
     step = SharpnessStep(acc, model, opt, lambda b: F.cross_entropy(model(b[0]), b[1]))
     x, y = _data(16)
     with acc.accumulate(model):
         step((x, y))
     with pytest.raises(RuntimeError, match="unfinished accumulation window"):
         acc.save_state(str(tmp_path / "ckpt"))
+
+
+@needs_accelerate
+def test_raw_accelerate_fp16_grad_scaler_equals_loss_scaler(fresh_accelerate):
+    # Old behaviour: refused ("a wrapper hides its grad_scaler keyword"); accelerate's fp16
+    # optimizer now drives the step through GradScaler's attribute protocol.
+    from accelerate import Accelerator
+
+    acc = Accelerator(cpu=True)
+    acc.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=3)
+    acc.scaler.scale(torch.zeros(()))
+    net = _net()
+    model, opt = acc.prepare(net, _make("sam", net.named_parameters()))
+    # what prepare() gives an fp16 run on a GPU (CPU accelerate has no fp16)
+    opt.__init__(opt.optimizer, scaler=acc.scaler)
+    x, y = _data()
+    x[5 * BATCH] = 1e30  # an overflow at step 5, as in _loss_scaler_steps
+    loss_fn = lambda xb, yb: F.cross_entropy(model(xb), yb)  # noqa: E731
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for i in range(STEPS):
+            xb, yb = x[i * BATCH:(i + 1) * BATCH], y[i * BATCH:(i + 1) * BATCH]
+            opt.step(*_closures("sam", loss_fn, acc.backward, xb, yb, i))
+    ref, ref_scale = _loss_scaler_steps("sam")
+    _assert_equal_tensors(list(net.state_dict().values()), list(ref.state_dict().values()))
+    assert acc.scaler.get_scale() == ref_scale
+    assert opt.step_was_skipped is False
