@@ -24,7 +24,10 @@ The optimizer's `state_dict()` carries `LossScaler.state_dict()` under the key `
 
 `torch.amp.GradScaler` works too, the standard way (``scaler.step(opt, closure)`` with closures
 calling ``scaler.scale(loss).backward()``, then ``scaler.update()``): the optimizers take part in
-its ``_step_supports_amp_scaling`` protocol and give the same steps as `LossScaler`.
+its ``_step_supports_amp_scaling`` protocol and give the same steps as `LossScaler`. Of its two
+forms they follow the installed torch's: GradScaler setting ``opt.grad_scale`` /
+``opt.found_inf`` before ``step`` (no FutureWarning; the step finds the scaler that drives it),
+or, in older releases, passing ``grad_scaler=`` to ``step``.
 """
 
 from __future__ import annotations

@@ -29,7 +29,9 @@ accumulation window is refused (the recorded micro-batches are not saved).
 Refused with one line: ``step(batch)`` outside ``accumulate()`` while
 ``gradient_accumulation_steps > 1``; the guarded optimizer stepped directly (``opt.step(closure)``)
 while accumulating; gradients already in p.grad (backward belongs to the step); DeepSpeed, FSDP
-and Megatron.
+and Megatron. Without this helper, the optimizer itself refuses a closure step through the
+prepared optimizer while accumulating (naming `SharpnessStep`): accelerate calls it on the sync
+micro-batch only, so the other closures would never run.
 """
 
 from __future__ import annotations
