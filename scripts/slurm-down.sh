@@ -17,16 +17,22 @@ if [ ! -s "$RECORD" ]; then
   exit 0
 fi
 
+alive() {  # alive PID NAME: PID is a process named NAME and not a zombie (an exited daemon
+  # whose parent, e.g. a container's init, does not reap it)
+  [ "$(cat "/proc/$1/comm" 2>/dev/null)" = "$2" ] &&
+    [ "$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null)" != Z ]
+}
+
 stop() {  # stop NAME: SIGTERM the PID in its PID file if it is that daemon; wait up to 20 s
   local pid i
   pid=$(cat "${PIDFILE[$1]}" 2>/dev/null) || { say "$1: no PID file"; return 0; }
-  if [ -z "$pid" ] || [ "$(cat "/proc/$pid/comm" 2>/dev/null)" != "$1" ]; then
+  if [ -z "$pid" ] || ! alive "$pid" "$1"; then
     say "$1: not running"
     return 0
   fi
   kill "$pid"
   for i in $(seq 200); do
-    [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$1" ] || { say "stopped $1 (pid $pid)"; return 0; }
+    alive "$pid" "$1" || { say "stopped $1 (pid $pid)"; return 0; }
     sleep 0.1
   done
   say "$1 (pid $pid) did not stop in 20 s: killing it"

@@ -23,10 +23,11 @@ die() { echo "slurm-up: error: $*" >&2; exit 1; }
 
 [ "$(id -u)" = 0 ] || die "run as root (it installs packages and starts daemons): sudo $0"
 
-running() {  # running NAME: its PID file names a live process of that name
+running() {  # running NAME: its PID file names a live process of that name (not a zombie)
   local pid
   pid=$(cat "${PIDFILE[$1]}" 2>/dev/null) || return 1
-  [ -n "$pid" ] && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$1" ]
+  [ -n "$pid" ] && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$1" ] &&
+    [ "$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null)" != Z ]
 }
 
 wait_for() {  # wait_for SECONDS WHAT CMD...: poll CMD every 0.1 s
@@ -167,7 +168,8 @@ start_slurm() {  # $1 = 1 when slurm.conf changed: running daemons must read it 
     for name in slurmd slurmctld; do
       if running "$name"; then
         kill "$(cat "${PIDFILE[$name]}")"
-        wait_for 15 "$name to stop" bash -c "! kill -0 $(cat "${PIDFILE[$name]}") 2>/dev/null"
+        for _ in $(seq 150); do running "$name" || break; sleep 0.1; done
+        ! running "$name" || die "$name did not stop after SIGTERM"
       fi
     done
   fi
