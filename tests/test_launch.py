@@ -306,7 +306,7 @@ def test_a_killed_worker_takes_only_its_run(tmp_path):
 
 
 @pytest.mark.slow
-def test_submitit_preempted_and_killed_tasks_end_identical(tmp_path):
+def test_submitit_preempted_and_killed_tasks_end_identical(tmp_path, monkeypatch):
     """submitit's LocalExecutor (real processes, the code path of SLURM without a scheduler):
     task 0 gets the preemption signal (USR2) after its first epoch and is requeued by submitit;
     task 1 is killed with kill -9 and relaunched. Both end bit-identical to inline runs."""
@@ -318,6 +318,7 @@ def test_submitit_preempted_and_killed_tasks_end_identical(tmp_path):
     cfgs = [_cfg(out, seed=s, **settings) for s, out in enumerate(outs)]
     lc = launcher_config({"kind": "slurm", "submitit_cluster": "local", "gpus_per_run": 0,
                           "folder": str(tmp_path / "submitit")})
+    slurm_calls = _fake_slurm(tmp_path, monkeypatch)  # SLURM's client here must change nothing
     submitted = launch(cfgs, lc, progress=False)
     assert [r.action for r in submitted.runs] == ["submitted", "submitted"]
 
@@ -339,6 +340,7 @@ def test_submitit_preempted_and_killed_tasks_end_identical(tmp_path):
             == [("skipped", "finished"), ("resumed", "finished")]), relaunched.text()
     for ref, out in zip(reference, outs):
         _assert_same_run(Path(ref.out), out)
+    assert not slurm_calls.exists()
 
 
 _KILLED_LAUNCHER = textwrap.dedent("""
@@ -492,3 +494,17 @@ def test_no_gpus_on_the_cluster_means_no_gpu_line(tmp_path, capsys, monkeypatch)
                progress=False)
         printed = capsys.readouterr().out
         assert ("--gpus-per-node" not in printed) if line is None else (line in printed)
+
+
+def test_local_runs_stay_local_where_the_slurm_client_is_installed(tmp_path, monkeypatch, capsys):
+    """With SLURM's commands on PATH, submitit's AutoExecutor would pick SLURM by itself; the
+    launcher names its executor, so submitit_cluster local (and --launcher local) ask SLURM
+    nothing. (The slow test of submitit's LocalExecutor runs with the same stand-ins.)"""
+    submitit = pytest.importorskip("submitit")
+    calls = _fake_slurm(tmp_path, monkeypatch)
+    assert submitit.AutoExecutor(folder=tmp_path / "auto").cluster == "slurm"  # the hazard
+    lc = launcher_config({"kind": "slurm", "submitit_cluster": "local"})
+    launch([_cfg(tmp_path / "r")], lc, dry_run=True, progress=False)
+    launch([_cfg(tmp_path / "r")], launcher_config({"kind": "local"}), dry_run=True,
+           progress=False)
+    assert "#SBATCH" in capsys.readouterr().out and not calls.exists()
