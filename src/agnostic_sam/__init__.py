@@ -3,8 +3,14 @@
     from agnostic_sam import AgnosticSAM, split_batch
 """
 
-from agnostic_sam.amp import LossScaler
-from agnostic_sam.optim import SAM, AgnosticSAM, Plain, accumulate, split_batch, split_sizes
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from agnostic_sam.amp import LossScaler
+    from agnostic_sam.optim import SAM, AgnosticSAM, Plain, accumulate, split_batch, split_sizes
 
 __version__ = "0.2.0"
 
@@ -12,3 +18,28 @@ __all__ = [
     "AgnosticSAM", "SAM", "Plain", "LossScaler", "accumulate", "split_batch", "split_sizes",
     "__version__",
 ]
+
+# The public names load on first use (they import torch), so `agnostic_sam.errors` and the
+# command line's `--help` stay light. Name -> the module that defines it.
+_LAZY = {"LossScaler": "agnostic_sam.amp", "AgnosticSAM": "agnostic_sam.optim",
+         "SAM": "agnostic_sam.optim", "Plain": "agnostic_sam.optim",
+         "accumulate": "agnostic_sam.optim", "split_batch": "agnostic_sam.optim",
+         "split_sizes": "agnostic_sam.optim"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value  # later look-ups skip this function
+        return value
+    if not name.startswith("__"):  # `agnostic_sam.optim` without importing it first, as before
+        try:
+            return importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__name__}.{name}":
+                raise
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
