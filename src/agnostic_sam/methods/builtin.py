@@ -11,6 +11,7 @@ from agnostic_sam.optim.gsam import GSAM
 from agnostic_sam.optim.lookbehind_sam import LookbehindSAM
 from agnostic_sam.optim.looksam import LookSAM
 from agnostic_sam.optim.momentum_sam import MomentumSAM
+from agnostic_sam.optim.rwp import RWP
 from agnostic_sam.optim.vasso import VaSSO
 from agnostic_sam.optim.wsam import WSAM
 
@@ -152,4 +153,16 @@ register_method(
           "norm). Needs names: model= or model.named_parameters(). sam with adaptive=true is "
           "davda54's form (T = |w| everywhere, no eta). pytorch_optimizer's SAM(adaptive=True) "
           "is davda54's form too: no peer of this one",
+)
+register_method(
+    "rwp", RWP,
+    description="m-RWP (Li et al. 2022/2024): the gradient at Gaussian noise scaled by each "
+                "row's norm, mixed with the gradient at theta; two passes on B",
+    paper="Li et al., Revisiting Random Weight Perturbation for Efficiently Improving "
+          "Generalization, TMLR 2024",
+    tune="sigma", passes=("B", "B"), state=("rwp_generator",), random=True,
+    notes="Both gradients on the step's batch (the authors take two batches, or two GPUs in "
+          "parallel); the noise from the optimizer's seeded generator (saved in state_dict), "
+          "only on parameters with a gradient, without the authors' 1e-16 added to a 1-D "
+          "tensor's norm; both passes synchronize under DDP. No pytorch_optimizer peer",
 )
