@@ -173,3 +173,32 @@ def test_friendly_sam_foreach_equals_the_loop() -> None:
     multi = run_method("friendly-sam", "adamw", SETTINGS, per_group={"rho": 0.2},
                        perturb_foreach=True)
     assert max_diff(loop, multi) < 1e-12
+
+
+def in_float32(monkeypatch, module) -> None:
+    """The harness's model and batches in float32 (pytorch_optimizer's own precision), for
+    `tests._family` and for `module`, which imported them."""
+    import tests._family as family
+
+    model, data = family.make_model, family.batches
+
+    def f32_model(seed: int = 0):
+        return model(seed).float()
+
+    def f32_data(*args, **kwargs):
+        return [(x.float(), y) for x, y in data(*args, **kwargs)]
+
+    for mod in (family, module):
+        monkeypatch.setattr(mod, "make_model", f32_model)
+        monkeypatch.setattr(mod, "batches", f32_data)
+
+
+def test_pytorch_optimizer_friendly_sam_float32(monkeypatch) -> None:
+    import tests.test_method_friendly_sam as this
+
+    in_float32(monkeypatch, this)
+    ours = run_method("friendly-sam", "sgd", SETTINGS, per_group={"rho": 0.2})
+    assert ours[0].dtype == torch.float32
+    diff = max_diff(ours, _peer_run(SETTINGS))
+    print(f"friendly-sam vs pytorch_optimizer 4.1 (float32, 20 steps): max diff {diff:.3g}")
+    assert diff < 5e-7  # a few float32 ulps of weights below 1 (ulp(0.5) = 6e-8)
