@@ -171,3 +171,18 @@ def test_wsam_decoupled_move_reads_a_tensor_lr() -> None:
             opt.step(closure)
         weights.append([p.detach().clone() for p in model.parameters()])
     assert max_diff(*weights) < 1e-12
+
+
+@pytest.mark.parametrize("decouple", [True, False])
+def test_pytorch_optimizer_wsam_float32(monkeypatch, decouple) -> None:
+    import tests.test_method_wsam as this
+    from tests.test_method_friendly_sam import in_float32
+
+    in_float32(monkeypatch, this)
+    ours = run_method("wsam", "sgd", {"rho": 0.1, "gamma": GAMMA, "decouple": decouple},
+                      per_group={"rho": 0.2})
+    assert ours[0].dtype == torch.float32
+    diff = max_diff(ours, _peer_run(decouple))
+    print(f"wsam vs pytorch_optimizer 4.1 (decouple={decouple}, float32, 20 steps): max diff "
+          f"{diff:.3g}")
+    assert diff < 5e-7  # a few float32 ulps of weights below 1 (ulp(0.5) = 6e-8)
