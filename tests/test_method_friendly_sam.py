@@ -1,4 +1,4 @@
-"""Friendly-SAM against a reference written from Li et al. (CVPR 2024), Eq. 8-9, in float64; its
+"""Friendly-SAM against a reference written from Li et al. (CVPR 2024) in float64; its
 state across a state_dict round trip; and pytorch_optimizer's FriendlySAM on the same steps."""
 
 from __future__ import annotations

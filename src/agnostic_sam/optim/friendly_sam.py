@@ -77,8 +77,8 @@ class FriendlySAM(SharpnessOptimizer):
     moving average of past gradients (per parameter, ``state[p]["fsam_m"]``):
 
     1. at theta:      g = g(theta)
-                      d = g - sigma m,     then  m <- lmbda m + (1 - lmbda) g   (Eq. 8-9;
-                      on a parameter's first step d = g and m = g)
+                      d = g - sigma m,     then  m <- lmbda m + (1 - lmbda) g
+                      (on a parameter's first step d = g and m = g)
     2. at theta + e:  e = rho d / (||d|| + eps)
 
     then restores theta bit for bit and lets the base optimizer step with g(theta + e).
