@@ -1,4 +1,4 @@
-"""VaSSO against a reference written from Li & Giannakis (NeurIPS 2023), Algorithm 1, in float64,
+"""VaSSO against a reference written from Li & Giannakis (NeurIPS 2023) in float64,
 and its state d across a state_dict round trip and a skipped step."""
 
 from __future__ import annotations

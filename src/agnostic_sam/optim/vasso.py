@@ -26,8 +26,8 @@ class VaSSO(SharpnessOptimizer):
     exponential average of past gradients (per parameter, ``state[p]["vasso_d"]``):
 
     1. at theta:      g = g(theta)
-                      d <- (1 - theta) d + theta g      (Algorithm 1; d = g on a parameter's
-                      first step)
+                      d <- (1 - theta) d + theta g      (d = g on a parameter's first
+                      step)
     2. at theta + e:  e = rho d / (||d|| + eps)
 
     then restores theta bit for bit and lets the base optimizer step with g(theta + e). Averaging
