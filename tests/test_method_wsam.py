@@ -1,4 +1,4 @@
-"""WSAM against a reference written from Yue et al. (KDD 2023), Eq. 4 and Algorithm 1, in float64
+"""WSAM against a reference written from Yue et al. (KDD 2023) in float64
 (coupled and decoupled), and pytorch_optimizer's WSAM on the same steps."""
 
 from __future__ import annotations

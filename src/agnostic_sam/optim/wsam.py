@@ -20,8 +20,8 @@ __all__ = ["WSAM"]
 class WSAM(SharpnessOptimizer):
     r"""Weighted SAM, wrapping any `torch.optim` optimizer.
 
-    The loss L + a (L(theta + e) - L) weighs the sharpness term by a = gamma / (1 - gamma)
-    (Eq. 4). Each step runs the closure twice on the same mini-batch B, with g(.) = grad L_B(.):
+    The loss L + a (L(theta + e) - L) weighs the sharpness term by a = gamma / (1 - gamma).
+    Each step runs the closure twice on the same mini-batch B, with g(.) = grad L_B(.):
 
     1. at theta:        g_c = g(theta)
     2. at theta + e:    e = rho g_c / (||g_c|| + eps),  g_s = g(theta + e)
@@ -29,9 +29,10 @@ class WSAM(SharpnessOptimizer):
     then restores theta bit for bit and, with s = g_s - g_c (the sharpness gradient):
 
     - ``decouple=False``: the base optimizer steps with g_c + a s;
-    - ``decouple=True`` (Algorithm 1, the default): the base optimizer steps with g_c, then
-      theta <- theta - lr a s, with the group's lr: the sharpness term bypasses the base
-      optimizer's momentum, adaptive scaling and weight decay, as weight decay does in AdamW.
+    - ``decouple=True`` (the default, as in the authors' code): the base optimizer steps with
+      g_c, then theta <- theta - lr a s, with the group's lr: the sharpness term bypasses the
+      base optimizer's momentum, adaptive scaling and weight decay, as weight decay does in
+      AdamW.
 
     gamma = 1/2 (a = 1) with ``decouple=False`` is SAM. The sharpness move happens only when the
     base optimizer steps (not in a step skipped by loss scaling or refused as non-finite), and a
