@@ -44,7 +44,14 @@ def test_the_reference_itself_trains_as_under_an_epochs_budget(tmp_path) -> None
     wa = load_checkpoint(tmp_path / "a" / "checkpoint.pt")["model"]
     wb = load_checkpoint(tmp_path / "b" / "checkpoint.pt")["model"]
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
-    assert run_id(a) != run_id(b)  # the budget is part of the run's identity
+    # the same steps, so the same run (trained once, shared by both budgets' reports) ...
+    assert run_id(a) == run_id(b)
+    # ... while a budget that changes the steps is part of the identity
+    sgd = _cfg(tmp_path, "c", optimizer="sgd")
+    sgd_passes = _cfg(tmp_path, "c", optimizer="sgd", budget="passes")
+    assert run_id(sgd) != run_id(sgd_passes)
+    assert run_id(sgd_passes) != run_id(_cfg(tmp_path, "c", optimizer="sgd", budget="passes",
+                                              budget_reference="agnostic-sam-simpler"))
     # under an epochs budget the reference does not matter
     c = _cfg(tmp_path, "b", optimizer="sam", budget_reference="sgd")
     assert run_id(c) == run_id(b)

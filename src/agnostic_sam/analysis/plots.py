@@ -22,6 +22,7 @@ __all__ = [
     "plot_congruence",
     "plot_landscape_contours",
     "plot_landscape_surfaces",
+    "plot_frontier",
     "plot_protocol",
 ]
 
@@ -234,5 +235,45 @@ def plot_protocol(
             if j == 0:
                 ax.set_ylabel(ylabel)
             ax.legend(fontsize="small", loc="lower left")
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def plot_frontier(
+    series: Mapping[str, Mapping[str, Sequence[float]]],
+    path: str | Path,
+    *,
+    title: str,
+    xlabel: str = "forward + backward work per run (batches)",
+    ylabel: str = "test accuracy (%)",
+) -> Path:
+    """Accuracy against cost: one panel per row (e.g. ``passes/noise0.4``), one point per method.
+
+    ``series[row][method] = (work, mean, low, high)``: the point at (work, mean) with its 95%
+    interval [low, high] as a vertical bar, labelled with the method's name, so the frontier
+    (most accuracy for the least work) shows at a glance.
+    """
+    rows = list(series)
+    if not rows:
+        raise ValueError("plot_frontier needs at least one row, got none")
+    cols = min(2, len(rows))
+    nrows = -(-len(rows) // cols)
+    fig = Figure(figsize=(6.0 * cols, 4.4 * nrows), layout="constrained")
+    axes = fig.subplots(nrows, cols, squeeze=False)
+    for k, row in enumerate(rows):
+        ax = axes[k // cols][k % cols]
+        for j, (method, (work, mean, low, high)) in enumerate(series[row].items()):
+            colour = f"C{j % 10}"
+            ax.errorbar([work], [mean], yerr=[[mean - low], [high - mean]], marker="o", ms=5,
+                        capsize=3, color=colour, lw=1.2)
+            # staggered labels: methods of one cost share an x
+            ax.annotate(method, (work, mean), textcoords="offset points",
+                        xytext=(5, 9 * (j % 5) - 18), fontsize="x-small", color=colour)
+        ax.set_title(row)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    for k in range(len(rows), nrows * cols):
+        axes[k // cols][k % cols].set_visible(False)
     fig.suptitle(title)
     return _save(fig, path)

@@ -257,6 +257,10 @@ def reproduce(
         figure = _draw_figure(report["tables"][spec.table], out / "figure.png")
         if figure is not None:
             log(f"wrote {figure}")
+        if spec.cost:
+            frontier = _draw_frontier(report["tables"][spec.table], out / "frontier.png")
+            if frontier is not None:
+                log(f"wrote {frontier}")
     return report
 
 
@@ -289,6 +293,17 @@ def _train_phases(runs: list[Run], tune_runs: list[Run], spec: Any, runs_root: P
     return phase(unique_runs(runs), "", "final_seconds",
                  "runs submitted; when they have finished, build the report with the "
                  "same command and --report-only")
+
+
+def _draw_frontier(study: dict[str, Any], path: Path) -> Path | None:
+    """Accuracy against measured cost, one point per method and row (studies with ``cost``)."""
+    from agnostic_sam.analysis.plots import plot_frontier
+    from agnostic_sam.reproduce.study import frontier_series
+
+    series = frontier_series(study)
+    if not series:
+        return None
+    return plot_frontier(series, path, title=f"{study['title']}: accuracy against cost")
 
 
 def _draw_figure(study: dict[str, Any], path: Path) -> Path | None:

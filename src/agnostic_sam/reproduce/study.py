@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from agnostic_sam.reproduce.tables import Run, TableSpec, paper_value
-from agnostic_sam.stats import PairedDifference, paired_difference, summarize
+from agnostic_sam.stats import PairedDifference, paired_difference, summarize, t_quantile
 
-__all__ = ["verdict", "study_report", "render_study", "figure_series"]
+__all__ = ["verdict", "study_report", "render_study", "figure_series", "frontier_series"]
 
 CONFIDENCE = 0.95
 
@@ -54,6 +54,34 @@ def _seed_values(runs: list[Run], runs_root: Path) -> dict[int, float]:
     return values
 
 
+def _costs(runs: list[Run], runs_root: Path) -> dict[str, Any]:
+    """Measured cost of the finished runs: forward + backward work per run in batches (steps x
+    the batch-equivalents the trainer counted per step), wall seconds per run, and the CPUs."""
+    from agnostic_sam.train.rundir import RunDir
+
+    work, seconds, cpus = [], [], set()
+    for run in runs:
+        if run.pending:
+            continue
+        result = RunDir(runs_root / run.run_id).read_result()
+        if result is None or result.get("status") != "finished":
+            continue
+        if result.get("batch_equivalents") is not None:
+            work.append(float(result["steps"]) * float(result["batch_equivalents"]))
+        seconds.append(float(result["total_seconds"]))
+        cpus.add(f"{result.get('cpu')}, {result.get('threads')} thread(s)")
+    return {"batches": sum(work) / len(work) if work else None,
+            "seconds": sum(seconds) / len(seconds) if seconds else None, "machines": cpus}
+
+
+def _interval(summary: Any) -> list[float | None] | None:
+    """The 95% Student-t interval of the mean (None below two values)."""
+    if summary is None or summary.n < 2 or not math.isfinite(summary.std):
+        return None
+    half = t_quantile(0.5 + CONFIDENCE / 2.0, summary.n - 1) * summary.std / math.sqrt(summary.n)
+    return [_finite(summary.mean - half), _finite(summary.mean + half)]
+
+
 def _radius_text(run: Run) -> str:
     from agnostic_sam.train.config import settings_text
 
@@ -79,6 +107,7 @@ def study_report(
     for run in runs:
         by_row.setdefault(str(run.row), {}).setdefault(run.method, []).append(run)
     panels = []
+    machines: set[str] = set()
     for name, entry in spec.panels.items():
         versus = dict(entry.get("versus") or {})
         rows = []
@@ -109,12 +138,17 @@ def study_report(
                     if p and ref != method and paper_of.get(ref) else None
                     for label, ref in versus.items()
                 }
+                cost = _costs(members, runs_root)
+                machines |= cost.pop("machines")
                 cells.append({
                     "method": method,
                     "cell": members[0].cell if members else None,
                     "radius": _radius_text(members[0]) if members else None,
                     "mean": _finite(summary.mean) if summary else None,
                     "std": _finite(summary.std) if summary else None,
+                    "ci": _interval(summary),
+                    "cost_batches": cost["batches"],
+                    "seconds": cost["seconds"],
                     "n": len(vals),
                     "expected": len(members),
                     "seeds": {str(s): v for s, v in sorted(vals.items())},
@@ -151,6 +185,8 @@ def study_report(
         "tuning_settings": dict(spec.tuning),
         "panels": panels,
         "tuning": tuning,
+        "cost": spec.cost,
+        "machines": sorted(machines),
     }
 
 
@@ -181,7 +217,12 @@ def render_study(study: dict[str, Any]) -> list[str]:
             head = (f"### {study['group']} = {group}, {panel['name']}" if study.get("group")
                     else f"### {panel['name']}")
             lines += [head, ""]
-            cols = ["row", "method", "radius", "test acc (mean ± std)", "n"]
+            cost = bool(study.get("cost"))
+            cols = ["row", "method", "setting" if study.get("cost") else "radius",
+                    "test acc (mean ± std)", "n"]
+            if cost:
+                cols[3:4] = ["test acc (mean [95% CI])"]
+                cols += ["work per run (batches)", "s per run"]
             for label in labels:
                 cols += [f"− {label} [95% CI]", f"vs {label}"]
             cols += [f"paper ({study['paper_table']}, its data): acc; gap to " + ", ".join(labels)]
@@ -191,8 +232,12 @@ def render_study(study: dict[str, Any]) -> list[str]:
                     acc = "n/a" if c["mean"] is None else (
                         f"{c['mean']:.2f} ± {c['std']:.2f}" if c["std"] is not None
                         else f"{c['mean']:.2f}")
+                    if cost and c["mean"] is not None and c.get("ci"):
+                        acc = f"{c['mean']:.2f} [{c['ci'][0]:.2f}, {c['ci'][1]:.2f}]"
                     cells = [row["row"], c["method"], c["radius"] or "n/a", acc,
                              f"{c['n']}/{c['expected']}"]
+                    if cost:
+                        cells += [_num(c.get("cost_batches"), ".0f"), _num(c.get("seconds"), ".1f")]
                     for label in labels:
                         cells += list(_vs_text(c["vs"].get(label)))
                     p = c["paper"]
@@ -205,6 +250,10 @@ def render_study(study: dict[str, Any]) -> list[str]:
                         cells.append(f"{p['mean']:.2f}{many}; {gaps}")
                     lines.append("| " + " | ".join(cells) + " |")
             lines.append("")
+    if study.get("cost") and study.get("machines"):
+        lines += ["Work per run: forward + backward passes the trainer counted, in batches "
+                  "(steps x batch-equivalents per step); seconds: wall time per run on "
+                  + "; ".join(study["machines"]) + ".", ""]
     if study["tuning"]:
         t = study["tuning_settings"]
         candidates = sorted({r for entry in study["tuning"] for r in entry["candidates"]})
@@ -229,6 +278,20 @@ def render_study(study: dict[str, Any]) -> list[str]:
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     return lines
+
+
+def frontier_series(study: dict[str, Any]) -> dict[str, Any]:
+    """What `agnostic_sam.analysis.plots.plot_frontier` draws: ``{row: {method: (work, mean,
+    low, high)}}`` for the finished cells of the first panel (accuracy against cost)."""
+    out: dict[str, Any] = {}
+    for row in study["panels"][0]["rows"] if study["panels"] else []:
+        for c in row["methods"]:
+            if c["mean"] is None or c.get("cost_batches") is None:
+                continue
+            low, high = c["ci"] if c.get("ci") else (c["mean"], c["mean"])
+            out.setdefault(str(row["row"]), {})[c["method"]] = (
+                c["cost_batches"], c["mean"], low, high)
+    return out
 
 
 def figure_series(study: dict[str, Any]) -> dict[str, Any]:

@@ -85,7 +85,7 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 TABLES = ("table1", "table2", "table3", "table4", "table5", "table6", "figure1")
 # The paper's protocols on the embedded digits data (not part of "all", which is the paper's own
 # tables): Table 4's label noise and Table 2's small training sets, fixed and tuned radii.
-STUDIES = ("table4-digits", "table2-digits")
+STUDIES = ("table4-digits", "table2-digits", "family-digits")
 
 # Training-set sizes (images) as the paper states them (Sec. 4.1); used by --dry-run only.
 TRAIN_SIZES = {
@@ -119,8 +119,9 @@ SMOKE_WEIGHTS = "smoke:mini-state-dict"
 SMOKE_KEEPS_DATA = ("digits",)
 
 _SPEC_KEYS = {"table", "cell", "metric", "base", "methods", "best_of", "grid",
-              "tuning", "row", "x", "group", "panels", "paper", "title", "note"}
-_TUNING_KEYS = {"val_fraction", "rho2_ratio", "seeds"}
+              "tuning", "row", "x", "group", "panels", "paper", "title", "note", "cost"}
+# val_noise: the held-out part carries the training noise; budget: the tune runs' budget
+_TUNING_KEYS = {"val_fraction", "rho2_ratio", "seeds", "val_noise", "budget"}
 
 
 @dataclass
@@ -193,6 +194,7 @@ class TableSpec:
     paper: dict[str, str] = field(default_factory=dict)
     title: str | None = None
     note: str | None = None
+    cost: bool = False  # the report shows each cell's measured cost and a cost figure
 
 
 def _train_fields() -> set[str]:
@@ -212,6 +214,41 @@ def _linked(values: list[Any]) -> bool:
     return bool(values) and all(isinstance(v, dict) for v in values)
 
 
+def _from_registry(data: dict[str, Any]) -> dict[str, Any]:
+    """``methods: registry``: one method per registered method (each tunable one with ``tune:
+    grid``); ``registry`` in ``grid.method`` and a panel's ``methods`` lists them all."""
+    from agnostic_sam.methods import get_method, list_methods
+
+    names = list_methods()
+    data = dict(data)
+    data["methods"] = {n: ({"optimizer": n, "tune": "grid"} if get_method(n).tunable
+                           else {"optimizer": n}) for n in names}
+    grid = dict(data.get("grid") or {})
+    if grid.get("method") == "registry":
+        grid["method"] = names
+    data["grid"] = grid
+    panels = {}
+    for name, entry in (data.get("panels") or {}).items():
+        entry = dict(entry or {})
+        if entry.get("methods") == "registry":
+            entry["methods"] = names
+        panels[name] = entry
+    data["panels"] = panels
+    return data
+
+
+def _registry_grid(path: Path, fields: dict[str, Any]) -> list[float]:
+    from agnostic_sam.methods import get_method
+
+    try:
+        info = get_method(str(fields.get("optimizer")))
+    except ValueError as exc:
+        raise _fail(path, str(exc)) from None
+    if not info.grid:
+        raise _fail(path, f"method '{info.name}' has no tuning grid in the registry")
+    return list(info.grid)
+
+
 def parse_spec(path: Path) -> TableSpec:
     """One config file, checked: unknown keys, non-TrainConfig fields and unknown methods raise
     UsageError naming the file and the key."""
@@ -222,11 +259,15 @@ def parse_spec(path: Path) -> TableSpec:
     for key in ("table", "cell", "methods", "grid"):
         if key not in data:
             raise _fail(path, f"missing key '{key}'")
+    if data["methods"] == "registry":  # every registered method, tuned over its own grid
+        data = _from_registry(data)
     methods = {str(k): dict(v or {}) for k, v in data["methods"].items()}
     tune = {}
     for name, entry in methods.items():
         if "tune" in entry:
             candidates = entry.pop("tune")
+            if candidates == "grid":  # the tuned setting's own candidates, from the registry
+                candidates = _registry_grid(path, {**(data.get("base") or {}), **entry})
             if not isinstance(candidates, list) or not candidates or not all(
                 isinstance(r, (int, float)) and not isinstance(r, bool) and r > 0
                 and math.isfinite(r)
@@ -253,6 +294,7 @@ def parse_spec(path: Path) -> TableSpec:
         paper={str(k): str(v) for k, v in (data.get("paper") or {}).items()},
         title=data.get("title"),
         note=data.get("note"),
+        cost=bool(data.get("cost", False)),
     )
     allowed = _train_fields()
     sections = [("base", spec.base)] + [(f"methods.{m}", v) for m, v in spec.methods.items()]
@@ -478,9 +520,12 @@ def _listing_line(name: str, overrides: dict[str, Any], cells: str) -> tuple[str
     cfg = _resolved(overrides)
     epochs, max_steps = int(cfg["epochs"]), cfg["max_steps"]
     if cfg["dataset"] in TRAIN_SIZES:
+        from agnostic_sam.train.config import TrainConfig, budget_factor
+
         per_epoch: int | str = steps_per_epoch(overrides)
-        steps = (epochs * int(per_epoch) if max_steps is None
-                 else min(epochs * int(per_epoch), max_steps))
+        # a passes budget stretches a cheaper method's run (the trainer's planned_steps)
+        planned = max(1, round(epochs * int(per_epoch) * budget_factor(TrainConfig(**cfg))))
+        steps = planned if max_steps is None else min(planned, max_steps)
     else:  # --smoke: synthetic data, the step cap decides
         per_epoch, steps = "-", int(max_steps or 0)
     return f"{name:<62} {epochs:>6} {per_epoch:>8} {steps:>9}  {cells}", steps

@@ -55,6 +55,18 @@ def _tuning(spec: TableSpec) -> tuple[float, float, list[int] | None]:
     return float(t["val_fraction"]), float(t["rho2_ratio"]), None if seeds is None else list(seeds)
 
 
+def _tune_only(spec: TableSpec) -> dict[str, Any]:
+    """Settings of the tune runs alone: a held-out part as noisy as the training labels
+    (``tuning.val_noise``), and the budget they tune at (``tuning.budget``; the chosen setting
+    then serves the cell at its own budget)."""
+    t, out = spec.tuning, {}
+    if t.get("val_noise"):
+        out["val_noise"] = True
+    if t.get("budget") is not None:
+        out["budget"] = str(t["budget"])
+    return out
+
+
 def tune_plan(runs: list[Run], spec: TableSpec, seeds: list[int] | None = None) -> list[Run]:
     """The held-out runs that choose the radius of every tuned cell among ``runs``.
 
@@ -76,7 +88,8 @@ def tune_plan(runs: list[Run], spec: TableSpec, seeds: list[int] | None = None) 
             for seed in cell_seeds:
                 overrides = {**run.overrides, "seed": seed, "val_fraction": val_fraction,
                              **radius_overrides(_optimizer(run), radius, rho2_ratio,
-                                                run.overrides.get("method_args"))}
+                                                run.overrides.get("method_args")),
+                             **_tune_only(spec)}
                 tune_runs.append(dataclasses.replace(
                     run, overrides=overrides, phase="tune", radius=radius, tune=None))
     return tune_runs

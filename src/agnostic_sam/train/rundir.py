@@ -47,6 +47,7 @@ from agnostic_sam.train.config import (
     TrainConfig,
     config_to_dict,
     config_yaml,
+    budget_factor,
     load_config,
     method_settings,
 )
@@ -99,6 +100,10 @@ def run_identity(cfg: TrainConfig) -> dict[str, Any]:
         settings = method_settings(cfg)
     except ValueError:  # not a run any command will train; compared as written
         return identity
+    if identity.get("budget") == "passes" and budget_factor(cfg) == 1.0:
+        # the same steps as under an epochs budget (the reference itself, or a method of its
+        # cost): the same run, trained once and shared by both budgets
+        identity["budget"] = "epochs"
     if identity.get("budget") == "epochs":  # the reference only matters for a passes budget
         identity["budget_reference"] = TrainConfig.budget_reference
     for key, legacy in _SHORTHAND_IDENTITY.items():
