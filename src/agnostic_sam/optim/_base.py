@@ -9,39 +9,20 @@ misuse checks (arguments, gradients present at step entry, the closure's scaling
 from __future__ import annotations
 
 import contextlib
-import sys
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from agnostic_sam.amp import LossScaler
-from agnostic_sam.optim import _checks, _contract, _flat, _scaling
+from agnostic_sam.optim import _checks, _contract, _flat, _passes, _scaling
 from agnostic_sam.optim import _functional as F
 from agnostic_sam.optim._checks import PERTURBATIONS, Closure
 from agnostic_sam.optim._flat import Layout
 from agnostic_sam.optim._watch import BackwardWatch
 
 __all__ = ["PERTURBATIONS", "Closure", "SharpnessOptimizer"]
-
-
-@contextlib.contextmanager
-def frozen_batchnorm(layers: list[nn.Module]) -> Iterator[None]:
-    """The BatchNorm `layers` leave their running statistics alone inside the block."""
-    saved = [(m, m.track_running_stats) for m in layers]
-    try:
-        for m, _ in saved:
-            m.track_running_stats = False
-        yield
-    finally:
-        for m, value in saved:
-            m.track_running_stats = value
-
-
-def _pick(xs: list[Any], idx: list[int] | None) -> list[Any]:
-    return xs if idx is None else [xs[i] for i in idx]
 
 
 class SharpnessOptimizer(torch.optim.Optimizer):
@@ -290,17 +271,11 @@ class SharpnessOptimizer(torch.optim.Optimizer):
         if not freeze or self.model is None:
             yield
             return
-        layout = self._layout()  # the layers are looked up once per parameter structure
-        if layout.batchnorms is None or layout.batchnorms[0] is not self.model:
-            layers = [m for m in self.model.modules() if isinstance(m, _BatchNorm)]
-            layout.batchnorms = (self.model, layers)
-        with frozen_batchnorm(layout.batchnorms[1]):
+        with _passes.frozen_batchnorm(_passes.batchnorm_layers(self._layout(), self.model)):
             yield
 
     def _sync_context(self, sync: bool) -> contextlib.AbstractContextManager[Any]:
-        if sync or self.model is None or not hasattr(self.model, "no_sync"):
-            return contextlib.nullcontext()
-        return self.model.no_sync()
+        return _passes.sync_context(self.model, sync)
 
     @staticmethod
     def _as_loss(loss: Any) -> Tensor:
@@ -321,37 +296,7 @@ class SharpnessOptimizer(torch.optim.Optimizer):
         BatchNorm statistics move only in passes at theta; under DDP, a `local` perturbation keeps
         every pass but the final one free of communication (forward and backward in no_sync).
         """
-        if not keep:
-            for p in params:
-                p.grad = None
-        sync = final or self.perturbation == "synced"
-        calls = self.loss_scaler.calls if self.loss_scaler is not None else 0
-        driven = self._grad_scaler is not None
-        # In one step (and again when GradScaler use changes): does every closure scale its loss
-        # with the GradScaler that drives the step, and only then? Skipped under another profiler.
-        watch = (
-            self.loss_scaler is None
-            and self._checked_driven is not driven
-            and sys.getprofile() is None
-        )
-        self.at_theta = at_theta
-        try:
-            with (
-                self._frozen_batchnorm(not at_theta),
-                self._sync_context(sync),
-                torch.enable_grad(),
-            ):
-                if watch:
-                    loss, scalers = _checks.run_watching_grad_scalers(closure)
-                else:
-                    loss = closure()
-        finally:
-            self.at_theta = False
-        if watch:
-            _checks.check_closure_scaling(self._grad_scaler, scalers)
-        if self.loss_scaler is not None:
-            _checks.check_scaled_pass(self.loss_scaler, calls)
-        return self._as_loss(loss)
+        return _passes.run_pass(self, closure, params, at_theta=at_theta, final=final, keep=keep)
 
     @property
     def _scaled(self) -> bool:
@@ -367,19 +312,7 @@ class SharpnessOptimizer(torch.optim.Optimizer):
         With `take`, each gradient is detached from its parameter so that the next pass writes a
         fresh one while this one is kept: the kept list is a buffer, not a copy.
         """
-        grads: list[Tensor | None] = [p.grad for p in params]
-        if not self._supports_sparse:
-            _checks.check_dense(type(self).__name__, grads)
-        if take:
-            alias = bool(getattr(self.model, "gradient_as_bucket_view", False))
-            for p in params:
-                p.grad = None
-            if alias:  # DDP would overwrite bucket views in the next pass
-                grads = [g.clone() if g is not None else None for g in grads]
-        present = [g for g in grads if g is not None]
-        if present and self._scaled:
-            F.scale_(present, self._inv_scale(present[0].dtype), foreach)
-        return _flat.checked(self._layout(), params, grads)
+        return _scaling.gradients(self, params, foreach, take=take)
 
     @staticmethod
     def _zero_like_norm(params: list[Tensor]) -> Tensor:
@@ -391,13 +324,7 @@ class SharpnessOptimizer(torch.optim.Optimizer):
         self, grads: list[Tensor | None], theta: list[Tensor], foreach: bool
     ) -> Tensor:
         """||T g|| over the parameters that have a gradient: T = |theta| when adaptive, else 1."""
-        idx = [i for i, g in enumerate(grads) if g is not None]
-        if not idx:
-            return self._zero_like_norm(theta)
-        if len(idx) == len(grads):  # every one: the lists as they are (packed ones stay packed)
-            return self._global_norm(grads, foreach, theta if self.adaptive else None)
-        weights = [theta[i] for i in idx] if self.adaptive else None
-        return self._global_norm([grads[i] for i in idx], foreach, weights)
+        return _flat.norm(self._layout(), grads, theta if self.adaptive else None, foreach)
 
     def _global_norm(
         self, tensors: list[Tensor], foreach: bool, weights: list[Tensor] | None = None
@@ -407,13 +334,7 @@ class SharpnessOptimizer(torch.optim.Optimizer):
 
     def _dot(self, a: list[Tensor | None], b: list[Tensor | None], like: Tensor) -> Tensor:
         """<a, b> over the parameters where both have a gradient (0 like `like` where none)."""
-        fast = _flat.dot(self._layout(), a, b)  # type: ignore[arg-type]
-        if fast is not None:
-            return fast
-        both = [(x, y) for x, y in zip(a, b) if x is not None and y is not None]
-        if not both:
-            return like * 0
-        return F.dot([x for x, _ in both], [y for _, y in both])
+        return _flat.dot(self._layout(), a, b, like)
 
     def _snapshot(self, params: list[Tensor], foreach: bool) -> list[Tensor]:
         """theta: a copy of `params` (one flat buffer when the fast path applies), restored
@@ -443,28 +364,8 @@ class SharpnessOptimizer(torch.optim.Optimizer):
 
         Lists are aligned with `params`; parameters whose gradient is None are not touched.
         """
-        layout = self._layout()
-        if isinstance(grads, _flat.Checked) and grads.layout is layout and groups is layout.groups:
-            # Every parameter has a gradient: the groups' index lists are cached.
-            for group, idx in layout.by_group:
-                F.perturb_(_pick(params, idx), _pick(grads, idx),  # type: ignore[arg-type]
-                           _pick(theta, idx) if self.adaptive else None,
-                           sign * group[key], norm + self.perturb_eps, foreach)
-            return
-        # Group by group: the radius is a per-group hyper-parameter, the norm is global.
-        by_group: dict[int, tuple[dict[str, Any], list[int]]] = {}
-        for i, (g, group) in enumerate(zip(grads, groups)):
-            if g is not None:
-                by_group.setdefault(id(group), (group, []))[1].append(i)
-        for group, idx in by_group.values():
-            F.perturb_(
-                [params[i] for i in idx],
-                [grads[i] for i in idx],  # type: ignore[misc]
-                [theta[i] for i in idx] if self.adaptive else None,
-                sign * group[key],
-                norm + self.perturb_eps,
-                foreach,
-            )
+        _flat.perturb(self._layout(), params, grads, theta if self.adaptive else None, groups,
+                      key, sign, norm + self.perturb_eps, foreach)
 
     @contextlib.contextmanager
     def _restore_on_error(

@@ -25,7 +25,7 @@ from torch import Tensor
 from agnostic_sam.optim import _functional as F
 
 __all__ = ["Checked", "Layout", "Packed", "checked", "dot", "global_norm", "layout_key",
-           "snapshot"]
+           "norm", "perturb", "snapshot"]
 
 _DTYPES = (torch.float32, torch.float64)
 
@@ -68,6 +68,9 @@ class Layout:
                 self.params.append(p)
                 self.groups.append(group)
         self.single_group = len(param_groups) == 1
+        # Where a norm of no gradient lives (as `_zero_like_norm` puts it).
+        self.device = self.params[0].device if self.params else torch.device("cpu")
+        self.dtype = self.params[0].dtype if self.params else torch.get_default_dtype()
         # Per group: (group, indices of its parameters, or None for all of them).
         by_group: dict[int, tuple[dict[str, Any], list[int]]] = {}
         for i, g in enumerate(self.groups):
@@ -208,10 +211,50 @@ def global_norm(layout: Layout, tensors: list[Tensor], foreach: bool,
     return torch.linalg.vector_norm(layout.norms(flat))
 
 
-def dot(layout: Layout, a: list[Tensor], b: list[Tensor]) -> Tensor | None:
-    """<a, b> in one kernel over flat copies (the order of the sum differs from
-    `_functional.dot`'s: a float64 parity test keeps them within 1e-12); None when the fast
-    path does not apply."""
-    if not (layout.accepts(a) and layout.accepts(b)):
-        return None
-    return torch.dot(layout.flat_of(a), layout.flat_of(b, 1))
+def dot(layout: Layout, a: list[Tensor | None], b: list[Tensor | None], like: Tensor) -> Tensor:
+    """<a, b> over the parameters where both have a gradient (0 like `like` where none). When
+    every one has, one kernel over flat copies (the order of the sum differs from
+    `_functional.dot`'s: a float64 parity test keeps them within 1e-12)."""
+    if layout.accepts(a) and layout.accepts(b):
+        return torch.dot(layout.flat_of(a), layout.flat_of(b, 1))  # type: ignore[arg-type]
+    both = [(x, y) for x, y in zip(a, b) if x is not None and y is not None]
+    if not both:
+        return like * 0
+    return F.dot([x for x, _ in both], [y for _, y in both])
+
+
+def norm(layout: Layout, grads: list[Tensor | None], theta: list[Tensor] | None,
+         foreach: bool) -> Tensor:
+    """||T g|| over the parameters that have a gradient: T = |theta| when `theta` is given
+    (adaptive), else 1; 0 when none has one."""
+    idx = [i for i, g in enumerate(grads) if g is not None]
+    if not idx:
+        return torch.zeros((), device=layout.device, dtype=layout.dtype)
+    if len(idx) == len(grads):  # every one: the lists as they are (a marked list stays marked)
+        return global_norm(layout, grads, foreach, theta)  # type: ignore[arg-type]
+    weights = [theta[i] for i in idx] if theta is not None else None
+    return global_norm(layout, [grads[i] for i in idx], foreach, weights)  # type: ignore[misc]
+
+
+def _pick(xs: list[Any], idx: list[int] | None) -> list[Any]:
+    return xs if idx is None else [xs[i] for i in idx]
+
+
+def perturb(layout: Layout, params: list[Tensor], grads: list[Tensor | None],
+            theta: list[Tensor] | None, groups: list[dict[str, Any]], key: str, sign: float,
+            denom: Tensor, foreach: bool) -> None:
+    """params += sign * rho_group * T^2 g / denom group by group (the radius is per group, the
+    norm in `denom` global), consuming `grads`; T = |theta| when `theta` is given. Lists aligned
+    with `params`; a parameter whose gradient is None is not touched."""
+    if isinstance(grads, Checked) and grads.layout is layout and groups is layout.groups:
+        by_group = layout.by_group  # every parameter has a gradient: cached index lists
+    else:
+        found: dict[int, tuple[dict[str, Any], list[int]]] = {}
+        for i, (g, group) in enumerate(zip(grads, groups)):
+            if g is not None:
+                found.setdefault(id(group), (group, []))[1].append(i)
+        by_group = list(found.values())  # type: ignore[arg-type]
+    for group, idx in by_group:
+        F.perturb_(_pick(params, idx), _pick(grads, idx),
+                   _pick(theta, idx) if theta is not None else None,
+                   sign * group[key], denom, foreach)

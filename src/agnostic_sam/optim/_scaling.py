@@ -19,6 +19,7 @@ from agnostic_sam.optim import _checks, _flat
 
 __all__ = [
     "final_gradients",
+    "gradients",
     "inv_scale",
     "step_or_skip",
     "step_unless_overflow",
@@ -121,3 +122,27 @@ def step_or_skip(
     opt.stats["skipped"] = torch.zeros((), device=device)
     _checks.check_finite_passes(bad.tolist(), pass_names)  # the one sync
     opt.base_optimizer.step()
+
+
+def gradients(opt: Any, params: list[Tensor], foreach: bool, *, take: bool) -> list[Any]:
+    """`SharpnessOptimizer._grads`: the gradients of `params` (None where there is none),
+    unscaled in place when loss scaling is on; with `take`, detached from their parameters (the
+    next pass writes fresh ones; the list is a buffer, not a copy)."""
+    grads: list[Tensor | None] = [p.grad for p in params]
+    if not opt._supports_sparse:
+        _checks.check_dense(type(opt).__name__, grads)
+    if take:
+        alias = bool(getattr(opt.model, "gradient_as_bucket_view", False))
+        for p in params:
+            p.grad = None
+        if alias:  # DDP would overwrite bucket views in the next pass
+            grads = [g.clone() if g is not None else None for g in grads]
+    present = [g for g in grads if g is not None]
+    if present and opt._scaled:
+        scale = opt._inv_scale(present[0].dtype)
+        if foreach:
+            torch._foreach_mul_(present, scale)
+        else:
+            for g in present:
+                g.mul_(scale)
+    return _flat.checked(opt._layout(), params, grads)
