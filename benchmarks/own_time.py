@@ -16,6 +16,10 @@ method, medians over every measured step:
 and the hook overhead: one backward pass through a model whose parameters an optimizer holds,
 over the same backward through an identical model no optimizer holds (ratio of medians).
 
+``--baseline REV`` also times the package as it was at git revision REV, in the same
+interleaved rounds (rows "name (baseline)"): REV's ``src/agnostic_sam`` is exported to a
+temporary directory as the package ``agnostic_sam_baseline`` and imported beside this one.
+
     OMP_NUM_THREADS=1 python benchmarks/own_time.py --threads 1 [--rounds 15 --steps 5]
         [--out benchmarks/results/cpu_own_time]
 """
@@ -24,10 +28,16 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib
+import io
 import json
 import platform
+import re
 import statistics
+import subprocess
 import sys
+import tarfile
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -71,14 +81,19 @@ class Timed:
         return run
 
 
-def build(name: str, model0: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[Any, Timed]:
-    """Method `name` over its own copy of the model; returns (step function, timer)."""
-    info = get_method(name)
+def build(name: str, model0: nn.Module, x: torch.Tensor, y: torch.Tensor,
+          registry: Any = None) -> tuple[Any, Timed]:
+    """Method `name` of `registry` (a package's `methods` module; default this package's) over
+    its own copy of the model; returns (step function, timer)."""
+    info = registry.get_method(name) if registry else get_method(name)
+    make = registry.create_optimizer if registry else create_optimizer
     model = copy.deepcopy(model0)
-    opt = create_optimizer(name, model.parameters(), torch.optim.SGD, dict(BASE_KWARGS),
-                           model=model)
+    # A baseline registry may predate the records' defaults: give it the same radii.
+    extra = {"radii": {"rho": 0.05, "rho1": 0.1, "rho2": 0.05}} if registry else {}
+    opt = make(name, model.parameters(), torch.optim.SGD, dict(BASE_KWARGS), model=model,
+               **extra)
     timer = Timed(model, opt, x, y)
-    per_sample = info.closure == "per-sample"
+    per_sample = getattr(info, "closure", "loss") == "per-sample"
     if info.splits_batch:
         n_t = round(0.7 * len(x))
         closures = (timer.closure(x[:n_t], y[:n_t], per_sample),
@@ -122,6 +137,26 @@ def backward_timer(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Any:
     return run
 
 
+def baseline_package(rev: str) -> str:
+    """Export `rev`'s src/agnostic_sam as the importable package agnostic_sam_baseline."""
+    root = Path(__file__).resolve().parents[1]
+    tar = subprocess.run(["git", "archive", rev, "src/agnostic_sam"], cwd=root,
+                         capture_output=True, check=True).stdout
+    where = Path(tempfile.mkdtemp(prefix="own_time_baseline_"))
+    with tarfile.open(fileobj=io.BytesIO(tar)) as archive:
+        archive.extractall(where, filter="data")
+    package = where / "agnostic_sam_baseline"
+    (where / "src" / "agnostic_sam").rename(package)
+    for path in package.rglob("*.py"):
+        text = re.sub(r"\bagnostic_sam\b(?!\.py)", "agnostic_sam_baseline", path.read_text())
+        # The module optim/agnostic_sam.py keeps its name.
+        text = text.replace("optim.agnostic_sam_baseline", "optim.agnostic_sam")
+        text = text.replace("optim import agnostic_sam_baseline", "optim import agnostic_sam")
+        path.write_text(text)
+    sys.path.insert(0, str(where))
+    return "agnostic_sam_baseline"
+
+
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     model0 = make_model(args.depth, args.width, 10, args.seed)
@@ -130,15 +165,24 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     y = torch.randint(0, 10, (args.batch_size,), generator=gen)
     names = args.methods.split(",") if args.methods else list_methods()
     steps = {name: build(name, model0, x, y) for name in names}
-    base = base_step(model0, x, y)
     # Hook overhead: a model held by an optimizer (hooks, if any, registered) vs. a fresh copy.
     held = copy.deepcopy(model0)
-    holder = create_optimizer("sam", held.parameters(), torch.optim.SGD, dict(BASE_KWARGS))
-    free = copy.deepcopy(model0)
-    bwd = {"held": backward_timer(held, x, y), "free": backward_timer(free, x, y)}
-    samples: dict[str, dict[str, list[float]]] = {n: {"step": [], "pass": []} for n in names}
+    holders = [create_optimizer("sam", held.parameters(), torch.optim.SGD, dict(BASE_KWARGS))]
+    models = {"held": held, "free": copy.deepcopy(model0)}
+    if args.baseline:
+        old = importlib.import_module(baseline_package(args.baseline) + ".methods")
+        for name in names:
+            if name in old.list_methods():
+                steps[f"{name} (baseline)"] = build(name, model0, x, y, old)
+        models["held (baseline)"] = copy.deepcopy(model0)
+        holders.append(old.create_optimizer("sam", models["held (baseline)"].parameters(),
+                                            torch.optim.SGD, dict(BASE_KWARGS),
+                                            radii={"rho": 0.05}))
+    base = base_step(model0, x, y)
+    bwd = {key: backward_timer(m, x, y) for key, m in models.items()}
+    samples: dict[str, dict[str, list[float]]] = {n: {"step": [], "pass": []} for n in steps}
     base_ms: list[float] = []
-    bwd_ms: dict[str, list[float]] = {"held": [], "free": []}
+    bwd_ms: dict[str, list[float]] = {key: [] for key in bwd}
     for r in range(args.rounds + 1):  # round 0 warms every path up
         for name, (step, timer) in steps.items():
             for _ in range(args.steps):
@@ -154,11 +198,11 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             if r:
                 base_ms.append(dt * 1e3)
         for _ in range(args.steps * 4):
-            for key in ("held", "free") if r % 2 else ("free", "held"):
+            for key in list(bwd) if r % 2 else list(bwd)[::-1]:
                 dt = bwd[key]()
                 if r:
                     bwd_ms[key].append(dt * 1e3)
-    del holder
+    del holders
     base_med = statistics.median(base_ms)
     methods = {}
     for name, s in samples.items():
@@ -178,7 +222,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "machine": platform.processor() or platform.machine(),
         "base_step_ms": base_med,
         "backward_ms": {k: statistics.median(v) for k, v in bwd_ms.items()},
-        "hook_overhead": statistics.median(bwd_ms["held"]) / statistics.median(bwd_ms["free"]),
+        "hook_overhead": {key: statistics.median(v) / statistics.median(bwd_ms["free"])
+                          for key, v in bwd_ms.items() if key != "free"},
         "methods": methods,
     }
 
@@ -194,9 +239,10 @@ def markdown(result: dict[str, Any], command: str) -> str:
         f"{c['steps']} steps.",
         "",
         f"Base step (SGD momentum, step + zero_grad): {result['base_step_ms']:.2f} ms. "
-        f"Backward pass, parameters held by an optimizer / not: "
-        f"{result['backward_ms']['held']:.2f} / {result['backward_ms']['free']:.2f} ms = "
-        f"{result['hook_overhead']:.3f}.",
+        "Backward pass, parameters held by an optimizer / not: "
+        + "; ".join(f"{key} {result['backward_ms'][key]:.2f} / "
+                    f"{result['backward_ms']['free']:.2f} ms = {ratio:.3f}"
+                    for key, ratio in result["hook_overhead"].items()) + ".",
         "",
         "| method | pass ms | step ms | own ms | own / base step | own share of step |",
         "|---|---|---|---|---|---|",
@@ -217,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=5, help="steps per method per round")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--methods", default="", help="comma-separated (default: the whole registry)")
+    ap.add_argument("--baseline", default="", metavar="REV",
+                    help="also time the package at git revision REV in the same rounds")
     ap.add_argument("--out", default="", help="write OUT.json and OUT.md")
     args = ap.parse_args(argv)
     result = measure(args)
