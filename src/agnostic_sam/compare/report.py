@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,14 @@ from typing import Any
 from agnostic_sam.compare.config import CompareConfig, PlannedRun
 from agnostic_sam.errors import UsageError
 from agnostic_sam.methods import REFERENCES
-from agnostic_sam.stats import Summary, format_mean_std, format_paired, paired_difference, summarize
+from agnostic_sam.stats import (
+    Summary,
+    format_mean_std,
+    format_paired,
+    paired_difference,
+    summarize,
+    t_quantile,
+)
 from agnostic_sam.train.checkpoint import atomic_write_text
 from agnostic_sam.train.config import settings_text
 from agnostic_sam.train.rundir import RunDir, strict_json
@@ -83,6 +91,12 @@ def summaries(
             "seconds_per_run": summarize(
                 [float(v["result"]["total_seconds"]) for v in read.values()]
             ),
+            # forward + backward work per run the trainer counted, in batches (None before 0.3)
+            "work_per_run": _mean_or_none([
+                float(v["result"]["steps"]) * float(v["result"]["batch_equivalents"])
+                for v in read.values() if v["result"].get("batch_equivalents") is not None]),
+            "machines": sorted({f"{v['result'].get('cpu')}, {v['result'].get('threads')} "
+                                "thread(s)" for v in read.values()}),
             "per_seed": final,
             "curves": [v["curve"] for v in read.values()],
             "runs": [str(r.cfg.out) for r in mine],  # each cell's run directories
@@ -91,6 +105,18 @@ def summaries(
             entry["top_eigenvalue"] = summarize([eigen(r.cfg.out) for r in mine])
         out[optimizer] = entry
     return out
+
+
+def _mean_or_none(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def _interval(summary: Summary) -> tuple[float, float] | None:
+    """The 95% Student-t interval of a mean (None below two values)."""
+    if summary.n < 2 or not math.isfinite(summary.std):
+        return None
+    half = t_quantile(0.975, summary.n - 1) * summary.std / math.sqrt(summary.n)
+    return summary.mean - half, summary.mean + half
 
 
 def paired(summaries: Mapping[str, dict]) -> list[dict]:
@@ -126,20 +152,32 @@ def markdown(
         f"seeds {', '.join(map(str, cc.seeds))}. "
         "Accuracies in percent, mean ± sample std over seeds.",
         "",
-        f"| optimizer | radius | final {metric} acc | best {metric} acc | n | seconds/run |"
+        f"| optimizer | radius | final {metric} acc | best {metric} acc | n | seconds/run | "
+        f"final acc 95% CI | work/run (batches) |"
         + (" top Hessian eigenvalue |" if cc.hessian else ""),
-        "|---|---|---|---|---|---|" + ("---|" if cc.hessian else ""),
+        "|---|---|---|---|---|---|---|---|" + ("---|" if cc.hessian else ""),
     ]
     for name, e in summaries.items():
+        ci = _interval(e["final_test_acc"])
+        work = e.get("work_per_run")
         row = (
             f"| {name} | {e['radius']} | {format_mean_std(e['final_test_acc'])} | "
             f"{format_mean_std(e['best_test_acc'])} | {e['final_test_acc'].n} | "
-            f"{e['seconds_per_run'].mean:.2f} |"
+            f"{e['seconds_per_run'].mean:.2f} | "
+            f"{'n/a' if ci is None else f'[{ci[0]:.2f}, {ci[1]:.2f}]'} | "
+            f"{'n/a' if work is None else f'{work:.0f}'} |"
         )
         if cc.hessian:
             row += f" {format_mean_std(e['top_eigenvalue'], digits=3)} |"
         lines.append(row)
+    machines = sorted({m for e in summaries.values() for m in e.get("machines", [])})
+    budget = ("every method the same epochs" if t.budget == "epochs" else
+              f"every method the forward + backward work of {t.budget_reference} in "
+              f"{t.epochs} epochs")
     lines += [
+        "",
+        f"Budget: {budget}. Work per run: the forward + backward passes the trainer counted, in "
+        f"batches; seconds per run on {'; '.join(machines) or 'n/a'}.",
         "",
         f"## Paired differences of final {metric} accuracy (same seeds, 95% Student-t CI)",
         "",
@@ -192,6 +230,27 @@ def jsonable(value: Any) -> Any:
     return value
 
 
+def _cost_figure(cc: CompareConfig, per_optimizer: Mapping[str, dict], root: Path,
+                 again: str) -> Path | None:
+    """accuracy_vs_cost.png: final accuracy (95% interval) against work per run."""
+    from agnostic_sam.analysis.plots import plot_frontier
+
+    points = {}
+    for name, e in per_optimizer.items():
+        if e.get("work_per_run") is None:
+            continue
+        ci = _interval(e["final_test_acc"]) or (e["final_test_acc"].mean,) * 2
+        points[name] = (e["work_per_run"], e["final_test_acc"].mean, ci[0], ci[1])
+    if not points:
+        return None
+    path = root / "accuracy_vs_cost.png"
+    label = f"budget {cc.train.budget}" + (f" ({cc.train.budget_reference})"
+                                           if cc.train.budget == "passes" else "")
+    return report_write(path, lambda: plot_frontier(
+        {label: points}, path, title=f"{cc.train.dataset} / {cc.train.model}: accuracy against "
+        "cost"), again)
+
+
 def write_report(
     cc: CompareConfig,
     runs: Sequence[PlannedRun],
@@ -226,6 +285,7 @@ def write_report(
         title=f"{cc.train.dataset} / {cc.train.model}: {metric} accuracy (mean ± std over seeds)",
         ylabel=f"{metric} accuracy (%)",
     ), again)
+    cost_png = _cost_figure(cc, per_optimizer, root, again)
     report = {
         "metric": f"final_{metric}_acc",
         "config": jsonable(settings),
@@ -234,7 +294,8 @@ def write_report(
         ),
         "paired": pairs,
         "tuning": jsonable(tuning),
-        "files": {"markdown": str(root / "comparison.md"), "curves": str(png)},
+        "files": {"markdown": str(root / "comparison.md"), "curves": str(png),
+                  "cost": str(cost_png) if cost_png is not None else None},
     }
     # Each file whole or not at all (atomic); the JSON last, as the mark of a complete report.
     report_write(root / "comparison.md", lambda: atomic_write_text(root / "comparison.md", page),

@@ -29,6 +29,7 @@ too); these optimizers need the closure form and raise a one-line TypeError nami
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -54,13 +55,14 @@ def _factory(info: MethodInfo, base: type[torch.optim.Optimizer]
 def _entries() -> dict[str, tuple[Callable[..., torch.optim.Optimizer], str, str]]:
     """name -> (factory, description, base optimizer name), from the two registries."""
     out = {}
+    default_base = next(iter(BASE_OPTIMIZERS))  # the first base optimizer: SGD
     for name in list_methods(lambda m: m.tune is not None and m.cls is not None):
         info = get_method(name)
         for base_name, base in BASE_OPTIMIZERS.items():
             entry = (_factory(info, base.cls), f"{info.description}; over {base_name}",
                      base_name)
             out[f"{name}-{base_name}"] = entry
-            if "-" in name and base_name == "sgd":
+            if "-" in name and base_name == default_base:
                 out.setdefault(name, entry)
     return out
 
@@ -83,9 +85,11 @@ def register() -> tuple[str, ...]:
         known = default_registry._optimizers.get(name)
         if known is not None and getattr(known.opt_class, "__name__", "") == factory.__name__:
             continue
+        # what timm may pass: the keywords the base optimizer's constructor takes
+        takes = inspect.signature(BASE_OPTIMIZERS[base].cls).parameters
         default_registry.register(OptimInfo(
-            name=name, opt_class=factory, description=description, has_eps=base == "adamw",
-            has_momentum=base == "sgd", has_betas=base == "adamw",
+            name=name, opt_class=factory, description=description, has_eps="eps" in takes,
+            has_momentum="momentum" in takes, has_betas="betas" in takes,
         ))
     return tuple(entries)
 
