@@ -3,8 +3,8 @@ class's ``SETTINGS``; its record says the rest (see `record.MethodInfo`)."""
 
 from __future__ import annotations
 
-from agnostic_sam.methods import register_method
-from agnostic_sam.optim import SAM, AgnosticSAM, Plain
+from agnostic_sam.methods import METHODS, MethodInfo, register_method
+from agnostic_sam.optim import SAM, AgnosticSAM, Plain, SharpnessOptimizer
 from agnostic_sam.optim.asam import KwonASAM
 from agnostic_sam.optim.friendly_sam import FriendlySAM
 from agnostic_sam.optim.gsam import GSAM
@@ -12,6 +12,7 @@ from agnostic_sam.optim.lookbehind_sam import LookbehindSAM
 from agnostic_sam.optim.looksam import LookSAM
 from agnostic_sam.optim.momentum_sam import MomentumSAM
 from agnostic_sam.optim.rwp import RWP
+from agnostic_sam.optim.schedule import SharpSchedule, on_schedule, scheduled_cost
 from agnostic_sam.optim.vasso import VaSSO
 from agnostic_sam.optim.wsam import WSAM
 
@@ -166,3 +167,38 @@ register_method(
           "only on parameters with a gradient, without the authors' 1e-16 added to a 1-D "
           "tensor's norm; both passes synchronize under DDP. No pytorch_optimizer peer",
 )
+
+
+# ---- sharpness on a schedule (issue 19, item 11): KEEP THIS BLOCK LAST ----------------------
+# "<name>-sched" for every method registered above whose step is two or more passes on B with
+# a loss closure, derived from its record (see agnostic_sam.optim.schedule).
+def _schedulable(info: MethodInfo) -> bool:
+    return (info.cls is not None and issubclass(info.cls, SharpnessOptimizer)
+            and not issubclass(info.cls, SharpSchedule) and info.closure == "loss"
+            and len(info.passes) > 1 and set(info.passes) == {"B"})
+
+
+def _register_scheduled(info: MethodInfo) -> None:
+    assert info.cls is not None
+    own = set(info.setting_names)
+
+    def cost(s: dict, ratio: float) -> float:
+        inner = info.batch_equivalents(ratio, {k: v for k, v in s.items() if k in own})
+        return scheduled_cost(inner, s["interval"], s["sharp_prob"])
+
+    register_method(
+        f"{info.name}-sched", on_schedule(info.cls),
+        description=f"{info.name} on a schedule: its step on every interval-th step (each with "
+                    "probability sharp_prob), one pass and the base step otherwise",
+        paper=info.paper, tune=info.tune, follows=info.follows, passes=info.passes,
+        closure=info.closure, state=info.state + ("schedule",), cost=cost, fixed=info.fixed,
+        off=info.off, random=True,
+        notes=f"{info.name}'s step on steps k, 2k, ... (k = interval; each taken with "
+              "probability sharp_prob, a seeded draw), the others one pass at theta and the "
+              f"base optimizer's step, as Composer's SAM (interval) does; {info.name}'s own "
+              "state does not move on those steps",
+    )
+
+
+for _info in [m for m in METHODS.values() if _schedulable(m)]:
+    _register_scheduled(_info)
