@@ -44,6 +44,7 @@ __all__ = ["LEDGER_NAME", "SubmititRun", "launch_slurm", "ledger_folder", "read_
 SLURM_EXTRA = "--launcher slurm needs submitit: pip install 'agnostic-sam[slurm]'"
 LEDGER_NAME = "launch.json"  # in the submitit folder: run directory -> SLURM job id
 _JOB_NAME = "agnostic-sam"
+_POLL_S = 2.0  # how often a waiting launcher looks at its tasks (squeue, result files)
 Planned = list[tuple[TrainConfig, str]]  # each run with its RunDir.state
 
 
@@ -267,23 +268,42 @@ def _submit(lc: LauncherConfig, folder: Path, todo: list[tuple[TrainConfig, RunO
     return list(jobs)
 
 
+def _ended(pending: list[tuple[Any, RunOutcome]], on_slurm: bool) -> list[tuple[Any, RunOutcome]]:
+    """The jobs of ``pending`` that have ended: their result file is there (submitit looks
+    every second), or, on SLURM, the queue no longer holds them and accounting says so.
+    (submitit alone asks sacct less and less often, up to once a minute: a cancelled task would
+    keep the launcher waiting that long.)"""
+    live = set()
+    if on_slurm:
+        live = {j for j, state in job_states([o.job_id for _, o in pending]).items()
+                if state in LIVE}
+    return [(job, o) for job, o in pending
+            if job.done() or on_slurm and o.job_id not in live and job.done(force_check=True)]
+
+
 def _wait(lc: LauncherConfig, folder: Path, jobs: list[Any],
           todo: list[tuple[TrainConfig, RunOutcome]], adopted: list[RunOutcome],
           log: Callable[[str], None]) -> None:
     """Wait for the tasks submitted now and for the earlier ones left queued or running;
-    each run's outcome gets its result (an error in one line when the task did not end well)."""
+    each run's outcome gets its result as its task ends (an error in one line when the task
+    did not end well: failed, cancelled, killed)."""
     submitit = _submitit()
-    waits = list(zip(jobs, (o for _, o in todo)))
-    waits += [(submitit.SlurmJob(folder=folder / "%j", job_id=o.job_id), o) for o in adopted]
-    started = time.perf_counter()  # the times logged are since the wait began
-    for done, (job, outcome) in enumerate(waits, 1):
-        try:
-            result = job.result()
-        except Exception as exc:  # the array goes on; the summary names the run
-            result = {"status": "error", "error": one_line(exc)}
-        if outcome.action == "queued":
-            outcome.action = "adopted"
-        finish(outcome, result, started, log, done, len(waits))
+    pending = list(zip(jobs, (o for _, o in todo)))
+    pending += [(submitit.SlurmJob(folder=folder / "%j", job_id=o.job_id), o) for o in adopted]
+    started, total, done = time.perf_counter(), len(pending), 0  # times logged: since the wait
+    while pending:
+        for job, outcome in _ended(pending, lc.submitit_cluster == "slurm"):
+            pending.remove((job, outcome))
+            try:
+                result = job.result()
+            except Exception as exc:  # the array goes on; the summary names the run
+                result = {"status": "error", "error": one_line(exc)}
+            if outcome.action == "queued":
+                outcome.action = "adopted"
+            done += 1
+            finish(outcome, result, started, log, done, total)
+        if pending:
+            time.sleep(_POLL_S)
 
 
 def launch_slurm(planned: Planned, lc: LauncherConfig, *, dry_run: bool,
