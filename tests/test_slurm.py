@@ -134,10 +134,12 @@ def _cli(argv: list[str], capsys) -> tuple[int, str, str]:
 
 @pytest.fixture(autouse=True)
 def _cancel_what_the_test_submitted(tmp_path):
-    """Every job a test submitted (its ledgers) is cancelled when it ends, pass or fail."""
+    """Every job a test submitted (its ledgers) whose run has not finished is cancelled when the
+    test ends, pass or fail (a finished run's job may still be completing: left to end)."""
     yield
-    jobs = {j.split("_")[0] for ledger in tmp_path.rglob("launch.json")
-            for j in json.loads(ledger.read_text()).values()}
+    jobs = {job for ledger in tmp_path.rglob("launch.json")
+            for run, job in json.loads(ledger.read_text()).items()
+            if not (Path(run) / "result.json").exists()}
     if jobs:
         subprocess.run(["scancel", *sorted(jobs)], capture_output=True, timeout=30)
 
