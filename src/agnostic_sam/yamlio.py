@@ -108,22 +108,25 @@ class _Resolver(BaseResolver):
 class _Composer(Composer):
     """Counts alias references while composing, so an alias bomb stops before it is measured."""
 
-    def compose_document(self) -> Node:
+    def compose_document(self) -> Node | None:
         self.alias_count = 0
         return super().compose_document()
 
-    def compose_node(self, parent: Node | None, index: Any) -> Node:
-        if self.check_event(yaml.AliasEvent):
+    # check_event and peek_event come from yaml's Parser, which _Loader mixes in.
+    def compose_node(self, parent: Node | None, index: Any) -> Node | None:
+        if self.check_event(yaml.AliasEvent):  # type: ignore[attr-defined]
             self.alias_count += 1
             if self.alias_count > MAX_ALIASES:
-                mark = self.peek_event().start_mark
+                mark = self.peek_event().start_mark  # type: ignore[attr-defined]
                 raise _Refused(mark.line + 1, f"more than {MAX_ALIASES} alias references (*name)")
         return super().compose_node(parent, index)
 
-    def compose_scalar_node(self, anchor: str | None) -> Node:
-        tag = self.peek_event().tag
+    # (the stubs type `anchor` as a dict; yaml passes the anchor's name or None)
+    def compose_scalar_node(self, anchor: Any) -> ScalarNode:
+        tag = self.peek_event().tag  # type: ignore[attr-defined]
         node = super().compose_scalar_node(anchor)
-        node.explicit_tag = tag not in (None, "!")  # `!!int 5`: checked against the literal
+        # `!!int 5`: checked against the literal (an attribute of our own on yaml's node)
+        node.explicit_tag = tag not in (None, "!")  # type: ignore[attr-defined]
         return node
 
 

@@ -13,6 +13,7 @@ import math
 import numbers
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -46,7 +47,7 @@ def check_count(name: str, value: object, low: int, high: int,
     and the value (bools refused)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {value!r}")
-    if not low <= value <= high:
+    if not low <= cast(int, value) <= high:
         raise error(f"{name} must be in [{low}, {high}], got {value}")
     return int(value)
 
@@ -56,7 +57,8 @@ def check_real(name: str, value: object, low: float, high: float = math.inf, *,
     """`value` as a finite float with low <= value (< if low_open) and value <= high."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, got {value!r}")
-    ok = math.isfinite(value) and (value > low if low_open else value >= low) and value <= high
+    real = cast(float, value)  # a numbers.Real, compared as it is
+    ok = math.isfinite(real) and (real > low if low_open else real >= low) and real <= high
     if not ok:
         lower = f"> {low:g}" if low_open else f">= {low:g}"
         upper = f" and <= {high:g}" if math.isfinite(high) else ""

@@ -23,7 +23,7 @@ buffers are restored: see `agnostic_sam.analysis.common.evaluation_state`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -90,7 +90,7 @@ def _evaluate(model: nn.Module, loss_fn: LossFn, batches: list[Batch]) -> float:
 
 
 def _scan(model: nn.Module, loss_fn: LossFn, batches: Iterable[Batch], directions: int,
-          coordinates: list[tuple[float, ...]], seed: int, filter_normalize: bool,
+          coordinates: Sequence[tuple[float, ...]], seed: int, filter_normalize: bool,
           progress: bool) -> list[float]:
     """The mean loss at theta + sum_k c_k d_k for every coordinate tuple c, model restored."""
     check_seed(seed)

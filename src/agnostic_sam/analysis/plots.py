@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -82,11 +82,11 @@ def plot_landscape_contours(surfaces: Sequence[Mapping[str, Any]], labels: Seque
     _check(surfaces, labels)
     grids = _grids(surfaces)
     norm = _shared_norm(grids, vmax)
-    levels = np.linspace(norm.vmin, norm.vmax, _LEVELS)
+    levels = np.linspace(cast(float, norm.vmin), cast(float, norm.vmax), _LEVELS)
     n = len(grids)
     fig = Figure(figsize=(4.0 * n + 1.2, 4.0), layout="constrained")
     axes = fig.subplots(1, n, squeeze=False, sharey=True)[0]
-    mappable = None
+    mappable: Any = None  # the last contour set (there is at least one surface)
     for ax, (a, b, loss), label in zip(axes, grids, labels):
         mappable = ax.contourf(a, b, np.clip(loss, norm.vmin, norm.vmax), levels=levels,
                                norm=norm, cmap="viridis")

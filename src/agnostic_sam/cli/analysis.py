@@ -220,7 +220,7 @@ def run_hessian(args: argparse.Namespace) -> int:
                      "iters": args.iters, "tol": args.tol, "trace_samples": args.trace_samples,
                      "seed": args.seed, "device": str(param.device),
                      "dtype": str(param.dtype).replace("torch.", ""),
-                     "loss": "cross_entropy", "label_smoothing": float(loss_fn.label_smoothing),
+                     "loss": "cross_entropy", "label_smoothing": float(loss_fn.label_smoothing),  # type: ignore[arg-type]
                      "mode": "eval", "data": "train"},
     }
     out = run_dir / "hessian.json"

@@ -49,6 +49,7 @@ def launcher_from_args(args: Any, base: Mapping[str, Any] | None = None) -> Laun
             if not key.lstrip("-"):
                 raise UsageError(f"--sbatch takes KEY=VALUE or a bare KEY, got {item!r}")
             sbatch[key.lstrip("-")] = value if sep else True
+    flags: dict[str, Any]  # values of several types, read by key
     flags = {"kind": getattr(args, "launcher", None), "jobs": getattr(args, "jobs", None),
              "partition": getattr(args, "partition", None), "time": getattr(args, "time", None),
              "gpus_per_run": getattr(args, "gpus_per_run", None),

@@ -31,7 +31,7 @@ class LabeledView(Dataset):
         base: Dataset,
         indices: Sequence[int] | torch.Tensor | None = None,
         transform: Callable[[Any], Any] | None = None,
-        targets: torch.Tensor | None = None,
+        targets: torch.Tensor | Sequence[int] | None = None,
     ) -> None:
         self.base = base
         self.indices = None if indices is None else [int(i) for i in indices]

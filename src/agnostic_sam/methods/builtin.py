@@ -6,6 +6,7 @@ from __future__ import annotations
 from agnostic_sam.methods import METHODS, MethodInfo, register_method
 from agnostic_sam.optim import SAM, AgnosticSAM, Plain, SharpnessOptimizer
 from agnostic_sam.optim.asam import KwonASAM
+from agnostic_sam.optim.esam import ESAM
 from agnostic_sam.optim.friendly_sam import FriendlySAM
 from agnostic_sam.optim.gsam import GSAM
 from agnostic_sam.optim.lookbehind_sam import LookbehindSAM
@@ -168,6 +169,23 @@ register_method(
           "tensor's norm; both passes synchronize under DDP. No pytorch_optimizer peer",
 )
 
+register_method(
+    "esam", ESAM,
+    description="ESAM (Du et al. 2022): each tensor perturbed with probability beta; the final "
+                "pass on the gamma fraction of the batch whose loss rises most",
+    paper="Du et al., Efficient Sharpness-aware Minimization for Improved Training of Neural "
+          "Networks, ICLR 2022",
+    tune="rho", passes=("B", "B"), closure="per-sample", state=("esam_keep", "esam_generator"),
+    random=True, off={"rho": 0.0, "gamma": 1.0},
+    # pass 1 on B, a forward without backward on B (about 1/3 of a forward + backward), the
+    # final pass on floor(gamma |B|) samples
+    cost=lambda s, r: 1.0 + 1.0 / 3.0 + s["gamma"],
+    notes="The final pass on exactly floor(gamma n) samples (the authors keep those above the "
+          "m-th largest sharpness: m - 1 without ties); the tensors kept for the next step "
+          "drawn from the optimizer's seeded generator (saved in state_dict); theta restored "
+          "by copy (they subtract e); tensors the user froze stay frozen (their first_step sets "
+          "requires_grad on every tensor). No pytorch_optimizer peer",
+)
 
 # ---- sharpness on a schedule (issue 19, item 11): KEEP THIS BLOCK LAST ----------------------
 # "<name>-sched" for every method registered above whose step is two or more passes on B with

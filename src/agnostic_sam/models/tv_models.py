@@ -11,6 +11,8 @@ Full models keep torchvision's exact module names, so ImageNet checkpoints load 
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 from torchvision.models.densenet import DenseNet
 from torchvision.models.efficientnet import EfficientNet, MBConvConfig
@@ -79,17 +81,17 @@ def efficientnet(*, num_classes: int, in_channels: int, image_size: int, width_m
 
 
 @register_model("resnet18", image_size=224, description="torchvision ResNet-18, 11.2M")
-def _resnet18(**kw: int) -> nn.Module:
+def _resnet18(**kw: Any) -> nn.Module:
     return resnet18(**kw)
 
 
 @register_model("resnet18_mini", image_size=224, description="ResNet-10 (1 block per stage)")
-def _resnet18_mini(**kw: int) -> nn.Module:
+def _resnet18_mini(**kw: Any) -> nn.Module:
     return resnet18(**kw, layers=(1, 1, 1, 1))
 
 
 @register_model("densenet121", image_size=32, description="torchvision DenseNet-121, 7.0M")
-def _densenet121(**kw: int) -> nn.Module:
+def _densenet121(**kw: Any) -> nn.Module:
     return densenet(**kw)
 
 

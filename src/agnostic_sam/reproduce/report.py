@@ -123,7 +123,8 @@ def _cell(
         by_method.setdefault(run.method, []).append(run)
     candidates = []
     for method, members in by_method.items():
-        values, done = [], 0
+        values: list[float] = []
+        done = 0
         for run in members:
             v = run_values(runs_root / run.run_id, metric)
             done += bool(v)

@@ -233,7 +233,7 @@ def reproduce(
     spec = spec_of(table) if table in STUDIES else None
     tune_runs = tune_plan(runs, spec, seeds=tune_seeds) if spec is not None else []
     resolve(runs, choose(tune_runs, runs_root), spec)
-    common = dict(out=out, data_dir=data_dir, download=download, device=device,
+    common: dict[str, Any] = dict(out=out, data_dir=data_dir, download=download, device=device,
                   progress=progress, launcher=lc, threads=threads, log_to=log_to or [], log=log)
     if dry_run:
         log(format_plan(runs, tune_runs))

@@ -121,7 +121,7 @@ def study_report(
                 members = methods.get(method, [])
                 vals = values[method]
                 summary = summarize(list(vals.values())) if vals else None
-                vs = {}
+                vs: dict[str, Any] = {}
                 for label, ref in versus.items():
                     if ref == method or not vals or not values[ref]:
                         vs[label] = None
@@ -134,7 +134,7 @@ def study_report(
                     vs[label] = {**d.to_dict(), "verdict": verdict(d)}
                 p = paper_of.get(method)
                 paper_vs = {
-                    label: (p["mean"] - paper_of[ref]["mean"])
+                    label: (p["mean"] - paper_of[ref]["mean"])  # type: ignore[index]
                     if p and ref != method and paper_of.get(ref) else None
                     for label, ref in versus.items()
                 }
@@ -162,7 +162,7 @@ def study_report(
                 "methods": cells,
             })
         panels.append({"name": name, "versus": versus, "rows": rows})
-    tuning = []
+    tuning: list[dict[str, Any]] = []
     for run in runs:
         if run.tune is None or run.cell in {t["cell"] for t in tuning}:
             continue

@@ -59,7 +59,7 @@ def _tune_only(spec: TableSpec) -> dict[str, Any]:
     """Settings of the tune runs alone: a held-out part as noisy as the training labels
     (``tuning.val_noise``), and the budget they tune at (``tuning.budget``; the chosen setting
     then serves the cell at its own budget)."""
-    t, out = spec.tuning, {}
+    t, out = spec.tuning, dict[str, Any]()
     if t.get("val_noise"):
         out["val_noise"] = True
     if t.get("budget") is not None:
@@ -130,7 +130,7 @@ def choose(tune_runs: list[Run], runs_root: str | Path) -> dict[str, dict[str, A
             if value is None:
                 complete = False
                 break
-            values.setdefault(float(run.radius), []).append(value)
+            values.setdefault(float(run.radius), []).append(value)  # type: ignore[arg-type]
         if not complete:
             continue
         grid = {r: summarize(v) for r, v in sorted(values.items())}

@@ -8,9 +8,9 @@ from __future__ import annotations
 import contextlib
 import math
 import random
-from collections.abc import Callable
+from collections.abc import Sized
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -59,9 +59,11 @@ class RunParts:
     method: MethodInfo
     model: nn.Module  # the plain module (its state_dict is checkpointed)
     ddp: nn.Module  # DistributedDataParallel around it, or the model itself
-    fwd: Callable[[Tensor], Tensor]  # forward for training (compiled when cfg.compile)
-    eval_fwd: Callable[[Tensor], Tensor]  # forward for evaluation (plain module under DDP)
-    opt: torch.optim.Optimizer
+    fwd: Any  # the module's forward for training (torch.compile'd when cfg.compile)
+    eval_fwd: Any  # forward for evaluation (plain module under DDP)
+    # The method's optimizer: step(*closures), backward(loss), at_theta, stats (the registry's
+    # classes; a plugin's may subclass torch.optim.Optimizer alone).
+    opt: Any
     scheduler: torch.optim.lr_scheduler.LRScheduler
     criterion: nn.Module
     loss_scaler: LossScaler | None
@@ -92,7 +94,7 @@ def unwrap(model: nn.Module) -> nn.Module:
         if isinstance(model, wrappers):
             model = model.module
         elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile
-            model = model._orig_mod
+            model = cast(nn.Module, model._orig_mod)
         else:
             return model
 
@@ -226,8 +228,9 @@ def _optimizer(cfg: TrainConfig, model: nn.Module, ddp: nn.Module,
 def steps_per_epoch_of(cfg: TrainConfig, world: int = 1) -> int:
     """Optimizer steps in one epoch of run `cfg` (loads the data set's index, not a model)."""
     data = _data(cfg)
-    fixed, _ = _fixed_split(cfg, get_method(cfg.optimizer), len(data.train), world)
-    return int(epoch_index(cfg, len(data.train), fixed, 0, world).shape[0])
+    n = len(cast(Sized, data.train))
+    fixed, _ = _fixed_split(cfg, get_method(cfg.optimizer), n, world)
+    return int(epoch_index(cfg, n, fixed, 0, world).shape[0])
 
 
 def build_run(cfg: TrainConfig, info: DistInfo) -> RunParts:
@@ -235,19 +238,20 @@ def build_run(cfg: TrainConfig, info: DistInfo) -> RunParts:
     method = get_method(cfg.optimizer)
     seed_everything(cfg.seed)
     data = _data(cfg)
-    fixed, split_parts = _fixed_split(cfg, method, len(data.train), info.world_size)
+    fixed, split_parts = _fixed_split(cfg, method, len(cast(Sized, data.train)),
+                                      info.world_size)
     model, ddp, meta, num_params = _model(cfg, data, info)
     if info.rank > 0:
         seed_everything(cfg.seed + RANK_SEED_STRIDE * info.rank)
     loss_scaler = LossScaler(device=info.device) if cfg.amp == "fp16" else None
     opt = _optimizer(cfg, model, ddp, loss_scaler)
-    steps = epoch_index(cfg, len(data.train), fixed, 0, info.world_size).shape[0]
+    steps = epoch_index(cfg, len(cast(Sized, data.train)), fixed, 0, info.world_size).shape[0]
     fwd = torch.compile(ddp) if cfg.compile else ddp  # closures stay plain Python
     logger = None
     if cfg.log and info.is_main:  # TensorBoard / W&B are optional: imported only when asked for
         from agnostic_sam.train.loggers import make_logger
 
-        logger = make_logger(cfg.log, cfg.out, config_to_dict(cfg))
+        logger = make_logger(cfg.log, cast(str, cfg.out), config_to_dict(cfg))  # set by now
     return RunParts(
         cfg=cfg, info=info, data=data, method=method, model=model, ddp=ddp, fwd=fwd,
         # Evaluation runs on the plain module under DDP: no DDP collectives in uneven test shards.

@@ -14,7 +14,7 @@ import random
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, cast
 
 import numpy as np
 import torch
@@ -44,7 +44,7 @@ def _file_mode() -> int:
     return 0o666 & ~umask
 
 
-def _atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
+def _atomic_write(path: str | Path, write: Callable[[IO[bytes]], object]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -139,7 +139,7 @@ def capture_rng(generators: dict[str, torch.Generator] | None = None) -> dict[st
         "python": random.getstate(),
         # numpy's state as plain values (its key array as a tensor) so that checkpoints load
         # with torch.load(weights_only=True): no pickled objects, no code run on load.
-        "numpy": _numpy_state_to_plain(np.random.get_state()),
+        "numpy": _numpy_state_to_plain(cast(tuple, np.random.get_state())),  # legacy: a tuple
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         "generators": {name: g.get_state() for name, g in (generators or {}).items()},

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sized
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +28,7 @@ def evaluate(fwd: nn.Module, test_set: Dataset, device: torch.device,
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     count = 0
-    lo, hi = shard_bounds(len(test_set), info.rank, info.world_size)
+    lo, hi = shard_bounds(len(cast(Sized, test_set)), info.rank, info.world_size)
     if isinstance(test_set, TensorDataset):
         x_all, y_all = (t[lo:hi] for t in test_set.tensors)
         chunks: Any = zip(x_all.split(EVAL_BATCH), y_all.split(EVAL_BATCH))

@@ -128,7 +128,7 @@ class _WandB:
             id=wandb_run_id(run_dir),
             resume="allow",
             dir=str(run_dir),  # wandb writes <dir>/wandb/
-            mode=os.environ.get("WANDB_MODE", "offline"),
+            mode=os.environ.get("WANDB_MODE", "offline"),  # type: ignore[arg-type]  # wandb checks it
             config=dict(cfg_dict),
             settings=wandb.Settings(silent=True, console="off"),
         )

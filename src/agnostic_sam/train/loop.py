@@ -22,9 +22,9 @@ import contextlib
 import dataclasses
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sized
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -208,7 +208,7 @@ def _step(parts: RunParts, x: Tensor, y: Tensor, meter: dict[str, Tensor]) -> No
     """One optimizer step on the batch (x, y), adding its loss and skip count to `meter`."""
     opt, fixed = parts.opt, None
     if parts.fixed is not None and parts.method.splits_batch:  # rows: [B^t from S^t | B^v]
-        n_t = parts.split_parts[0] // parts.info.world_size
+        n_t = cast(tuple[int, int], parts.split_parts)[0] // parts.info.world_size
         fixed = ((x[:n_t], y[:n_t]), (x[n_t:], y[n_t:]))
 
     def split(batch: tuple[Tensor, Tensor]) -> tuple[Any, Any]:
@@ -244,7 +244,8 @@ def _train_epoch(parts: RunParts, state: RunState, epoch: int) -> dict[str, floa
     meter = {k: torch.zeros((), device=parts.device)
              for k in ("loss", "correct", "cos", "skipped", "samples")}
     seen = steps = 0
-    index = epoch_index(cfg, len(parts.data.train), parts.fixed, epoch, info.world_size)
+    index = epoch_index(cfg, len(cast(Sized, parts.data.train)), parts.fixed, epoch,
+                        info.world_size)
     local = shard_columns(index, info, parts.split_parts)  # (steps, |B| / world) for this rank
     bar = progress(cfg, info.is_main, len(index), epoch)
     epoch_lr = parts.opt.param_groups[0]["lr"]
