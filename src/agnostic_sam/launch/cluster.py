@@ -39,15 +39,16 @@ _FIXES = (
 )
 
 
-def slurm_command(args: Sequence[str]) -> str:
-    """stdout of a SLURM client command; UsageError (one line) when it is missing or fails."""
+def slurm_command(args: Sequence[str], timeout: float = _TIMEOUT_S) -> str:
+    """stdout of a SLURM client command; UsageError (one line) when it is missing, fails or
+    does not answer in ``timeout`` seconds."""
     if shutil.which(args[0]) is None:
         raise UsageError(f"--launcher slurm needs the SLURM commands, and {args[0]} is not on "
                          "PATH: run on a machine of the cluster, or use --launcher local")
     try:
-        done = subprocess.run(list(args), capture_output=True, text=True, timeout=_TIMEOUT_S)
+        done = subprocess.run(list(args), capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        raise UsageError(f"{args[0]} did not answer in {_TIMEOUT_S} s: is the SLURM controller "
+        raise UsageError(f"{args[0]} did not answer in {timeout:g} s: is the SLURM controller "
                          "up (scontrol ping)?") from None
     if done.returncode != 0:
         lines = [ln for ln in done.stderr.splitlines() if ln.strip()] or ["(no message)"]
@@ -55,9 +56,9 @@ def slurm_command(args: Sequence[str]) -> str:
     return done.stdout
 
 
-def partitions() -> list[str]:
+def partitions(timeout: float = _TIMEOUT_S) -> list[str]:
     """The partitions this user can submit to (sinfo), the default one first."""
-    names = slurm_command(["sinfo", "-h", "-o", "%P"]).split()
+    names = slurm_command(["sinfo", "-h", "-o", "%P"], timeout).split()
     default = [n.rstrip("*") for n in names if n.endswith("*")]
     return default + sorted({n.rstrip("*") for n in names} - set(default))
 
@@ -77,16 +78,17 @@ def _gpus(gres: str) -> int:
     return max([int(m.group(1)) for m in counts if m] or [0])
 
 
-def node_limits(partition: str | None) -> NodeLimits:
+def node_limits(partition: str | None, timeout: float = _TIMEOUT_S) -> NodeLimits:
     """What the biggest node of ``partition`` (None: the default one; a comma list: the
     biggest of them) has, from sinfo. UsageError naming the partitions when it is not one."""
-    known = partitions()
+    known = partitions(timeout)
     wanted = partition.split(",") if partition else known[:1]
     unknown = [p for p in wanted if p not in known]
     if unknown:
         raise UsageError(f"SLURM has no partition {unknown[0]!r}; choose from "
                          f"{', '.join(known) or '(none)'} (sinfo)")
-    rows = slurm_command(["sinfo", "-h", "-p", ",".join(wanted), "-o", "%c|%m|%G"]).split()
+    rows = slurm_command(["sinfo", "-h", "-p", ",".join(wanted), "-o", "%c|%m|%G"],
+                         timeout).split()
     cpus, mem, gpus = [0], [0], [0]
     for row in rows:
         c, m, g = row.split("|")

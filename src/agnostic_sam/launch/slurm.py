@@ -131,8 +131,8 @@ def _fit_to_nodes(lc: LauncherConfig, *, ask_cluster: bool) -> tuple[LauncherCon
         cpus_per_run=DEFAULT_CPUS if lc.cpus_per_run is None else lc.cpus_per_run)
     if lc.submitit_cluster == "local" or not ask_cluster and fallback == lc:
         return fallback, ""  # submitit's LocalExecutor: gpus_per_run is what the tasks see
-    try:
-        node = node_limits(lc.partition)
+    try:  # a dry run on a machine whose controller is down must not hang: 5 s
+        node = node_limits(lc.partition, timeout=30 if ask_cluster else 5)
     except UsageError:
         if ask_cluster:
             raise
