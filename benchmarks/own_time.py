@@ -104,18 +104,13 @@ def build(name: str, model0: nn.Module, x: torch.Tensor, y: torch.Tensor,
 
 
 def base_step(model0: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Any:
-    """The base optimizer's own step + zero_grad, with gradients of one pass in place."""
+    """The base optimizer's own step + zero_grad, timed right after a forward + backward pass
+    (untimed), in the state a training step finds it (caches as a backward pass leaves them)."""
     model = copy.deepcopy(model0)
     opt = torch.optim.SGD(model.parameters(), **BASE_KWARGS)
-    grads = None
 
     def run() -> float:
-        nonlocal grads
-        if grads is None:
-            F.cross_entropy(model(x), y).backward()
-            grads = [p.grad.clone() for p in model.parameters()]
-        for p, g in zip(model.parameters(), grads):
-            p.grad = g.clone()  # outside the timed region: SGD mutates nothing of it, but fresh
+        F.cross_entropy(model(x), y).backward()
         t0 = time.perf_counter()
         opt.step()
         opt.zero_grad()

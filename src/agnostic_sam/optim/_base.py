@@ -344,10 +344,10 @@ class SharpnessOptimizer(torch.optim.Optimizer):
 
     def _plain_norm(self, grads: list[Tensor | None], norm: Tensor, foreach: bool) -> Tensor:
         """The plain 2-norm for the stats: the perturbation norm unless adaptive scaling is on."""
-        present = [g for g in grads if g is not None]
-        if not self.adaptive or not present:
+        if not self.adaptive:
             return norm
-        return self._global_norm(present, foreach)
+        present = grads if isinstance(grads, _flat.Checked) else [g for g in grads if g is not None]
+        return self._global_norm(present, foreach) if present else norm
 
     def _perturb(
         self,

@@ -227,6 +227,8 @@ def norm(layout: Layout, grads: list[Tensor | None], theta: list[Tensor] | None,
          foreach: bool) -> Tensor:
     """||T g|| over the parameters that have a gradient: T = |theta| when `theta` is given
     (adaptive), else 1; 0 when none has one."""
+    if isinstance(grads, Checked) and grads.layout is layout:  # every one present
+        return global_norm(layout, grads, foreach, theta)
     idx = [i for i, g in enumerate(grads) if g is not None]
     if not idx:
         return torch.zeros((), device=layout.device, dtype=layout.dtype)

@@ -81,8 +81,8 @@ def final_gradients(
     norm = None
     if opt._grad_scaler is not None:
         unscale_final(opt, opt._grad_scaler, params, check)
-    elif want_norm or opt.check_finite or opt._scaled:
-        opt._grads(params, foreach, take=False)  # unscales p.grad in place (LossScaler)
+    elif opt.loss_scaler is not None:
+        opt._grads(params, foreach, take=False)  # unscales p.grad in place
     # A method whose step direction is not the last pass's gradient (GSAM, WSAM, ...) makes it
     # from the unscaled p.grad here, so the norm check and clipping act on what is stepped with.
     opt._transform_final(params, foreach)
@@ -137,8 +137,8 @@ def gradients(opt: Any, params: list[Tensor], foreach: bool, *, take: bool) -> l
             p.grad = None
         if alias:  # DDP would overwrite bucket views in the next pass
             grads = [g.clone() if g is not None else None for g in grads]
-    present = [g for g in grads if g is not None]
-    if present and opt._scaled:
+    present = [g for g in grads if g is not None] if opt._scaled else []
+    if present:
         scale = opt._inv_scale(present[0].dtype)
         if foreach:
             torch._foreach_mul_(present, scale)
