@@ -36,6 +36,10 @@ class SharpnessOptimizer(torch.optim.Optimizer):
     """
 
     _radius_keys: tuple[str, ...] = ()
+    # Under DDP, all-reduce every pass whatever `perturbation` says: for methods whose step
+    # direction (GSAM, WSAM) or state kept across steps (Friendly-SAM, VaSSO) is made from the
+    # gradient of a pass before the last, so that every rank steps alike and holds the same state.
+    _sync_every_pass: bool = False
     # Buffers of parameter size alive during a step, beyond the base optimizer's state.
     _num_buffers: int = 0
     _pass_names: tuple[str, ...] = ()

@@ -54,7 +54,9 @@ def run_pass(opt: Any, closure: Closure, params: list[Tensor], *, at_theta: bool
     if not keep:
         for p in params:
             p.grad = None
-    sync = final or opt.perturbation == "synced"
+    # A method whose step direction or cross-step state uses an earlier pass's gradient
+    # (`_sync_every_pass`) all-reduces every pass: each rank must hold the same.
+    sync = final or opt.perturbation == "synced" or opt._sync_every_pass
     calls = opt.loss_scaler.calls if opt.loss_scaler is not None else 0
     driven = opt._grad_scaler is not None
     # In one step (and again when GradScaler use changes): does every closure scale its loss

@@ -103,6 +103,7 @@ class FriendlySAM(SharpnessOptimizer):
                 high=1.0),
     )
     _radius_keys = ("rho",)
+    _sync_every_pass = True  # under DDP: its direction / state uses pass 1's gradient
     _num_buffers = 2
     _pass_names = ("at theta", "at theta + e")
 

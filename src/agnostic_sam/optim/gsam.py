@@ -48,6 +48,7 @@ class GSAM(SharpnessOptimizer):
         Setting("alpha", float, 0.4, "weight of the surrogate-gap (orthogonal) descent", low=0.0),
     )
     _radius_keys = ("rho",)
+    _sync_every_pass = True  # under DDP: its direction / state uses pass 1's gradient
     _num_buffers = 2
     _pass_names = ("at theta", "at theta + e")
 

@@ -54,6 +54,7 @@ class WSAM(SharpnessOptimizer):
                 "(theta -= lr a s after its step)"),
     )
     _radius_keys = ("rho",)
+    _sync_every_pass = True  # under DDP: its direction / state uses pass 1's gradient
     _num_buffers = 2
     # The third check is ||s|| (decouple=True), which comes from the second pass's gradient.
     _pass_names = ("at theta", "at theta + e", "at theta + e")
