@@ -13,8 +13,9 @@ from agnostic_sam.reproduce import plan, spec_of, tune_plan
 
 def test_the_study_lists_every_registered_method_with_its_registry_grid() -> None:
     spec = spec_of("family-digits")
-    assert list(spec.methods) == list_methods()
-    for name in list_methods():
+    methods = list_methods(lambda m: m.variant_of is None)  # the methods, not "-sched" variants
+    assert list(spec.methods) == methods and "sam-sched" not in methods
+    for name in methods:
         info = get_method(name)
         assert spec.tune.get(name) == (tuple(sorted(info.grid)) if info.tunable else None)
     runs = plan("family-digits", seeds=[0])
@@ -33,7 +34,7 @@ def test_smoke_study_reports_cost_and_draws_the_frontier(tmp_path) -> None:
                        progress=False, jobs=2, log=lambda line: None)
     study = report["tables"]["family-digits"]
     cells = [c for p in study["panels"] for r in p["rows"] for c in r["methods"]]
-    assert {c["method"] for c in cells} == set(list_methods())
+    assert {c["method"] for c in cells} == set(list_methods(lambda m: m.variant_of is None))
     assert all(c["n"] == 2 and c["cost_batches"] and c["seconds"] for c in cells)
     assert (tmp_path / "frontier.png").stat().st_size > 10_000
     text = (tmp_path / "report.md").read_text()

@@ -109,6 +109,7 @@ def register_method(
     notes: str = "",
     off: Mapping[str, Any] | None = None,
     random: bool = False,
+    variant_of: str | None = None,
     radius_keys: Iterable[str] | None = None,
     adaptive: bool = False,
 ) -> Any:
@@ -125,7 +126,8 @@ def register_method(
     _check_record(name, passes, closure)
     fixed = dict(fixed or {})
     common = dict(description=description, paper=paper, follows=tuple(follows), passes=passes,
-                  closure=closure, state=tuple(state), cost=cost, fixed=fixed, notes=notes, off=off, random=random)
+                  closure=closure, state=tuple(state), cost=cost, fixed=fixed, notes=notes, off=off, random=random,
+                  variant_of=variant_of)
     if cls is not None:
         own = tuple(s for s in getattr(cls, "SETTINGS", ()) if s.name not in fixed)
         return _add(MethodInfo(

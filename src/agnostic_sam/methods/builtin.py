@@ -210,7 +210,7 @@ def _register_scheduled(info: MethodInfo) -> None:
                     "probability sharp_prob), one pass and the base step otherwise",
         paper=info.paper, tune=info.tune, follows=info.follows, passes=info.passes,
         closure=info.closure, state=info.state + ("schedule",), cost=cost, fixed=info.fixed,
-        off=info.off, random=True,
+        off=info.off, random=True, variant_of=info.name,
         notes=f"{info.name}'s step on steps k, 2k, ... (k = interval; each taken with "
               "probability sharp_prob, a seeded draw), the others one pass at theta and the "
               f"base optimizer's step, as Composer's SAM (interval) does; {info.name}'s own "

@@ -86,6 +86,9 @@ class MethodInfo:
     # It draws random numbers (RWP's noise, ESAM's subsets, sharp_prob) from a generator it owns:
     # its constructor takes ``seed=`` (an int), which `train` sets from the run's seed.
     random: bool = False
+    # The method this record derives from (a scheduled "<name>-sched"); None for a method of its
+    # own. Studies of the family list the methods, not their variants.
+    variant_of: str | None = None
 
     @property
     def off_settings(self) -> dict[str, Any]:

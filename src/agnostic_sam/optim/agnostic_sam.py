@@ -98,7 +98,7 @@ class AgnosticSAM(SharpnessOptimizer):
 
     SETTINGS = (
         Setting("rho1", float, 0.1, "radius of the ascent on B^t", low=0.0,
-                grid=(0.01, 0.02, 0.05, 0.1, 0.2, 0.5), per_group=True),
+                grid=(0.05, 0.1, 0.2, 0.4), per_group=True),
         Setting("rho2", float, 0.05, "radius on B^v (theta^v and the descent term)", low=0.0,
                 per_group=True),
         Setting("adaptive", bool, False, "Adaptive-SAM scaling of both terms, T = |theta|"),

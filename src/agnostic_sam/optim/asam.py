@@ -37,7 +37,7 @@ class KwonASAM(SAM):
 
     SETTINGS = (
         Setting("rho", float, 0.5, "radius of the ascent step in the T-scaled norm", low=0.0,
-                grid=(0.05, 0.1, 0.2, 0.5, 1.0, 2.0), per_group=True),
+                grid=(0.25, 0.5, 1.0, 2.0), per_group=True),
         Setting("eta", float, 0.01, "T = |w| + eta for weights (keeps T > 0 where w = 0)",
                 low=0.0),
     )

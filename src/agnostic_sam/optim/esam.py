@@ -56,7 +56,7 @@ class ESAM(SharpnessOptimizer):
 
     SETTINGS = (
         Setting("rho", float, 0.05, "radius of the ascent step", low=0.0,
-                grid=(0.01, 0.02, 0.05, 0.1, 0.2, 0.5), per_group=True),
+                grid=(0.05, 0.1, 0.2, 0.4), per_group=True),
         Setting("beta", float, 0.6, "probability that a tensor is perturbed (SWP)", low=0.0,
                 high=1.0, low_open=True),
         Setting("gamma", float, 0.5, "fraction of the batch in the final pass (SDS)", low=0.0,

@@ -97,7 +97,7 @@ class FriendlySAM(SharpnessOptimizer):
 
     SETTINGS = (
         Setting("rho", float, 0.05, "radius of the ascent step", low=0.0,
-                grid=(0.01, 0.02, 0.05, 0.1, 0.2, 0.5), per_group=True),
+                grid=(0.05, 0.1, 0.2, 0.4), per_group=True),
         Setting("sigma", float, 1.0, "weight of the moving average subtracted from g", low=0.0),
         Setting("lmbda", float, 0.9, "decay of the moving average of gradients", low=0.0,
                 high=1.0),

@@ -42,7 +42,7 @@ class GSAM(SharpnessOptimizer):
 
     SETTINGS = (
         Setting("rho", float, 0.05, "maximum radius of the ascent step", low=0.0,
-                grid=(0.01, 0.02, 0.05, 0.1, 0.2, 0.5), per_group=True),
+                grid=(0.05, 0.1, 0.2, 0.4), per_group=True),
         Setting("rho_min", float, None, "radius at lr = 0 (rho follows the lr); null: constant",
                 low=0.0, optional=True),
         Setting("alpha", float, 0.4, "weight of the surrogate-gap (orthogonal) descent", low=0.0),

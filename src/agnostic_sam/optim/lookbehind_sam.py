@@ -60,7 +60,7 @@ class LookbehindSAM(SharpnessOptimizer):
 
     SETTINGS = (
         Setting("rho", float, 0.05, "radius of each ascent step", low=0.0,
-                grid=(0.01, 0.02, 0.05, 0.1, 0.2, 0.5), per_group=True),
+                grid=(0.05, 0.1, 0.2, 0.4), per_group=True),
         Setting("k", int, 2, "inner steps per cycle (ascents accumulated, then phi moves)",
                 low=1),
         Setting("alpha", float, 0.5, "slow-weight step size; null: the authors' adaptive alpha",

@@ -57,7 +57,7 @@ class LookSAM(SharpnessOptimizer):
 
     SETTINGS = (
         Setting("rho", float, 0.05, "radius of the ascent step of the SAM steps", low=0.0,
-                grid=(0.01, 0.02, 0.05, 0.1, 0.2, 0.5), per_group=True),
+                grid=(0.05, 0.1, 0.2, 0.4), per_group=True),
         Setting("k", int, 5, "a SAM step every k steps (the others: one pass)", low=1),
         Setting("alpha", float, 0.7, "weight of the reused sharpness direction v", low=0.0),
     )

@@ -54,7 +54,7 @@ class MomentumSAM(SharpnessOptimizer):
 
     SETTINGS = (
         Setting("rho", float, 3.0, "radius of the step against the momentum", low=0.0,
-                grid=(0.3, 1.0, 2.0, 3.0, 5.0, 10.0), per_group=True),
+                grid=(0.3, 1.0, 3.0, 10.0), per_group=True),
     )
     _radius_keys = ("rho",)
     _num_buffers = 1

@@ -54,7 +54,7 @@ class RWP(SharpnessOptimizer):
 
     SETTINGS = (
         Setting("sigma", float, 0.015, "noise scale relative to each row's norm", low=0.0,
-                grid=(0.005, 0.01, 0.015, 0.02, 0.03, 0.05), per_group=True),
+                grid=(0.005, 0.01, 0.02, 0.04), per_group=True),
         Setting("lmbda", float, 0.5, "weight of the perturbed gradient in the mix", low=0.0,
                 high=1.0),
     )

@@ -52,7 +52,7 @@ class SAM(SharpnessOptimizer):
 
     SETTINGS = (
         Setting("rho", float, 0.05, "radius of the ascent step", low=0.0,
-                grid=(0.01, 0.02, 0.05, 0.1, 0.2, 0.5), per_group=True),
+                grid=(0.05, 0.1, 0.2, 0.4), per_group=True),
         Setting("adaptive", bool, False, "ASAM's scale-invariant radius, T = |theta| (davda54)"),
     )
     _radius_keys = ("rho",)

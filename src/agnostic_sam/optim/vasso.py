@@ -45,7 +45,7 @@ class VaSSO(SharpnessOptimizer):
 
     SETTINGS = (
         Setting("rho", float, 0.05, "radius of the ascent step", low=0.0,
-                grid=(0.01, 0.02, 0.05, 0.1, 0.2, 0.5), per_group=True),
+                grid=(0.05, 0.1, 0.2, 0.4), per_group=True),
         Setting("theta", float, 0.9, "weight of the new gradient in the averaged direction d "
                 "(1: SAM)", low=0.0, high=1.0),
     )

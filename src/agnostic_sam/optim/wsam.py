@@ -47,7 +47,7 @@ class WSAM(SharpnessOptimizer):
 
     SETTINGS = (
         Setting("rho", float, 0.05, "radius of the ascent step", low=0.0,
-                grid=(0.01, 0.02, 0.05, 0.1, 0.2, 0.5), per_group=True),
+                grid=(0.05, 0.1, 0.2, 0.4), per_group=True),
         Setting("gamma", float, 0.9, "weight of the sharpness term, as a = gamma / (1 - gamma)",
                 low=0.0, high=1.0, high_open=True),
         Setting("decouple", bool, True, "step the sharpness term apart from the base optimizer "

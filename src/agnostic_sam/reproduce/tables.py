@@ -215,11 +215,12 @@ def _linked(values: list[Any]) -> bool:
 
 
 def _from_registry(data: dict[str, Any]) -> dict[str, Any]:
-    """``methods: registry``: one method per registered method (each tunable one with ``tune:
-    grid``); ``registry`` in ``grid.method`` and a panel's ``methods`` lists them all."""
+    """``methods: registry``: one method per registered method, not its variants (each tunable
+    one with ``tune: grid``); ``registry`` in ``grid.method`` and a panel's ``methods`` lists
+    them all."""
     from agnostic_sam.methods import get_method, list_methods
 
-    names = list_methods()
+    names = list_methods(lambda m: m.variant_of is None)
     data = dict(data)
     data["methods"] = {n: ({"optimizer": n, "tune": "grid"} if get_method(n).tunable
                            else {"optimizer": n}) for n in names}
