@@ -327,7 +327,8 @@ def test_reproduce_report_only_names_a_damaged_run(content, tmp_path, capsys):
 
 @pytest.mark.parametrize("flag", ["--seeds", "--tune-seeds"])
 def test_reproduce_refuses_a_seed_listed_twice(flag, tmp_path, capsys):
-    rc, err = run_main(["reproduce", "table4-digits", flag, "0,1,0", "--out",
+    # --dry-run: where the seeds were accepted, the plan is printed and nothing trains
+    rc, err = run_main(["reproduce", "table4-digits", flag, "0,1,0", "--dry-run", "--out",
                         str(tmp_path / "rep")], capsys)
     one_error_line(rc, err, flag, "0,1,0")
     assert list(tmp_path.iterdir()) == []
