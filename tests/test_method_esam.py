@@ -176,3 +176,34 @@ def test_esam_refuses_a_loss_closure_in_one_line() -> None:
     with pytest.raises(ValueError, match="per-sample losses") as info:
         opt.step(mean_closure)
     assert "\n" not in str(info.value)
+
+
+def test_esam_through_run_step_equals_the_direct_closure() -> None:
+    """integrations/_common.run_step builds the per-sample closure from the record: two
+    micro-batches give the direct closure's step (float64), a mean loss is one line."""
+    from agnostic_sam.integrations._common import run_step
+
+    ours, ref = make_model(), make_model()
+    opt = create_optimizer("esam", ours.parameters(), *BASES["sgd"], settings=SETTINGS, seed=1)
+    opt_ref = create_optimizer("esam", ref.parameters(), *BASES["sgd"], settings=SETTINGS,
+                               seed=1)
+    for x, y in batches(steps=4):
+        run_step(opt, lambda b: _per_sample(ours, *b), [(x[:8], y[:8]), (x[8:], y[8:])],
+                 split_ratio=0.7, generator=None)
+        opt_ref.step(_closure(opt_ref, ref, x, y))
+    assert max_diff([p.detach() for p in ours.parameters()],
+                    [p.detach() for p in ref.parameters()]) < 1e-12
+    with pytest.raises(ValueError, match="loss of each sample") as info:
+        run_step(opt, lambda b: _per_sample(ours, *b).mean(), [(x, y)], split_ratio=0.7,
+                 generator=None)
+    assert "\n" not in str(info.value)
+
+
+def test_esam_trains_through_train(tmp_path) -> None:
+    from agnostic_sam.train import load_config, train
+
+    cfg = load_config(None, {"epochs": 1, "batch_size": 32, "threads": 1, "progress": False,
+                             "device": "cpu", "out": str(tmp_path / "run"), "optimizer": "esam",
+                             "max_steps": 3, "model": "mlp_mini", "accumulate": 2})
+    result = train(cfg)
+    assert result["status"] == "finished" and math.isfinite(result["final_train_loss"])

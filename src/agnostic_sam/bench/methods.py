@@ -64,13 +64,23 @@ def build_step(name: str, model: nn.Module, net: Callable[[Tensor], Tensor],
     loss_fn = make_loss(net, cfg, device)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
 
-    def closure_for(x: Tensor, y: Tensor) -> Callable[[], Tensor]:
+    def closure_for(x: Tensor, y: Tensor) -> Callable[..., Tensor]:
         def closure() -> Tensor:
             loss = loss_fn(x, y)
             opt.backward(loss)
             return loss
 
-        return closure
+        # closure="per-sample" (its record): closure(index=None, backward=True) on the rows
+        # `index`, returning the per-sample losses
+        def per_sample(index: Tensor | None = None, backward: bool = True) -> Tensor:
+            xs, ys = (x, y) if index is None else (x[index], y[index])
+            with _autocast(cfg, device):
+                losses = F.cross_entropy(net(xs), ys, reduction="none")
+            if backward:
+                opt.backward(losses.mean())
+            return losses.detach()
+
+        return per_sample if info.closure == "per-sample" else closure
 
     def split(batch: tuple[Tensor, Tensor]) -> tuple[Any, Any]:
         x_t, y_t, x_v, y_v = split_batch(*batch, cfg.split_ratio, generator=gen)

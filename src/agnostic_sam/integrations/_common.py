@@ -104,31 +104,54 @@ def micro_closure(
     micro_batches: int,
     backward: Callable[[Tensor], None],
     no_sync: Callable[[], Any] | None = None,
-) -> Callable[[], Tensor]:
+    *,
+    per_sample: bool = False,
+) -> Callable[..., Tensor]:
     """The closure of `agnostic_sam.accumulate` for nested batches: `micro_batches` slices
     (``tensor_split`` along dim 0), each loss weighted by |B_k| / |B| before `backward`.
-    `no_sync` (e.g. DDP's) wraps all micro-batches but the last: one all-reduce per pass."""
-    n = batch_len(batch)
-    k = min(micro_batches, n)
-    bounds = [len(c) for c in torch.arange(n).tensor_split(k)]
-    starts = [sum(bounds[:i]) for i in range(k)]
+    `no_sync` (e.g. DDP's) wraps all micro-batches but the last: one all-reduce per pass.
 
-    def closure() -> Tensor:
-        total = None
-        for i, (start, size) in enumerate(zip(starts, bounds)):
-            micro = _map(batch, lambda t, s=start, m=size: t[s : s + m] if t.dim() > 0 else t)
+    With `per_sample` (a method whose record says ``closure="per-sample"``), `loss_fn` returns
+    the loss of each sample and the closure is ``closure(index=None, backward=True)``: on the
+    samples `index` of the batch (all when None), backward of their mean only when `backward`,
+    returning the per-sample losses (shape (n,))."""
+    run_backward = backward
+
+    def closure(index: Tensor | None = None, backward: bool = True) -> Tensor:
+        part = batch if index is None else take(batch, index)
+        n = batch_len(part)
+        bounds = [len(c) for c in torch.arange(n).tensor_split(min(micro_batches, n))]
+        total, each, start = None, [], 0
+        for i, size in enumerate(bounds):
+            micro = _map(part, lambda t, s=start, m=size: t[s : s + m] if t.dim() > 0 else t)
+            start += size
             last = i == len(bounds) - 1
-            with contextlib.nullcontext() if last or no_sync is None else no_sync():
-                loss = loss_fn(micro)
-                if not isinstance(loss, Tensor) or loss.numel() != 1:
-                    raise ValueError("the training step must return the scalar mean loss of its "
-                                     "batch")
-                weighted = loss * (size / n)
-                backward(weighted)
+            quiet = last or no_sync is None or not backward
+            with contextlib.nullcontext() if quiet else no_sync():
+                loss = _checked_loss(loss_fn(micro), size, per_sample)
+                if per_sample:
+                    each.append(loss.detach())
+                    weighted = loss.sum() / n
+                else:
+                    weighted = loss * (size / n)
+                if backward:
+                    run_backward(weighted)
             total = weighted.detach() if total is None else total + weighted.detach()
-        return total
+        return torch.cat(each) if per_sample else total
 
     return closure
+
+
+def _checked_loss(loss: Any, size: int, per_sample: bool) -> Tensor:
+    if per_sample:
+        if not isinstance(loss, Tensor) or tuple(loss.shape) != (size,):
+            got = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+            raise ValueError("this method selects samples by their loss: the training step must "
+                             "return the loss of each sample (reduction='none'), shape "
+                             f"({size},), got {got}")
+    elif not isinstance(loss, Tensor) or loss.numel() != 1:
+        raise ValueError("the training step must return the scalar mean loss of its batch")
+    return loss
 
 
 def ensure_scale(grad_scaler: Any, device: torch.device) -> None:
@@ -167,7 +190,8 @@ def run_step(
         backward = ((lambda loss: grad_scaler.scale(loss).backward()) if grad_scaler is not None
                     else opt.backward)
     closures = step_closures(
-        info, lambda part: micro_closure(loss_fn, part, k, backward, no_sync), batch,
+        info, lambda part: micro_closure(loss_fn, part, k, backward, no_sync,
+                                        per_sample=info.closure == "per-sample"), batch,
         split=lambda b: split(b, split_ratio, generator))
     saved = opt.max_grad_norm
     if max_grad_norm is not None and max_grad_norm > 0:

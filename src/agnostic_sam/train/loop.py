@@ -179,29 +179,52 @@ def _restore(parts: RunParts, ckpt: dict[str, Any] | None) -> RunState:
 
 
 def _closure(parts: RunParts, x: Tensor, y: Tensor,
-             meter: dict[str, Tensor]) -> Callable[[], Tensor]:
+             meter: dict[str, Tensor]) -> Callable[..., Tensor]:
     """Forward + backward on (x, y) in `accumulate` micro-batches (each loss weighted by its
     share, so their gradients sum to the part's mean); counts correct predictions in the passes
-    the optimizer runs at theta."""
+    the optimizer runs at theta. For a method whose record says ``closure="per-sample"``:
+    ``closure(index=None, backward=True)`` runs on the rows ``index`` of (x, y) (all when None),
+    backward only when ``backward``, and returns the per-sample losses (shape (n,))."""
     cfg, opt = parts.cfg, parts.opt
+    per_sample = parts.method.closure == "per-sample"
 
-    def closure() -> Tensor:
-        meter["samples"] += len(y)  # images through forward + backward (no host sync)
+    def closure(index: Tensor | None = None, backward: bool = True) -> Tensor:
+        xs, ys = (x, y) if index is None else (x[index], y[index])
+        if backward:
+            meter["samples"] += len(ys)  # images through forward + backward (no host sync)
         total = torch.zeros((), device=parts.device)
-        micro = zip(x.tensor_split(cfg.accumulate), y.tensor_split(cfg.accumulate))
+        each: list[Tensor] = []
+        micro = zip(xs.tensor_split(cfg.accumulate), ys.tensor_split(cfg.accumulate))
         for i, (xm, ym) in enumerate(micro):
             # DDP: forward and backward in no_sync for all but the last micro-batch.
-            with accumulation_context(parts.ddp, i, cfg.accumulate):
+            with accumulation_context(parts.ddp, i, cfg.accumulate) if backward else \
+                    contextlib.nullcontext():
                 with parts.autocast():
                     logits = parts.fwd(xm).float()
-                loss = parts.criterion(logits, ym) * (len(ym) / len(y))
-                opt.backward(loss)
+                if per_sample:
+                    losses = _per_sample_loss(parts.criterion, logits, ym)
+                    each.append(losses.detach())
+                    loss = losses.sum() / len(ys)
+                else:
+                    loss = parts.criterion(logits, ym) * (len(ym) / len(ys))
+                if backward:
+                    opt.backward(loss)
             total += loss.detach()
             if opt.at_theta:
                 meter["correct"] += (logits.detach().argmax(1) == ym).sum()
-        return total
+        return torch.cat(each) if per_sample else total
 
     return closure
+
+
+def _per_sample_loss(criterion: torch.nn.Module, logits: Tensor, y: Tensor) -> Tensor:
+    """The criterion's loss of each sample (its ``reduction`` set to "none" for this call)."""
+    saved = criterion.reduction
+    criterion.reduction = "none"
+    try:
+        return criterion(logits, y)
+    finally:
+        criterion.reduction = saved
 
 
 def _step(parts: RunParts, x: Tensor, y: Tensor, meter: dict[str, Tensor]) -> None:
