@@ -78,6 +78,12 @@ def _gpus(gres: str) -> int:
     return max([int(m.group(1)) for m in counts if m] or [0])
 
 
+def _leading_int(text: str) -> int:
+    """``"21694"`` -> 21694, ``"64+"`` -> 64, ``"n/a"`` -> 0 (sinfo's numbers)."""
+    digits = re.match(r"\d*", text)
+    return int(digits.group()) if digits and digits.group() else 0
+
+
 def node_limits(partition: str | None, timeout: float = _TIMEOUT_S) -> NodeLimits:
     """What the biggest node of ``partition`` (None: the default one; a comma list: the
     biggest of them) has, from sinfo. UsageError naming the partitions when it is not one."""
@@ -92,8 +98,8 @@ def node_limits(partition: str | None, timeout: float = _TIMEOUT_S) -> NodeLimit
     cpus, mem, gpus = [0], [0], [0]
     for row in rows:
         c, m, g = row.split("|")
-        cpus.append(int(re.match(r"\d*", c).group() or 0))
-        mem.append(int(re.match(r"\d*", m).group() or 0))
+        cpus.append(_leading_int(c))
+        mem.append(_leading_int(m))
         gpus.append(_gpus(g))
     return NodeLimits(max(cpus), max(mem), max(gpus))
 

@@ -77,9 +77,10 @@ def _parse_time(value: Any) -> int:
         if m is None:
             continue
         f = dict(zip(names, (int(g) for g in m.groups())))
-        limits = {"seconds": 60, "minutes": 60 if len(names) > 2 or "days" in names else None,
-                  "hours": 24 if "days" in names else None}
-        if all(limits.get(k) is None or v < limits[k] for k, v in f.items()):
+        limits: dict[str, int | None] = {
+            "seconds": 60, "minutes": 60 if len(names) > 2 or "days" in names else None,
+            "hours": 24 if "days" in names else None}
+        if all((limit := limits.get(k)) is None or v < limit for k, v in f.items()):
             seconds = (((f.get("days", 0) * 24 + f.get("hours", 0)) * 60 + f.get("minutes", 0))
                        * 60 + f.get("seconds", 0))
             return -(-seconds // 60)

@@ -154,10 +154,11 @@ def run_local(todo: list[tuple[int, TrainConfig]], outcomes: list[RunOutcome],
             busy = {w.conn: w for w in workers if w.run is not None}
             for conn in wait(list(busy)):
                 w = busy[conn]
+                assert w.run is not None  # busy holds the workers with a run
                 k, started = w.run
                 w.run = None
                 try:
-                    result = conn.recv()
+                    result = w.conn.recv()
                 except (EOFError, OSError):
                     w.proc.join()
                     result = {"status": "error",

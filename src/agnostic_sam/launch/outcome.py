@@ -3,6 +3,7 @@ run in this process (`run_one`), which every launcher ends up calling."""
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -12,7 +13,7 @@ from agnostic_sam.errors import TrainingDiverged, UsageError
 from agnostic_sam.train.config import TrainConfig
 
 __all__ = ["ACTIONS", "LaunchSummary", "RunOutcome", "finish", "one_line", "outcome_for",
-           "run_one"]
+           "run_dir", "run_one"]
 
 # RunDir.state before launching -> what the launcher does with the run
 ACTIONS = {"new": "trained", "partial": "resumed", "finished": "skipped", "failed": "skipped",
@@ -33,6 +34,13 @@ class RunOutcome:
     error: str | None = None  # one line, for status "error" and "diverged"
     job_id: str | None = None  # slurm
     job_state: str | None = None  # slurm, a run left to an earlier job: queued or running
+
+
+def run_dir(cfg: TrainConfig) -> str:
+    """The absolute run directory of a planned run (planning fills ``out`` in)."""
+    if cfg.out is None:
+        raise ValueError("a planned run needs its run directory: TrainConfig.out is None")
+    return os.path.abspath(cfg.out)
 
 
 def outcome_for(cfg: TrainConfig, state: str) -> RunOutcome:

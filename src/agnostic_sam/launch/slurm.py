@@ -34,6 +34,7 @@ from agnostic_sam.launch.outcome import (
     finish,
     one_line,
     outcome_for,
+    run_dir,
     run_one,
 )
 from agnostic_sam.train.config import TrainConfig
@@ -51,7 +52,7 @@ Planned = list[tuple[TrainConfig, str]]  # each run with its RunDir.state
 def _resume_if_partial(cfg: TrainConfig) -> TrainConfig | dict[str, Any]:
     """`cfg` with ``resume`` set from the directory's state now, or the outcome when there is
     nothing to train (finished, failed)."""
-    rundir = RunDir(cfg.out)
+    rundir = RunDir(run_dir(cfg))
     state = rundir.state(cfg)
     if state == "running":
         raise UsageError(f"{cfg.out} is being written by another process")
@@ -99,7 +100,7 @@ def ledger_folder(cfgs: Sequence[TrainConfig], lc: LauncherConfig) -> Path:
     """submitit's folder for these runs: ``lc.folder``, or ``submitit/`` in their common parent."""
     if lc.folder is not None:
         return Path(lc.folder)
-    parents = [os.path.abspath(Path(cfg.out).parent) for cfg in cfgs] or [os.getcwd()]
+    parents = [os.path.dirname(run_dir(cfg)) for cfg in cfgs] or [os.getcwd()]
     return Path(os.path.commonpath(parents)) / "submitit"
 
 
@@ -146,8 +147,9 @@ def _fit_to_nodes(lc: LauncherConfig, *, ask_cluster: bool) -> tuple[LauncherCon
     if lc.cpus_per_run is None and cpus < DEFAULT_CPUS:
         notes.append(f"{cpus} CPUs a run: the most a node of {where} has")
     if ask_cluster:
-        too_many = [("--gpus-per-run", gpus, node.gpus, "GPUs"), ("--cpus-per-run", cpus,
-                                                                    node.cpus, "CPUs")]
+        too_many: list[tuple[str, float, float, str]] = [
+            ("--gpus-per-run", gpus, node.gpus, "GPUs"),
+            ("--cpus-per-run", cpus, node.cpus, "CPUs")]
         if lc.mem_gb is not None:  # in GB, rounded down to 0.01
             too_many.append(("--mem-gb", lc.mem_gb, int(node.mem_mb / 10.24) / 100, "GB"))
         for flag, asked, most, what in too_many:
@@ -201,21 +203,22 @@ def _sbatch_lines(lc: LauncherConfig, tasks: int, folder: Path) -> list[str]:
 def _absolute(cfg: TrainConfig) -> TrainConfig:
     """``cfg`` with its run and data folders absolute (neither is part of the run's identity)."""
     data_dir = os.path.abspath(os.path.expanduser(cfg.data_dir)) if cfg.data_dir else cfg.data_dir
-    return dataclasses.replace(cfg, out=os.path.abspath(cfg.out), data_dir=data_dir)
+    return dataclasses.replace(cfg, out=run_dir(cfg), data_dir=data_dir)
 
 
 def _sort(planned: Planned, ledger: dict[str, str]) -> tuple[list[RunOutcome], list[tuple[
         TrainConfig, RunOutcome]]]:
     """Each run's outcome, and the runs to submit. A run whose earlier job (the ledger) is
     still queued or running is left to it: action "queued", its job id and state."""
-    earlier = [ledger[os.path.abspath(cfg.out)] for cfg, state in planned
-               if state in ("new", "partial", "running") and os.path.abspath(cfg.out) in ledger]
+    earlier = [ledger[run_dir(cfg)] for cfg, state in planned
+               if state in ("new", "partial", "running") and run_dir(cfg) in ledger]
     states = job_states(earlier) if earlier else {}
     outcomes, todo = [], []
     for cfg, state in planned:
         outcome = outcome_for(cfg, state)
-        job_id = ledger.get(os.path.abspath(cfg.out))
-        if state in ("new", "partial", "running") and states.get(job_id) in LIVE:
+        job_id = ledger.get(run_dir(cfg))
+        if job_id is not None and state in ("new", "partial", "running") \
+                and states.get(job_id) in LIVE:
             outcome.action, outcome.job_id = "queued", job_id
             outcome.job_state = describe_state(states[job_id])
         elif outcome.action in ("trained", "resumed"):
@@ -275,7 +278,7 @@ def _ended(pending: list[tuple[Any, RunOutcome]], on_slurm: bool) -> list[tuple[
     keep the launcher waiting that long.)"""
     live = set()
     if on_slurm:
-        live = {j for j, state in job_states([o.job_id for _, o in pending]).items()
+        live = {j for j, state in job_states([str(o.job_id) for _, o in pending]).items()
                 if state in LIVE}
     return [(job, o) for job, o in pending
             if job.done() or on_slurm and o.job_id not in live and job.done(force_check=True)]
@@ -324,7 +327,7 @@ def launch_slurm(planned: Planned, lc: LauncherConfig, *, dry_run: bool,
     jobs = _submit(lc, folder, todo) if todo else []
     if jobs:
         if lc.submitit_cluster == "slurm":
-            ledger.update({os.path.abspath(cfg.out): o.job_id for cfg, o in todo})
+            ledger.update({run_dir(cfg): str(o.job_id) for cfg, o in todo})
             _write_ledger(folder, ledger)
         array = str(jobs[0].job_id).split("_")[0]
         notice(f"submitted job array {array}: {len(jobs)} task(s) for the unfinished runs; "

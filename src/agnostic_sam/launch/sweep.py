@@ -12,7 +12,7 @@ from agnostic_sam.errors import UsageError
 from agnostic_sam.launch.cluster import describe_state, job_states
 from agnostic_sam.launch.config import LauncherConfig, validate_launcher
 from agnostic_sam.launch.local import local_slots, run_inline, run_local
-from agnostic_sam.launch.outcome import ACTIONS, LaunchSummary, RunOutcome, outcome_for
+from agnostic_sam.launch.outcome import ACTIONS, LaunchSummary, RunOutcome, outcome_for, run_dir
 from agnostic_sam.launch.slurm import launch_slurm, ledger_folder, read_ledger
 from agnostic_sam.train.config import TrainConfig, default_out
 from agnostic_sam.train.rundir import RunDir
@@ -108,7 +108,7 @@ def unfinished(cfgs: Sequence[TrainConfig], lc: LauncherConfig | None = None) ->
     ledger: dict[str, str] = {}
     if lc.kind == "slurm" and lc.submitit_cluster == "slurm" and todo:
         ledger = read_ledger(ledger_folder([cfg for cfg, _ in runs], lc))
-    mine = {os.path.abspath(cfg.out): ledger.get(os.path.abspath(cfg.out)) for cfg, _ in todo}
+    mine = {run_dir(cfg): ledger.get(run_dir(cfg)) for cfg, _ in todo}
     jobs = [j for j in mine.values() if j is not None]
     try:
         states = {j: describe_state(s) for j, s in job_states(jobs).items()}
@@ -118,7 +118,7 @@ def unfinished(cfgs: Sequence[TrainConfig], lc: LauncherConfig | None = None) ->
              "running": "running (another process holds its lock)"}
     lines = []
     for cfg, state in todo:
-        job = mine[os.path.abspath(cfg.out)]
+        job = mine[run_dir(cfg)]
         lines.append(f"{states[job]} (job {job}): {cfg.out}" if job else
                      f"{words[state]}: {cfg.out}")
     return lines
