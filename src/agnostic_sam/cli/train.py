@@ -21,16 +21,29 @@ from agnostic_sam.yamlio import parse_yaml
 __all__ = ["register", "run", "add_train_arguments", "config_from_args", "overrides_from_args"]
 
 _FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
+# Flags not given stay absent from the namespace (so YAML and saved configs are not overridden).
+S = argparse.SUPPRESS
+_Group = argparse._ArgumentGroup
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """Add every TrainConfig flag (plus --config) to `parser`; none sets a default."""
-    S = argparse.SUPPRESS
     d = TrainConfig()
-    add = parser.add_argument
+    parser.add_argument("--config", default=None, metavar="FILE.yaml",
+                        help="YAML file of TrainConfig keys")
+    _data_arguments(parser.add_argument_group("data"), d)
+    g = parser.add_argument_group("model")
+    g.add_argument("--model", default=S, help=f"model name (default {d.model})")
+    g.add_argument("--weights", default=S, help="pretrained weights file")
+    g = parser.add_argument_group("optimizer")
+    _optimizer_arguments(g, d)
+    _method_arguments(g, d)
+    _run_arguments(parser.add_argument_group("run"), d)
+
+
+
+def _data_arguments(g: _Group, d: TrainConfig) -> None:
     on_off = argparse.BooleanOptionalAction
-    add("--config", default=None, metavar="FILE.yaml", help="YAML file of TrainConfig keys")
-    g = parser.add_argument_group("data")
     g.add_argument("--dataset", default=S, help=f"data set name (default {d.dataset})")
     g.add_argument("--data-dir", default=S, help="folder holding the data sets")
     g.add_argument("--download", action=on_off, default=S,
@@ -47,10 +60,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--train-size", type=int, default=S,
                    help="synthetic data only: training examples")
     g.add_argument("--test-size", type=int, default=S, help="synthetic data only: test examples")
-    g = parser.add_argument_group("model")
-    g.add_argument("--model", default=S, help=f"model name (default {d.model})")
-    g.add_argument("--weights", default=S, help="pretrained weights file")
-    g = parser.add_argument_group("optimizer")
+
+
+def _optimizer_arguments(g: _Group, d: TrainConfig) -> None:
+    """The method, the base optimizer, the budget and the schedule."""
     methods = "; ".join(f"{n}: {get_method(n).description}" for n in list_methods())
     g.add_argument("--optimizer", default=S, metavar="METHOD",
                    help=f"the training method (default {d.optimizer}). {methods}")
@@ -71,7 +84,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                    help="linear warm-up to the peak lr before the cosine, fractions allowed "
                    f"(default {d.warmup_epochs:g})")
     g.add_argument("--momentum", type=float, default=S, help=f"SGD momentum (default {d.momentum})")
-    g.add_argument("--nesterov", action=on_off, default=S, help="SGD Nesterov momentum")
+    g.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=S,
+                   help="SGD Nesterov momentum")
     g.add_argument("--betas", type=float, nargs=2, default=S, metavar=("B1", "B2"),
                    help=f"AdamW betas (default {d.betas[0]} {d.betas[1]})")
     g.add_argument("--adam-eps", type=float, default=S, help=f"AdamW eps (default {d.adam_eps:g})")
@@ -80,6 +94,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-grad-norm", type=float, default=S,
                    help="clip the final gradient (the one the base optimizer steps with) to this "
                    "global norm; clipping before the ascent would be a no-op (it is normalized)")
+
+
+def _method_arguments(g: _Group, d: TrainConfig) -> None:
+    """The method's own settings, the radius shorthands and the batch split."""
     g.add_argument("--method-args", nargs="+", default=S, metavar="KEY=VALUE",
                    type=_method_arg,
                    help="the method's own settings (e.g. alpha=0.4 k=5), values in YAML; "
@@ -90,13 +108,17 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                    help="Agnostic-SAM B^t radius (default: the method's, 0.1)")
     g.add_argument("--rho2", type=float, default=S,
                    help="Agnostic-SAM B^v radius (default: the method's, 0.05)")
-    g.add_argument("--adaptive", action=on_off, default=S, help="ASAM scale-invariant radius")
+    g.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=S,
+                   help="ASAM scale-invariant radius")
     g.add_argument("--split-ratio", type=float, default=S,
                    help=f"r = |B^t|/|B| (default {d.split_ratio})")
     g.add_argument("--split", default=S,
                    help="batch (split each batch) or fixed (split the data once)")
     g.add_argument("--perturbation", default=S, help="local or synced (DDP ascent passes)")
-    g = parser.add_argument_group("run")
+
+
+def _run_arguments(g: _Group, d: TrainConfig) -> None:
+    on_off = argparse.BooleanOptionalAction
     g.add_argument("--seed", type=int, default=S, help=f"default {d.seed}")
     g.add_argument("--device", default=S, help="auto, cpu, cuda, cuda:N or mps")
     g.add_argument("--workers", type=int, default=S, help="DataLoader worker processes")
