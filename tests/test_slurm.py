@@ -274,7 +274,7 @@ def test_cancelled_task_is_reported_and_the_rerun_submits_only_it(tmp_path, caps
     assert f"  cancelled (job {_job(out, 'sgd/seed0')}): {victim}" in stdout
     rc, _, err = _cli([*argv, "--wait"], capsys)
     assert rc == 0, err
-    assert re.search(r"submitted job array \d+: 1 task\(s\)", err), err
+    assert re.search(r"submitted job \d+: 1 task\(s\)", err), err
     for seed in (0, 1):
         _assert_same_weights(inline_long / "sgd" / f"seed{seed}", out / "sgd" / f"seed{seed}")
 

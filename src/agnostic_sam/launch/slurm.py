@@ -330,8 +330,10 @@ def launch_slurm(planned: Planned, lc: LauncherConfig, *, dry_run: bool,
             ledger.update({run_dir(cfg): str(o.job_id) for cfg, o in todo})
             _write_ledger(folder, ledger)
         array = str(jobs[0].job_id).split("_")[0]
-        notice(f"submitted job array {array}: {len(jobs)} task(s) for the unfinished runs; "
-               f"watch: squeue -j {array}; logs: {folder}/{array}_<task>/{fit_note}")
+        what, logs = ((f"job array {array}", f"{array}_<task>") if "_" in str(jobs[0].job_id)
+                      else (f"job {array}", array))  # submitit submits one run as a plain job
+        notice(f"submitted {what}: {len(jobs)} task(s) for the unfinished runs; "
+               f"watch: squeue -j {array}; logs: {folder}/{logs}/{fit_note}")
     if lc.wait and (jobs or adopted):
         notice(f"waiting for {len(jobs)} task(s) submitted now and {len(adopted)} earlier")
         _wait(lc, folder, jobs, todo, adopted, log)
