@@ -17,7 +17,7 @@ def test_the_study_lists_every_registered_method_with_its_registry_grid() -> Non
     assert list(spec.methods) == methods and "sam-sched" not in methods
     for name in methods:
         info = get_method(name)
-        assert spec.tune.get(name) == (tuple(sorted(info.grid)) if info.tunable else None)
+        assert spec.tune.get(name) == (tuple(sorted(info.grid)) if info.grid else None)
     runs = plan("family-digits", seeds=[0])
     tune = tune_plan(runs, spec, seeds=[0])
     # tuning at the epochs budget on a noisy held-out part, shared by both budgets' cells

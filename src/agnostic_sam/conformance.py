@@ -85,6 +85,7 @@ class _Run:
         self.model = net
         cls, kwargs = _BASE
         params = groups if groups is not None else net.parameters()
+        options.setdefault("model", net)  # as the trainer does: BatchNorm, parameter names
         self.opt = create_optimizer(name, params, cls, kwargs, settings=settings or {},
                                     **options)
         self.gen = torch.Generator().manual_seed(3)
@@ -170,7 +171,7 @@ def check_batchnorm_at_theta(name: str) -> None:
     """With ``model=``, BatchNorm running statistics move only in passes at theta: the number of
     batches BatchNorm tracked equals the BatchNorm calls made while ``opt.at_theta``."""
     model = _mlp(batchnorm=True)
-    run = _Run(name, model, model=model)
+    run = _Run(name, model)
     bn = next(m for m in model.modules() if isinstance(m, nn.BatchNorm1d))
     calls = {"theta": 0}
 
@@ -264,8 +265,10 @@ def check_frozen_and_unused(name: str) -> None:
     """Frozen parameters and parameters without a gradient are left bit for bit alone."""
     model = _mlp()
     model[0].bias.requires_grad_(False)
-    unused = nn.Parameter(torch.randn(3, dtype=torch.float64))
-    run = _Run(name, model, groups=[{"params": list(model.parameters()) + [unused]}])
+    # a parameter of the model its forward never uses (a head trained elsewhere, say)
+    model.register_parameter("unused", nn.Parameter(torch.randn(3, dtype=torch.float64)))
+    unused = model.unused
+    run = _Run(name, model, groups=[{"params": list(model.parameters())}])
     frozen, spare = model[0].bias.detach().clone(), unused.detach().clone()
     for batch in _data(steps=3):
         run.step(batch)

@@ -138,7 +138,7 @@ def register_method(
     if radius_keys is not None:  # the 0.2 registration
         keys = tuple(radius_keys)
         legacy = tuple(Setting(k, float, _RADIUS_DEFAULTS.get(k, 0.05), f"radius {k}", low=0.0,
-                               per_group=True) for k in keys)
+                               grid=(0.05, 0.1, 0.2, 0.4), per_group=True) for k in keys)
         if adaptive:
             legacy += (Setting("adaptive", bool, False, "ASAM's scale-invariant radius"),)
         common["follows"] = keys[1:]

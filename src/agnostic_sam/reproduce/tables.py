@@ -222,7 +222,8 @@ def _from_registry(data: dict[str, Any]) -> dict[str, Any]:
 
     names = list_methods(lambda m: m.variant_of is None)
     data = dict(data)
-    data["methods"] = {n: ({"optimizer": n, "tune": "grid"} if get_method(n).tunable
+    # a method without a grid (a plugin's) trains at its defaults
+    data["methods"] = {n: ({"optimizer": n, "tune": "grid"} if get_method(n).grid
                            else {"optimizer": n}) for n in names}
     grid = dict(data.get("grid") or {})
     if grid.get("method") == "registry":
