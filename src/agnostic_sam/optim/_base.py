@@ -371,6 +371,23 @@ class SharpnessOptimizer(torch.optim.Optimizer):
         _flat.perturb(self._layout(), params, grads, theta if self.adaptive else None, groups,
                       key, sign, norm + self.perturb_eps, foreach)
 
+    def _perturb_from_theta(
+        self,
+        params: list[Tensor],
+        theta: list[Tensor],
+        groups: list[dict[str, Any]],
+        terms: list[tuple[list[Tensor | None], str, float, Tensor]],
+        foreach: bool,
+    ) -> None:
+        """`_perturb` for each (grads, key, sign, norm) of `terms` in order, when the parameters
+        are at theta: the same bits, with one copy into the parameters on the fast path."""
+        eps = self.perturb_eps
+        fast = [(g, key, sign, norm + eps) for g, key, sign, norm in terms]
+        if _flat.from_theta(self._layout(), params, theta, groups, fast, self.adaptive):
+            return
+        for grads, key, sign, norm in terms:
+            self._perturb(params, grads, theta, groups, key, sign, norm, foreach)
+
     @contextlib.contextmanager
     def _restore_on_error(
         self, params: list[Tensor], theta: list[Tensor], foreach: bool

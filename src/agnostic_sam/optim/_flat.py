@@ -25,7 +25,7 @@ from torch import Tensor
 from agnostic_sam.optim import _functional as F
 
 __all__ = ["Checked", "Layout", "Packed", "checked", "dot", "global_norm", "layout_key",
-           "norm", "perturb", "snapshot"]
+           "from_theta", "norm", "perturb", "snapshot"]
 
 _DTYPES = (torch.float32, torch.float64)
 
@@ -109,6 +109,12 @@ class Layout:
             offset += (end - start) * sizes[start]
             start = end
         self.shapes = [p.shape for p in self.params]
+        # Row (packed order) -> index of its group among the distinct groups (per-group radii).
+        distinct: dict[int, int] = {}
+        for g in self.groups:
+            distinct.setdefault(id(g), len(distinct))
+        self.group_list = list({id(g): g for g in self.groups}.values())
+        self.row_group = torch.tensor([distinct[id(self.groups[i])] for i in self.order])
         self.total = sum(p.numel() for p in self.params)
 
     def matches(self, params: list[Tensor]) -> bool:
@@ -158,15 +164,32 @@ class Layout:
         torch._foreach_copy_(list(out.views), tensors)
         return out
 
+    def slot(self, slot: int) -> Packed:
+        """Scratch buffer `slot` (never handed out)."""
+        while len(self.scratch) <= slot:
+            self.scratch.append(self._buffer())
+        return self.scratch[slot]
+
+    def scale_by_group(self, flat: Tensor, factors: list[Tensor]) -> None:
+        """flat <- flat * factors[group of the row], `factors` a 0-d tensor per distinct group
+        (in `group_list` order): each element times the same float as a per-tensor mul_."""
+        if len(factors) == 1:
+            flat.mul_(factors[0])
+            return
+        per_row = torch.stack(factors).index_select(0, self.row_group)
+        row = 0
+        for o, rows, size in self.blocks:
+            flat[o:o + rows * size].view(rows, size).mul_(per_row[row:row + rows].unsqueeze(1))
+            row += rows
+
     def flat_of(self, tensors: list[Tensor], slot: int = 0) -> Tensor:
         """The flat buffer of `tensors`: its own when packed by this layout, else a copy in
         scratch buffer `slot` (read at once; never handed out)."""
         if isinstance(tensors, Packed) and tensors.of(self):
             return tensors.flat
-        while len(self.scratch) <= slot:
-            self.scratch.append(self._buffer())
-        torch._foreach_copy_(list(self.scratch[slot].views), tensors)
-        return self.scratch[slot].flat
+        buffer = self.slot(slot)
+        torch._foreach_copy_(list(buffer.views), tensors)
+        return buffer.flat
 
     def norms(self, flat: Tensor) -> Tensor:
         """The 2-norm of every tensor packed in `flat`, in parameter order: shape (n,)."""
@@ -260,3 +283,30 @@ def perturb(layout: Layout, params: list[Tensor], grads: list[Tensor | None],
         F.perturb_(_pick(params, idx), _pick(grads, idx),
                    _pick(theta, idx) if theta is not None else None,
                    sign * group[key], denom, foreach)
+
+
+def from_theta(layout: Layout, params: list[Tensor], theta: list[Tensor],
+               groups: list[dict[str, Any]], terms: list[tuple[Any, str, float, Tensor]],
+               adaptive: bool) -> bool:
+    """params <- theta + sum_k sign_k rho_k T^2 g_k / denom_k for `terms` = [(g_k, key_k,
+    sign_k, denom_k)], where params == theta bit for bit on entry: in flat buffers, with the
+    rounding of `perturb` term by term (each term rounded, then added in order), and one copy
+    into the parameters instead of a multiply and an add per tensor and term. False (nothing
+    done) when the fast path does not apply."""
+    if not (isinstance(theta, Packed) and theta.of(layout) and groups is layout.groups
+            and layout.matches(params)):
+        return False
+    if not all(isinstance(g, Checked) and g.layout is layout for g, *_ in terms):
+        return False
+    total = layout.slot(1)
+    for k, (grads, key, sign, denom) in enumerate(terms):
+        g = layout.flat_of(grads, 0)  # a copy: the gradients themselves are left as they were
+        if adaptive:
+            g.mul_(theta.flat).mul_(theta.flat)
+        layout.scale_by_group(g, [(sign * group[key]) / denom for group in layout.group_list])
+        if k == 0:
+            torch.add(theta.flat, g, out=total.flat)
+        else:
+            total.flat.add_(g)
+    torch._foreach_copy_(params, list(total.views))
+    return True

@@ -188,7 +188,8 @@ class AgnosticSAM(SharpnessOptimizer):
             check = [norm_v]
             if self.variant == "full":
                 # Pass 2: B^v at theta^v = theta + rho2 g_v(theta) / ||g_v(theta)||   (4)
-                self._perturb(params, gv, theta, groups, "rho2", 1.0, norm_v, foreach)
+                self._perturb_from_theta(params, theta, groups, [(gv, "rho2", 1.0, norm_v)],
+                                         foreach)
                 del gv
                 self._run(val_closure, params, at_theta=False, final=False)
                 F.copy_(params, theta, foreach)
@@ -208,8 +209,10 @@ class AgnosticSAM(SharpnessOptimizer):
             cos = dot / (grad_norm_train * grad_norm_val).clamp_min(torch.finfo(dot.dtype).tiny)
 
             # theta^t = theta + rho1 g_t / ||g_t|| - rho2 g_v / ||g_v||   (5); grads consumed.
-            self._perturb(params, gt, theta, groups, "rho1", 1.0, norm_t, foreach)
-            self._perturb(params, gv, theta, groups, "rho2", -1.0, norm_v, foreach)
+            self._perturb_from_theta(
+                params, theta, groups,
+                [(gt, "rho1", 1.0, norm_t), (gv, "rho2", -1.0, norm_v)], foreach,
+            )
             del gt, gv
 
             # Pass 4: B^t at theta^t; the base optimizer steps with g_t(theta^t)   (6)

@@ -110,7 +110,7 @@ class SAM(SharpnessOptimizer):
         norm = self._norm(grads, theta, foreach)
         grad_norm = self._plain_norm(grads, norm, foreach)
         # theta + e, e = rho g / ||g||; the base optimizer steps with g(theta + e).
-        self._perturb(params, grads, theta, groups, "rho", 1.0, norm, foreach)
+        self._perturb_from_theta(params, theta, groups, [(grads, "rho", 1.0, norm)], foreach)
         return theta, [norm], grad_norm
 
     @torch.no_grad()
