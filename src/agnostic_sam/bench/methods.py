@@ -55,7 +55,7 @@ def build_step(name: str, model: nn.Module, net: Callable[[Tensor], Tensor],
     info = get_method(name)
     device = next(model.parameters()).device
     scaler = LossScaler(device=device.type) if cfg.amp == "fp16" else None
-    opt = create_optimizer(
+    opt: Any = create_optimizer(  # a registered method's: it has backward(loss)
         name, model.parameters(), torch.optim.SGD,
         dict(lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay),
         radii={"rho": cfg.rho, "rho1": cfg.rho1, "rho2": cfg.rho2},

@@ -9,7 +9,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from agnostic_sam.errors import UsageError
 from agnostic_sam.launch import LauncherConfig, launcher_config
@@ -137,3 +137,8 @@ class PlannedRun:
     seed: int
     radius: float | None  # the tuned radius, None = the config's own radii
     cfg: TrainConfig
+
+    @property
+    def out(self) -> str:
+        """The run's directory (`run._plan` always sets it)."""
+        return cast(str, self.cfg.out)

@@ -13,7 +13,7 @@ import errno
 import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from agnostic_sam.compare.config import CompareConfig, PlannedRun
 from agnostic_sam.errors import UsageError
@@ -63,7 +63,7 @@ def report_write(path: Path, write: Callable[[], Any], again: str) -> Any:
 
 def read_run(run: PlannedRun) -> dict:
     """``{"result": result.json, "curve": test accuracy per epoch}`` of a finished run."""
-    run_dir = RunDir(run.cfg.out)
+    run_dir = RunDir(run.out)
     return {
         "result": run_dir.read_result(),
         "curve": [m["test_acc"] for m in run_dir.read_metrics()],
@@ -102,7 +102,7 @@ def summaries(
             "runs": [str(r.cfg.out) for r in mine],  # each cell's run directories
         }
         if eigen is not None:
-            entry["top_eigenvalue"] = summarize([eigen(r.cfg.out) for r in mine])
+            entry["top_eigenvalue"] = summarize([eigen(r.out) for r in mine])
         out[optimizer] = entry
     return out
 
@@ -201,7 +201,7 @@ def markdown(
         for name, grid in tuning["grid"].items():
             cells = " | ".join(format_mean_std(grid[r]) if grid[r].n else "diverged" for r in cands)
             lines.append(f"| {name} | {cells} | {tuning['chosen'][name]:g} |")
-    root = Path(cc.train.out)
+    root = Path(cast(str, cc.train.out))  # load_compare_config sets it
     lines += ["", "## Runs", ""]
     for name, e in summaries.items():
         links = ", ".join(f"[{Path(r).name}]({_relative(r, root)})" for r in e["runs"])
@@ -263,7 +263,7 @@ def write_report(
     """Summarize the finished final ``runs``, write comparison.{json,md} and the curve plot
     into ``cc.train.out``; returns comparison.json's content. ``metric`` is "test" or
     "validation"; ``settings`` is the comparison's own config, saved in the JSON."""
-    root = Path(cc.train.out)
+    root = Path(cast(str, cc.train.out))
     eigen = None
     if cc.hessian:
         from agnostic_sam.analysis import top_eigenvalue_of_run

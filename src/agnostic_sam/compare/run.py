@@ -28,7 +28,7 @@ import dataclasses
 import math
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from agnostic_sam.compare.config import (
     COMPARE_KEYS,
@@ -71,7 +71,7 @@ def select_radius(grid: Mapping[float, Summary]) -> float:
 def _plan(
     cc: CompareConfig, phase: str, radii: Mapping[str, list[float | None]], val_fraction: float
 ) -> list[PlannedRun]:
-    root = Path(cc.train.out)
+    root = Path(cast(str, cc.train.out))  # load_compare_config sets it
     runs = []
     for optimizer, candidates in radii.items():
         for radius in candidates:
@@ -117,14 +117,14 @@ def _execute(runs: list[PlannedRun], cc: CompareConfig, *, dry_run: bool,
 def _status(run: PlannedRun) -> str:
     """"finished", "diverged" or "missing" (not trained, or still training); UsageError when
     the run's directory holds a run of another config (never report it under this one)."""
-    state = RunDir(run.cfg.out).state(run.cfg)
+    state = RunDir(run.out).state(run.cfg)
     return {"finished": "finished", "failed": "diverged"}.get(state, "missing")
 
 
 def _check_files(run: PlannedRun, keys: tuple[str, ...], curve: bool) -> None:
     """UsageError unless the finished run's files hold what the report reads: ``keys`` as finite
     numbers in result.json and, with ``curve``, a test accuracy in every metrics.jsonl row."""
-    run_dir = RunDir(run.cfg.out)
+    run_dir = RunDir(run.out)
     run_dir.read_finished(keys)
     if curve:
         for number, row in enumerate(run_dir.read_metrics(), start=1):
@@ -143,8 +143,8 @@ def _states(runs: list[PlannedRun], keys: tuple[str, ...], *, curve: bool) -> di
     problems: list[tuple[str, str]] = []
     for run in runs:
         try:
-            states[run.cfg.out] = _status(run)
-            if states[run.cfg.out] == "finished":
+            states[run.out] = _status(run)
+            if states[run.out] == "finished":
                 _check_files(run, keys, curve)
         except UsageError as exc:
             problems.append((str(run.cfg.out), str(exc)))
@@ -161,19 +161,20 @@ def _tune_grid(cc: CompareConfig, tunable: list[str], runs: list[PlannedRun]) ->
     diverged: dict[str, dict[float, int]] = {}
     val_fraction = runs[0].cfg.val_fraction if runs else DEFAULT_TUNE_VAL_FRACTION
     known = _states(runs, ("final_test_acc",), curve=False)
+    candidates = cast(list[float], cc.tune)  # set: only a tuning comparison gets here
     for o in tunable:
         grid[o], diverged[o] = {}, {}
-        for r in cc.tune:
+        for r in candidates:
             mine = [x for x in runs if x.optimizer == o and x.radius == r]
-            states = [known[x.cfg.out] for x in mine]
+            states = [known[x.out] for x in mine]
             if all(s == "finished" for s in states):
-                grid[o][r] = summarize([float(RunDir(x.cfg.out).read_result()["final_test_acc"])
+                grid[o][r] = summarize([float(RunDir(x.out).read_result()["final_test_acc"])
                                         for x in mine])
             else:
                 grid[o][r] = Summary(math.nan, math.nan, 0)
             diverged[o][r] = states.count("diverged")
     return {
-        "candidates": list(cc.tune),
+        "candidates": list(candidates),
         "rho2_ratio": cc.rho2_ratio,
         "val_fraction": val_fraction,
         "grid": grid,
@@ -213,7 +214,7 @@ def compare(cc: CompareConfig, *, print_report: bool = True, dry_run: bool = Fal
     (or a report of it) while the first runs is refused, naming the first's PID."""
     if dry_run:
         return _compare(cc, print_report=print_report, dry_run=True, report_only=report_only)
-    with RunDir(cc.train.out).lock():
+    with RunDir(cast(str, cc.train.out)).lock():
         return _compare(cc, print_report=print_report, dry_run=False, report_only=report_only)
 
 
@@ -225,7 +226,8 @@ def _compare(cc: CompareConfig, *, print_report: bool, dry_run: bool,
     tunable = [o for o in cc.optimizers if get_method(o).tunable] if cc.tune else []
     if tunable:
         val_fraction = cc.train.val_fraction or DEFAULT_TUNE_VAL_FRACTION
-        tune_runs = _plan(cc, "tune", {o: list(cc.tune) for o in tunable}, val_fraction)
+        candidates = cast(list[float], cc.tune)  # set, or nothing would be tunable
+        tune_runs = _plan(cc, "tune", {o: list(candidates) for o in tunable}, val_fraction)
         if not _execute(tune_runs, cc, dry_run=dry_run, report_only=report_only):
             print(f"{len(tune_runs)} tuning runs {'planned' if dry_run else 'on SLURM'}; the "
                   "final runs follow once they have finished: run the same command again")
@@ -246,13 +248,13 @@ def _compare(cc: CompareConfig, *, print_report: bool, dry_run: bool,
     if failed:
         raise TrainingDiverged(f"the run in {failed[0]} diverged (see its result.json); "
                                f"{len(failed)} final run(s) failed: nothing fair to compare")
-    missing = [r for r in final_runs if states[r.cfg.out] == "missing"]
+    missing = [r for r in final_runs if states[r.out] == "missing"]
     if missing:
         print(f"{len(missing)} of {len(final_runs)} final runs are missing (not finished); "
               "the report covers the finished ones")
         for line in unfinished([r.cfg for r in missing], cc.launcher):
             print(f"  {line}")
-        final_runs = [r for r in final_runs if states[r.cfg.out] == "finished"]
+        final_runs = [r for r in final_runs if states[r.out] == "finished"]
         if not final_runs:
             raise UsageError("no final run has finished yet: nothing to report")
 
