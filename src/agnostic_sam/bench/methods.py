@@ -67,7 +67,7 @@ def build_step(name: str, model: nn.Module, net: Callable[[Tensor], Tensor],
     def closure_for(x: Tensor, y: Tensor) -> Callable[..., Tensor]:
         def closure() -> Tensor:
             loss = loss_fn(x, y)
-            opt.backward(loss)
+            opt.backward(loss)  # type: ignore[attr-defined]
             return loss
 
         # closure="per-sample" (its record): closure(index=None, backward=True) on the rows
@@ -77,7 +77,7 @@ def build_step(name: str, model: nn.Module, net: Callable[[Tensor], Tensor],
             with _autocast(cfg, device):
                 losses = F.cross_entropy(net(xs), ys, reduction="none")
             if backward:
-                opt.backward(losses.mean())
+                opt.backward(losses.mean())  # type: ignore[attr-defined]
             return losses.detach()
 
         return per_sample if info.closure == "per-sample" else closure

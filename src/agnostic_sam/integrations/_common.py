@@ -121,13 +121,15 @@ def micro_closure(
         part = batch if index is None else take(batch, index)
         n = batch_len(part)
         bounds = [len(c) for c in torch.arange(n).tensor_split(min(micro_batches, n))]
-        total, each, start = None, [], 0
+        total: Tensor | None = None
+        each: list[Tensor] = []
+        start = 0
         for i, size in enumerate(bounds):
-            micro = _map(part, lambda t, s=start, m=size: t[s : s + m] if t.dim() > 0 else t)
+            micro = _map(part, _rows(start, size))
             start += size
             last = i == len(bounds) - 1
-            quiet = last or no_sync is None or not backward
-            with contextlib.nullcontext() if quiet else no_sync():
+            loud = no_sync is not None and backward and not last
+            with no_sync() if no_sync is not None and loud else contextlib.nullcontext():
                 loss = _checked_loss(loss_fn(micro), size, per_sample)
                 if per_sample:
                     each.append(loss.detach())
@@ -137,9 +139,15 @@ def micro_closure(
                 if backward:
                     run_backward(weighted)
             total = weighted.detach() if total is None else total + weighted.detach()
+        assert total is not None  # a batch has at least one sample
         return torch.cat(each) if per_sample else total
 
     return closure
+
+
+def _rows(start: int, size: int) -> Callable[[Tensor], Tensor]:
+    """Rows start .. start + size of a tensor (a 0-d one whole)."""
+    return lambda t: t[start : start + size] if t.dim() > 0 else t
 
 
 def _checked_loss(loss: Any, size: int, per_sample: bool) -> Tensor:

@@ -3,6 +3,9 @@ class's ``SETTINGS``; its record says the rest (see `record.MethodInfo`)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from agnostic_sam.methods import METHODS, MethodInfo, register_method
 from agnostic_sam.optim import SAM, AgnosticSAM, Plain, SharpnessOptimizer
 from agnostic_sam.optim.asam import KwonASAM
@@ -197,15 +200,16 @@ def _schedulable(info: MethodInfo) -> bool:
 
 
 def _register_scheduled(info: MethodInfo) -> None:
-    assert info.cls is not None
+    cls = info.cls
+    assert cls is not None and issubclass(cls, SharpnessOptimizer)
     own = set(info.setting_names)
 
-    def cost(s: dict, ratio: float) -> float:
+    def cost(s: Mapping[str, Any], ratio: float) -> float:
         inner = info.batch_equivalents(ratio, {k: v for k, v in s.items() if k in own})
         return scheduled_cost(inner, s["interval"], s["sharp_prob"])
 
     register_method(
-        f"{info.name}-sched", on_schedule(info.cls),
+        f"{info.name}-sched", on_schedule(cls),
         description=f"{info.name} on a schedule: its step on every interval-th step (each with "
                     "probability sharp_prob), one pass and the base step otherwise",
         paper=info.paper, tune=info.tune, follows=info.follows, passes=info.passes,

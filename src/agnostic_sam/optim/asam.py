@@ -96,8 +96,8 @@ class KwonASAM(SAM):
         theta = self._snapshot(params, foreach)  # restored bit for bit
         grads = self._grads(params, foreach, take=True)
         flags = self._weight_flags(params)
-        idx = [i for i, g in enumerate(grads) if g is not None]
-        if not idx:
+        present = [(i, g) for i, g in enumerate(grads) if g is not None]
+        if not present:
             zero = self._zero_like_norm(theta)
             return theta, [zero], zero
         eta = self.eta
@@ -106,14 +106,14 @@ class KwonASAM(SAM):
             return theta[i].abs().add_(eta) if flags[i] else None
 
         parts, plain = [], []
-        for i in idx:
-            g, t = grads[i], t_of(i)
+        for i, g in present:
+            t = t_of(i)
             parts.append((g * t).norm() if t is not None else g.norm())
             plain.append(g.norm())
         norm = torch.linalg.vector_norm(torch.stack(parts))  # ||T g||
         grad_norm = torch.linalg.vector_norm(torch.stack(plain))  # ||g||, for the stats
-        for i in idx:
-            g, t = grads[i], t_of(i)
+        for i, g in present:
+            t = t_of(i)
             if t is not None:
                 g.mul_(t).mul_(t)
             # e = rho_group T^2 g / (||T g|| + eps); the weights move to theta + e

@@ -82,7 +82,7 @@ class SharpSchedule(SharpnessOptimizer):
             raise TypeError(f"{type(self).__name__}.step(closure) needs a closure that runs "
                             "forward and backward on the mini-batch and returns the loss")
         if self._sharp_now():
-            return super().step(closure, grad_scaler=grad_scaler)
+            return super().step(closure, grad_scaler=grad_scaler)  # type: ignore[call-overload]
         return self._plain_step(closure, grad_scaler)
 
     def _plain_step(self, closure: Closure, grad_scaler: Any) -> Tensor:
@@ -100,6 +100,7 @@ class SharpSchedule(SharpnessOptimizer):
                 norm = self._final_gradients(params, check, foreach, want_norm=True)
             finally:
                 self._plain_now = False
+            assert norm is not None  # want_norm=True
             self.stats = {"loss_train": loss, "grad_norm_train": norm}
             self._finish(params, None, check, ("at theta",), foreach)
         return loss

@@ -217,7 +217,7 @@ def _closure(parts: RunParts, x: Tensor, y: Tensor,
     return closure
 
 
-def _per_sample_loss(criterion: torch.nn.Module, logits: Tensor, y: Tensor) -> Tensor:
+def _per_sample_loss(criterion: Any, logits: Tensor, y: Tensor) -> Tensor:
     """The criterion's loss of each sample (its ``reduction`` set to "none" for this call)."""
     saved = criterion.reduction
     criterion.reduction = "none"
