@@ -56,12 +56,22 @@ def _closures(name: str, loss_fn, backward, xb, yb, step: int):
     """The closures of one step of method `name`: (B) or (B^t, B^v), split by a per-step seed so
     that two optimizers fed the same step index see the same split."""
 
+    run_backward = backward
+
     def closure_of(xs, ys):
         def closure():
             loss = loss_fn(xs, ys)
-            backward(loss)
+            run_backward(loss)
             return loss
-        return closure
+
+        def per_sample(index=None, backward=True):
+            # the record's closure="per-sample": per-sample losses, backward of their mean
+            sel = slice(None) if index is None else index
+            losses = loss_fn(xs[sel], ys[sel], reduction="none")
+            if backward:
+                run_backward(losses.mean())
+            return losses.detach()
+        return per_sample if get_method(name).closure == "per-sample" else closure
 
     if get_method(name).splits_batch:
         x_t, y_t, x_v, y_v = split_batch(xb, yb, 0.7, torch.Generator().manual_seed(step))
@@ -144,7 +154,7 @@ def test_step_hooks_fire_once_per_step(name):
         opt.register_step_pre_hook(lambda o, a, k: seen.append(("pre", o))),
         opt.register_step_post_hook(lambda o, a, k: seen.append(("post", o))),
     ]
-    loss_fn = lambda xb, yb: F.cross_entropy(net(xb), yb)  # noqa: E731
+    loss_fn = _model_loss(net)
     try:
         _train(name, opt, loss_fn, 2)
     finally:
@@ -159,7 +169,7 @@ def test_step_hooks_of_the_base_optimizer_still_fire():
     opt = SAM(net.parameters(), torch.optim.SGD, lr=0.1, rho=0.05)
     count = []
     opt.base_optimizer.register_step_post_hook(lambda o, a, k: count.append(o))
-    _train("sam", opt, lambda xb, yb: F.cross_entropy(net(xb), yb), 3)
+    _train("sam", opt, _model_loss(net), 3)
     assert count == [opt.base_optimizer] * 3
 
 
@@ -169,9 +179,9 @@ def test_step_hooks_of_the_base_optimizer_still_fire():
 def _functional_loss(opt):
     """A two-layer net written over the optimizer's own parameters (so a copy of the optimizer
     alone trains its copied parameters)."""
-    def loss_fn(xb, yb):
+    def loss_fn(xb, yb, reduction="mean"):
         w1, b1, w2, b2 = _params(opt)
-        return F.cross_entropy(torch.tanh(xb @ w1.T + b1) @ w2.T + b2, yb)
+        return F.cross_entropy(torch.tanh(xb @ w1.T + b1) @ w2.T + b2, yb, reduction=reduction)
     return loss_fn
 
 
@@ -197,7 +207,7 @@ def _model_and_opt(name):
 
 
 def _model_loss(net):
-    return lambda xb, yb: F.cross_entropy(net(xb), yb)
+    return lambda xb, yb, reduction="mean": F.cross_entropy(net(xb), yb, reduction=reduction)
 
 
 @pytest.mark.parametrize("how", ["deepcopy", "pickle"])
@@ -400,7 +410,7 @@ def _raw_accelerate(name, accum, micro):
     net = _net()
     model, opt = acc.prepare(net, _make(name, net.named_parameters()))
     x, y = _data()
-    loss_fn = lambda xb, yb: F.cross_entropy(model(xb), yb)  # noqa: E731
+    loss_fn = _model_loss(model)
     for i in range(STEPS * BATCH // micro):
         xb, yb = x[i * micro:(i + 1) * micro], y[i * micro:(i + 1) * micro]
         with acc.accumulate(model):
@@ -427,7 +437,7 @@ def test_raw_accelerate_accumulation_is_refused_naming_sharpness_step(name, fres
     acc = Accelerator(cpu=True, gradient_accumulation_steps=2)
     model, opt = acc.prepare(net, _make(name, net.named_parameters()))
     x, y = _data(32)
-    loss_fn = lambda xb, yb: F.cross_entropy(model(xb), yb)  # noqa: E731
+    loss_fn = _model_loss(model)
     with pytest.raises(RuntimeError, match="SharpnessStep"):
         for i in range(2):
             with acc.accumulate(model):
@@ -519,7 +529,7 @@ def test_raw_accelerate_fp16_grad_scaler_equals_loss_scaler(fresh_accelerate):
     opt.__init__(opt.optimizer, scaler=acc.scaler)
     x, y = _data()
     x[5 * BATCH] = 1e30  # an overflow at step 5, as in _loss_scaler_steps
-    loss_fn = lambda xb, yb: F.cross_entropy(model(xb), yb)  # noqa: E731
+    loss_fn = _model_loss(model)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         for i in range(STEPS):

@@ -103,6 +103,10 @@ class SharpnessOptimizer(torch.optim.Optimizer):
         if "step" in cls.__dict__:  # GradScaler picks its protocol by step's signature
             _contract.step_signature(cls.__dict__["step"])
 
+    def _patch_step_function(self) -> None:
+        super()._patch_step_function()  # torch: the class's step runs the step hooks
+        _contract.hooks_once_per_step(type(self))  # not again in super().step()
+
     def __getstate__(self) -> dict[str, Any]:
         """For ``copy.deepcopy`` and ``pickle``: everything but the per-parameter gradient hooks
         (rebuilt on the copy's parameters) and, as torch.optim does, the registered hooks."""
@@ -111,7 +115,7 @@ class SharpnessOptimizer(torch.optim.Optimizer):
                 f"{type(self).__name__} cannot be copied between first_step() and "
                 "second_step() (the weights are perturbed): call second_step() first"
             )
-        skip = {"_watch", "_layout_cache", "_grad_scaler"}
+        skip = {"_watch", "_layout_cache", "_grad_scaler", "_in_step"}
         skip.update(k for k in self.__dict__ if k.startswith("_optimizer_") and k.endswith("hooks"))
         return {k: v for k, v in self.__dict__.items() if k not in skip}
 

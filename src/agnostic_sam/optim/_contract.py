@@ -9,6 +9,7 @@ imported.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import sys
 from collections.abc import Callable
@@ -20,6 +21,7 @@ __all__ = [
     "GRAD_SCALER_SETS_ATTRIBUTES",
     "check_not_skipped_by_wrapper",
     "driving_grad_scaler",
+    "hooks_once_per_step",
     "run_load_state_dict_hooks",
     "run_state_dict_hooks",
     "step_signature",
@@ -35,6 +37,7 @@ GRAD_SCALER_SETS_ATTRIBUTES = "found_inf" in torch.amp.GradScaler.step.__code__.
 # How far up the stack a caller of `step` is looked for: torch's hook wrapper, no_grad, our
 # context managers and at most one framework wrapper (accelerate's patched step) lie between.
 _DEPTH = 16
+_PACKAGE = __file__.rsplit("optim", 1)[0]  # .../agnostic_sam/
 
 
 def step_signature(step: Callable[..., Any]) -> None:
@@ -49,12 +52,16 @@ def step_signature(step: Callable[..., Any]) -> None:
         step.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
 
 
-def _callers(depth: int = _DEPTH) -> Any:
+def _step_callers(depth: int = _DEPTH) -> Any:
+    """The frames of functions named ``step`` among the `depth` callers above the caller's
+    caller, outside this package (our own step calls itself ``step`` too)."""
     frame = sys._getframe(2)
     for _ in range(depth):
         if frame is None:
             return
-        yield frame
+        code = frame.f_code
+        if code.co_name == "step" and not code.co_filename.startswith(_PACKAGE):
+            yield frame
         frame = frame.f_back
 
 
@@ -66,9 +73,7 @@ def driving_grad_scaler(opt: torch.optim.Optimizer) -> Any:
     scale, and the final gradient goes through ``scaler.unscale_(opt)`` so that
     ``scaler.update()`` sees the inf check of this step's gradients (computed inside the step,
     after GradScaler looked at p.grad)."""
-    for frame in _callers():
-        if frame.f_code.co_name != "step":
-            continue
+    for frame in _step_callers():
         owner = frame.f_locals.get("self")
         if isinstance(owner, torch.amp.GradScaler) and frame.f_locals.get("optimizer") is opt:
             return owner
@@ -79,10 +84,11 @@ def check_not_skipped_by_wrapper(opt: torch.optim.Optimizer) -> None:
     """Refuse a step called through a wrapper that accumulates gradients over micro-batches and
     calls ``step`` on the last one only: accelerate's ``AcceleratedOptimizer`` inside
     ``accelerator.accumulate()``. With a closure, the skipped micro-batches never run, so the
-    step would see 1/k of the data."""
-    for frame in _callers():
-        if frame.f_code.co_name != "step":
-            continue
+    step would see 1/k of the data. Looked for only once accelerate is imported: walking the
+    callers costs microseconds per step."""
+    if "accelerate" not in sys.modules:
+        return
+    for frame in _step_callers():
         owner = frame.f_locals.get("self")
         if owner is opt or getattr(owner, "optimizer", None) is not opt:
             continue
@@ -118,6 +124,30 @@ def without_global_step_hooks(base: torch.optim.Optimizer) -> None:
         return out
 
     base.step = step  # type: ignore[method-assign]
+
+
+def hooks_once_per_step(cls: type) -> None:
+    """torch wraps the step of each optimizer class it instantiates with the runner of the step
+    hooks. A step that calls its parent class's step (``super().step()``) would run them again
+    when the parent class was instantiated too: wrap the runner so that it runs them only in the
+    outermost step of an optimizer."""
+    hooked = cls.step  # type: ignore[attr-defined]
+    if getattr(hooked, "once_per_step", False) or not getattr(hooked, "hooked", False):
+        return
+    raw = hooked.__wrapped__
+
+    @functools.wraps(hooked)
+    def step(opt: Any, *args: Any, **kwargs: Any) -> Any:
+        if opt.__dict__.get("_in_step", False):
+            return raw(opt, *args, **kwargs)
+        opt._in_step = True
+        try:
+            return hooked(opt, *args, **kwargs)
+        finally:
+            opt._in_step = False
+
+    step.once_per_step = True  # type: ignore[attr-defined]
+    cls.step = step  # type: ignore[attr-defined]
 
 
 def run_state_dict_hooks(opt: torch.optim.Optimizer, make: Callable[[], dict[str, Any]]) -> Any:
