@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import inspect
 import sys
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -112,18 +113,19 @@ def without_global_step_hooks(base: torch.optim.Optimizer) -> None:
     if raw is None or not getattr(hooked, "hooked", False):
         return  # not torch's hook wrapper: nothing to skip
 
-    def step(*args: Any, **kwargs: Any) -> Any:
-        full = (base, *args)
-        for pre_hook in list(base._optimizer_step_pre_hooks.values()):
-            result = pre_hook(base, full, kwargs)
+    def step(self: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
+        full = (self, *args)
+        for pre_hook in list(self._optimizer_step_pre_hooks.values()):
+            result = pre_hook(self, full, kwargs)
             if result is not None:
                 full, kwargs = result
         out = raw(*full, **kwargs)
-        for post_hook in list(base._optimizer_step_post_hooks.values()):
-            post_hook(base, full, kwargs)
+        for post_hook in list(self._optimizer_step_post_hooks.values()):
+            post_hook(self, full, kwargs)
         return out
 
-    base.step = step  # type: ignore[method-assign]
+    # a bound method, as torch's LR schedulers expect of optimizer.step
+    base.step = types.MethodType(step, base)  # type: ignore[method-assign]
 
 
 def hooks_once_per_step(cls: type) -> None:
