@@ -21,7 +21,8 @@ The rule, with t = 1, 2, ... the optimizer's step count (in ``state_dict()``):
 with u_t ~ U[0, 1) drawn (``torch.rand`` on a CPU ``torch.Generator`` seeded with ``seed``, its
 state in ``state_dict()``) before the first pass of every step with t mod interval == 0, and
 only when sharp_prob < 1. The draw is on the host: reading it is no device synchronization (the
-one read of a tensor's value per such step, besides `_finish`'s).
+one read of a tensor's value per such step, besides `_finish`'s). Under DDP every rank must take
+the same ``seed`` (`train` passes the run's seed), so that all ranks run the same passes.
 """
 
 from __future__ import annotations
