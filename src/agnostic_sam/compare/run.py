@@ -168,7 +168,8 @@ def _tune_grid(cc: CompareConfig, tunable: list[str], runs: list[PlannedRun]) ->
             mine = [x for x in runs if x.optimizer == o and x.radius == r]
             states = [known[x.out] for x in mine]
             if all(s == "finished" for s in states):
-                grid[o][r] = summarize([float(RunDir(x.out).read_result()["final_test_acc"])
+                # (finished: result.json was read by _states)
+                grid[o][r] = summarize([float(RunDir(x.out).read_result()["final_test_acc"])  # type: ignore[index]
                                         for x in mine])
             else:
                 grid[o][r] = Summary(math.nan, math.nan, 0)

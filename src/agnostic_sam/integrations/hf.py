@@ -29,7 +29,7 @@ re-runs them all). Losses are weighted by samples, not by ``num_items_in_batch``
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -134,7 +134,7 @@ class SharpnessTrainer(Trainer):
         """The Trainer's optimizer choice (class, kwargs, decay groups) wrapped by the method."""
         if self.optimizer is not None:
             return self.optimizer
-        opt_model = self.model if model is None else model
+        opt_model: Any = self.model if model is None else model
         decay = set(self.get_decay_parameter_names(opt_model))
         named = [(n, p) for n, p in opt_model.named_parameters() if p.requires_grad]
         groups = [
@@ -209,7 +209,7 @@ class SharpnessTrainer(Trainer):
         def loss_fn(part: Any) -> Tensor:
             part = self._prepare_inputs(part)
             with self.compute_loss_context_manager():
-                loss = self.compute_loss(model, part)
+                loss = cast(Tensor, self.compute_loss(model, part))  # no outputs asked
             return loss.mean() if loss.dim() > 0 else loss  # DataParallel returns one per device
 
         loss = run_step(
@@ -230,7 +230,7 @@ class SharpnessTrainer(Trainer):
             # torch's "lr_scheduler.step() before optimizer.step()" check on the wrapper it watches
             accelerated._opt_called = True
         if not isinstance(self.optimizer, _StepTaken):
-            self.optimizer = _StepTaken(self.optimizer)
+            self.optimizer = _StepTaken(self.optimizer)  # type: ignore[assignment]  # a proxy
         self.optimizer.__dict__["_taken"] = True
         return loss.detach().to(self.args.device)
 

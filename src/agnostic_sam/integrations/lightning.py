@@ -138,7 +138,8 @@ class SharpnessAwareMixin:
         )
 
         cls = type(self)
-        if not getattr(cls.training_step, "_sharpness_wrapped", False):
+        # training_step and configure_gradient_clipping: the LightningModule's, mixed in
+        if not getattr(cls.training_step, "_sharpness_wrapped", False):  # type: ignore[attr-defined]
             raise TypeError(f"{cls.__name__} must define training_step for SharpnessAwareMixin")
         if cls.optimizer_step is not SharpnessAwareMixin.optimizer_step:
             raise TypeError(
@@ -146,7 +147,7 @@ class SharpnessAwareMixin:
                 "SharpnessAwareMixin): put SharpnessAwareMixin first and do not override "
                 "optimizer_step"
             )
-        if cls.configure_gradient_clipping is not pl.LightningModule.configure_gradient_clipping:
+        if cls.configure_gradient_clipping is not pl.LightningModule.configure_gradient_clipping:  # type: ignore[attr-defined]  # noqa: E501
             raise TypeError(
                 f"{cls.__name__} overrides configure_gradient_clipping, which a sharpness-aware "
                 "step cannot call: use Trainer(gradient_clip_val=...) or the optimizer's "

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -46,7 +46,7 @@ def _factory(info: MethodInfo, base: type[torch.optim.Optimizer]
              ) -> Callable[..., torch.optim.Optimizer]:
     def make(params: Any, **kwargs: Any) -> torch.optim.Optimizer:
         assert info.cls is not None
-        return info.cls(params, base, **info.fixed, **kwargs)
+        return cast(Any, info.cls)(params, base, **info.fixed, **kwargs)  # a wrapper's signature
 
     make.__name__ = f"{info.name}_{base.__name__}"
     return make
@@ -88,8 +88,8 @@ def register() -> tuple[str, ...]:
         # what timm may pass: the keywords the base optimizer's constructor takes
         takes = inspect.signature(BASE_OPTIMIZERS[base].cls).parameters
         default_registry.register(OptimInfo(
-            name=name, opt_class=factory, description=description, has_eps="eps" in takes,
-            has_momentum="momentum" in takes, has_betas="betas" in takes,
+            name=name, opt_class=cast(Any, factory), description=description,  # a factory
+            has_eps="eps" in takes, has_momentum="momentum" in takes, has_betas="betas" in takes,
         ))
     return tuple(entries)
 
@@ -143,5 +143,6 @@ def train_step(
         raise ValueError(f"invalid micro_batches={micro_batches!r}: must be an int in [1, {n}]")
     # run_step joins given micro-batches and re-slices them in as many parts: hand it the slices.
     slices = [take(batch, idx) for idx in torch.arange(n).tensor_split(micro_batches)]
-    return run_step(optimizer, loss_fn, slices, split_ratio=split_ratio, generator=generator,
+    return run_step(cast(Any, optimizer), loss_fn, slices, split_ratio=split_ratio,  # a method's
+                    generator=generator,
                     grad_scaler=scaler, max_grad_norm=max_grad_norm)

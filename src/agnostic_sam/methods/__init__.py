@@ -125,6 +125,7 @@ def register_method(
     passes = tuple(passes)
     _check_record(name, passes, closure)
     fixed = dict(fixed or {})
+    common: dict[str, Any]  # MethodInfo's keyword arguments, of several types
     common = dict(description=description, paper=paper, follows=tuple(follows), passes=passes,
                   closure=closure, state=tuple(state), cost=cost, fixed=fixed, notes=notes, off=off, random=random,
                   variant_of=variant_of)

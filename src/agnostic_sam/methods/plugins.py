@@ -9,6 +9,7 @@ plugin ran. A failed plugin is not marked loaded, so every later call raises aga
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 import sys
@@ -67,7 +68,7 @@ def load_plugins() -> None:
     names = [n.strip() for n in os.environ.get("AGNOSTIC_SAM_PLUGINS", "").split(",") if n.strip()]
     for name in names:
         if name not in _PLUGINS_LOADED:
-            _load(name, "AGNOSTIC_SAM_PLUGINS:", lambda name=name: importlib.import_module(name))
+            _load(name, "AGNOSTIC_SAM_PLUGINS:", functools.partial(importlib.import_module, name))
     if _ENTRY_POINTS not in _PLUGINS_LOADED:
         from importlib.metadata import entry_points
 
