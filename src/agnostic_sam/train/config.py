@@ -183,12 +183,12 @@ def validate_config(cfg: TrainConfig) -> TrainConfig:
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     _check_choices(cfg)
+    _check_numbers(cfg)
     try:
         method_settings(cfg)
         get_method(cfg.budget_reference)
     except ValueError as exc:
-        raise UsageError(f"{exc}" if "budget" not in str(exc) else str(exc)) from None
-    _check_numbers(cfg)
+        raise UsageError(str(exc)) from None
     _check_sizes(cfg, method.splits_batch)
     return cfg
 
