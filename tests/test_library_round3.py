@@ -71,7 +71,8 @@ def _closures(name: str, loss_fn, backward, xb, yb, step: int):
             if backward:
                 run_backward(losses.mean())
             return losses.detach()
-        return per_sample if get_method(name).closure == "per-sample" else closure
+        per_sample_kind = getattr(get_method(name), "closure", "loss") == "per-sample"
+        return per_sample if per_sample_kind else closure
 
     if get_method(name).splits_batch:
         x_t, y_t, x_v, y_v = split_batch(xb, yb, 0.7, torch.Generator().manual_seed(step))
