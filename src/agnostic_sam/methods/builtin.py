@@ -194,7 +194,10 @@ register_method(
 # "<name>-sched" for every method registered above whose step is two or more passes on B with
 # a loss closure, derived from its record (see agnostic_sam.optim.schedule).
 def _schedulable(info: MethodInfo) -> bool:
-    return (info.cls is not None and issubclass(info.cls, SharpnessOptimizer)
+    # A method that keeps state across steps (LookSAM's v and own schedule, Lookbehind's slow
+    # weights, Friendly-SAM's and VaSSO's averages) would see it go stale over the plain steps.
+    return (not info.state and info.cls is not None
+            and issubclass(info.cls, SharpnessOptimizer)
             and not issubclass(info.cls, SharpSchedule) and info.closure == "loss"
             and len(info.passes) > 1 and set(info.passes) == {"B"})
 
