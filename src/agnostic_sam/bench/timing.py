@@ -21,7 +21,6 @@ from agnostic_sam.bench.methods import StepFn, build_step, make_loss
 from agnostic_sam.bench.report import current_command, hardware_info
 from agnostic_sam.errors import UsageError
 from agnostic_sam.methods import METHODS, list_methods
-from agnostic_sam.train.build import resolve_device
 
 __all__ = ["BenchConfig", "run_bench"]
 
@@ -183,6 +182,9 @@ def _summary(values: list[float]) -> dict[str, float]:
 
 
 def _resolve_device(name: str) -> torch.device:
+    # here, not on import: train.build loads the data sets' torchvision (`bench --help` stays light)
+    from agnostic_sam.train.build import resolve_device
+
     device = resolve_device(name)
     if device.type not in ("cpu", "cuda"):
         raise UsageError(f"--device {name}: only cpu and cuda are timed")
@@ -243,7 +245,7 @@ def _setup(cfg: BenchConfig, device: torch.device) -> tuple[torch.nn.Module, Any
     model = create_model(cfg.model, num_classes=cfg.num_classes, in_channels=cfg.channels,
                          image_size=cfg.image_size)  # UsageError naming the choices if unknown
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    model = model.to(device=device, memory_format=fmt).train()  # type: ignore[call-overload]
+    model = model.to(device=device, memory_format=fmt).train()  # type: ignore[call-overload]  # type: ignore[call-overload]
     net = torch.compile(model, dynamic=False) if cfg.compile else model
     gen = torch.Generator().manual_seed(cfg.seed)
     x = torch.randn(cfg.batch_size, cfg.channels, cfg.image_size, cfg.image_size, generator=gen)
