@@ -245,7 +245,7 @@ def _setup(cfg: BenchConfig, device: torch.device) -> tuple[torch.nn.Module, Any
     model = create_model(cfg.model, num_classes=cfg.num_classes, in_channels=cfg.channels,
                          image_size=cfg.image_size)  # UsageError naming the choices if unknown
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    model = model.to(device=device, memory_format=fmt).train()  # type: ignore[call-overload]  # type: ignore[call-overload]
+    model = model.to(device=device, memory_format=fmt).train()  # type: ignore[call-overload]
     net = torch.compile(model, dynamic=False) if cfg.compile else model
     gen = torch.Generator().manual_seed(cfg.seed)
     x = torch.randn(cfg.batch_size, cfg.channels, cfg.image_size, cfg.image_size, generator=gen)

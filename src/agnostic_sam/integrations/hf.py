@@ -137,9 +137,13 @@ class SharpnessTrainer(Trainer):
         opt_model: Any = self.model if model is None else model
         decay = set(self.get_decay_parameter_names(opt_model))
         named = [(n, p) for n, p in opt_model.named_parameters() if p.requires_grad]
+        # parameter names travel in the groups (torch's "param_names"): the authors' ASAM needs them
         groups = [
-            {"params": [p for n, p in named if n in decay], "weight_decay": self.args.weight_decay},
-            {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0},
+            {"params": [p for n, p in named if n in decay],
+             "param_names": [n for n, _ in named if n in decay],
+             "weight_decay": self.args.weight_decay},
+            {"params": [p for n, p in named if n not in decay],
+             "param_names": [n for n, _ in named if n not in decay], "weight_decay": 0.0},
         ]
         groups = [g for g in groups if g["params"]]
         if self.optimizer_cls_and_kwargs is not None:
