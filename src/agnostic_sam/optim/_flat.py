@@ -25,7 +25,8 @@ from torch import Tensor
 from agnostic_sam.optim import _functional as F
 
 __all__ = ["Checked", "Layout", "Packed", "checked", "dot", "global_norm", "layout_key",
-           "from_theta", "norm", "perturb", "snapshot"]
+           "ascend", "from_theta", "norm", "perturb",
+           "snapshot"]
 
 _DTYPES = (torch.float32, torch.float64)
 
@@ -310,3 +311,25 @@ def from_theta(layout: Layout, params: list[Tensor], theta: list[Tensor],
             total.flat.add_(g)
     torch._foreach_copy_(params, list(total.views))
     return True
+
+
+def ascend(layout: Layout, params: list[Tensor], theta: list[Tensor], grads: list[Any],
+           groups: list[dict[str, Any]], key: str, adaptive: bool,
+           eps: float) -> tuple[Tensor, Tensor] | None:
+    """`SharpnessOptimizer._ascend_from_theta` from one flat copy of `grads`: (||T g||, ||g||)
+    and params <- theta + rho T^2 g / (||T g|| + eps); None (nothing done) when the fast path
+    does not apply."""
+    if not (isinstance(theta, Packed) and theta.of(layout) and groups is layout.groups
+            and layout.matches(params) and isinstance(grads, Checked) and grads.layout is layout):
+        return None
+    g = layout.flat_of(grads, 0)
+    plain = torch.linalg.vector_norm(layout.norms(g))
+    norm = torch.linalg.vector_norm(layout.norms(theta.flat * g)) if adaptive else plain
+    if adaptive:
+        g.mul_(theta.flat).mul_(theta.flat)
+    denom = norm + eps
+    layout.scale_by_group(g, [(1.0 * group[key]) / denom for group in layout.group_list])
+    total = layout.slot(1)
+    torch.add(theta.flat, g, out=total.flat)
+    torch._foreach_copy_(params, list(total.views))
+    return norm, plain

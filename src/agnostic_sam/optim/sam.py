@@ -107,10 +107,8 @@ class SAM(SharpnessOptimizer):
         """From g(theta) in p.grad: keep theta, move to theta + e. Returns (theta, check, ||g||)."""
         theta = self._snapshot(params, foreach)  # restored bit for bit
         grads = self._grads(params, foreach, take=True)
-        norm = self._norm(grads, theta, foreach)
-        grad_norm = self._plain_norm(grads, norm, foreach)
         # theta + e, e = rho g / ||g||; the base optimizer steps with g(theta + e).
-        self._perturb_from_theta(params, theta, groups, [(grads, "rho", 1.0, norm)], foreach)
+        norm, grad_norm = self._ascend_from_theta(params, theta, grads, groups, "rho", foreach)
         return theta, [norm], grad_norm
 
     @torch.no_grad()
