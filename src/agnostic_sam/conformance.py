@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 import pickle
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -32,11 +32,13 @@ from agnostic_sam.optim import accumulate, split_batch
 
 __all__ = ["CHECKS", "check_method"]
 
-_BASE = (torch.optim.SGD, {"lr": 0.05, "momentum": 0.9, "weight_decay": 1e-3})
+_BASE: tuple[type[torch.optim.Optimizer], dict[str, Any]] = (
+    torch.optim.SGD, {"lr": 0.05, "momentum": 0.9, "weight_decay": 1e-3})
 _STEPS = 6
 
 
-def _mlp(dtype: torch.dtype = torch.float64, seed: int = 0, batchnorm: bool = False) -> nn.Module:
+def _mlp(dtype: torch.dtype = torch.float64, seed: int = 0,
+         batchnorm: bool = False) -> nn.Sequential:
     torch.manual_seed(seed)
     layers: list[nn.Module] = [nn.Linear(6, 10)]
     if batchnorm:
@@ -182,8 +184,9 @@ def check_batchnorm_at_theta(name: str) -> None:
     bn.register_forward_pre_hook(count)
     for batch in _data(steps=3):
         run.step(batch)
-    assert int(bn.num_batches_tracked) == calls["theta"], (
-        f"{name}: BatchNorm tracked {int(bn.num_batches_tracked)} batches, but only "
+    tracked = int(cast(Tensor, bn.num_batches_tracked))  # track_running_stats: a tensor
+    assert tracked == calls["theta"], (
+        f"{name}: BatchNorm tracked {tracked} batches, but only "
         f"{calls['theta']} passes ran at theta")
 
 
@@ -264,15 +267,16 @@ def check_nonfinite(name: str) -> None:
 def check_frozen_and_unused(name: str) -> None:
     """Frozen parameters and parameters without a gradient are left bit for bit alone."""
     model = _mlp()
-    model[0].bias.requires_grad_(False)
+    first = cast(nn.Linear, model[0])
+    first.bias.requires_grad_(False)
     # a parameter of the model its forward never uses (a head trained elsewhere, say)
     model.register_parameter("unused", nn.Parameter(torch.randn(3, dtype=torch.float64)))
-    unused = model.unused
+    unused = cast(nn.Parameter, model.unused)
     run = _Run(name, model, groups=[{"params": list(model.parameters())}])
-    frozen, spare = model[0].bias.detach().clone(), unused.detach().clone()
+    frozen, spare = first.bias.detach().clone(), unused.detach().clone()
     for batch in _data(steps=3):
         run.step(batch)
-    assert torch.equal(model[0].bias, frozen) and torch.equal(unused, spare), (
+    assert torch.equal(first.bias, frozen) and torch.equal(unused, spare), (
         f"{name}: a frozen or unused parameter moved")
     assert all(torch.isfinite(w).all() for w in run.weights())
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -154,7 +154,8 @@ def present_gradients(opt: Any, params: list[Tensor]) -> int:
         for p in present:
             p.grad = None
         return 0
-    if passes > 0 and not opt._watch.untouched() and all_zero([p.grad for p in present]):
+    if passes > 0 and not opt._watch.untouched() and all_zero(
+            cast(list[Tensor], [p.grad for p in present])):  # present: with a gradient
         for p in present:  # zero_grad(set_to_none=False) after the backward: no gradient
             p.grad = None
         return 0

@@ -56,7 +56,7 @@ def step_signature(step: Callable[..., Any]) -> None:
 def _step_callers(depth: int = _DEPTH) -> Any:
     """The frames of functions named ``step`` among the `depth` callers above the caller's
     caller, outside this package (our own step calls itself ``step`` too)."""
-    frame = sys._getframe(2)
+    frame: Any = sys._getframe(2)  # a frame, None past the outermost
     for _ in range(depth):
         if frame is None:
             return

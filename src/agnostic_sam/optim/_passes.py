@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import sys
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -21,7 +21,7 @@ __all__ = ["batchnorm_layers", "frozen_batchnorm", "run_pass", "sync_context"]
 
 
 @contextlib.contextmanager
-def frozen_batchnorm(layers: list[nn.Module]) -> Iterator[None]:
+def frozen_batchnorm(layers: list[_BatchNorm]) -> Iterator[None]:
     """The BatchNorm `layers` leave their running statistics alone inside the block (they
     normalize with batch statistics as usual); every setting is restored, even on error."""
     saved = [(m, m.track_running_stats) for m in layers]
@@ -34,7 +34,7 @@ def frozen_batchnorm(layers: list[nn.Module]) -> Iterator[None]:
             m.track_running_stats = value
 
 
-def batchnorm_layers(layout: Any, model: nn.Module) -> list[nn.Module]:
+def batchnorm_layers(layout: Any, model: nn.Module) -> list[_BatchNorm]:
     """The BatchNorm layers of `model`, looked up once per parameter structure (`layout`)."""
     if layout.batchnorms is None or layout.batchnorms[0] is not model:
         layout.batchnorms = (model, [m for m in model.modules() if isinstance(m, _BatchNorm)])
@@ -45,7 +45,7 @@ def sync_context(model: nn.Module | None, sync: bool) -> contextlib.AbstractCont
     """DDP's no_sync() for a pass that must not communicate."""
     if sync or model is None or not hasattr(model, "no_sync"):
         return contextlib.nullcontext()
-    return model.no_sync()
+    return cast(Any, model).no_sync()  # DDP's
 
 
 def run_pass(opt: Any, closure: Closure, params: list[Tensor], *, at_theta: bool, final: bool,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Sequence
+from typing import Any, cast
 
 from torch import Tensor, nn
 
@@ -54,7 +55,7 @@ def accumulate(
         for k, micro in enumerate(zip(*parts)):
             last = k == micro_batches - 1
             sync = last or model is None or not hasattr(model, "no_sync")
-            with contextlib.nullcontext() if sync else model.no_sync():
+            with contextlib.nullcontext() if sync else cast(Any, model).no_sync():  # DDP's
                 loss = loss_fn(*micro)
                 if not isinstance(loss, Tensor) or loss.numel() != 1:
                     raise ValueError("loss_fn must return the scalar mean loss of its micro-batch")

@@ -145,8 +145,8 @@ class AgnosticSAM(SharpnessOptimizer):
             base_kwargs=base_kwargs,
         )
 
-    @property
-    def _pass_names(self) -> tuple[str, ...]:
+    @property  # the base's class attribute, here computed from the variant
+    def _pass_names(self) -> tuple[str, ...]:  # type: ignore[override]
         if self.variant == "full":
             return ("B^v at theta", "B^v at theta^v", "B^t at theta", "B^t at theta^t")
         return ("B^v at theta", "B^t at theta", "B^t at theta^t")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -169,13 +169,15 @@ class FriendlySAM(SharpnessOptimizer):
         old = {i: self.state.get(params[i], {}).get(_M) for i in idx}
         with_m = [i for i in idx if old[i] is not None]
         ps = [params[i] for i in idx]
-        F.copy_(ps, [grads[i] for i in idx], foreach)  # the parameters hold d from here on
+        present = cast(list[Tensor], [grads[i] for i in idx])  # idx: those with a gradient
+        F.copy_(ps, present, foreach)  # the parameters hold d from here on
         ms = [old[i] for i in with_m]
         _axpy_(ms, [params[i] for i in with_m], -self.sigma, 1.0, foreach)  # d = g - sigma m
         ascend_from_theta(params, theta, groups, idx, F.global_norm(ps, foreach)
                           + self.perturb_eps, foreach)
         # m_new = lmbda m + (1 - lmbda) g, written over g (a first step keeps m_new = g).
-        _axpy_(ms, [grads[i] for i in with_m], self.lmbda, 1.0 - self.lmbda, foreach)
+        _axpy_(ms, cast(list[Tensor], [grads[i] for i in with_m]), self.lmbda, 1.0 - self.lmbda,
+               foreach)
 
 
 def _axpy_(xs: list[Tensor], ys: list[Tensor], a: float, b: float, foreach: bool) -> None:

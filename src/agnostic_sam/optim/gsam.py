@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -129,8 +129,8 @@ class GSAM(SharpnessOptimizer):
         idx = [i for i, p in enumerate(params) if p.grad is not None and g[i] is not None]
         if not idx:
             return
-        g_p = [params[i].grad for i in idx]
-        g_t = [g[i] for i in idx]
+        g_p = cast(list[Tensor], [params[i].grad for i in idx])  # idx: both gradients present
+        g_t = cast(list[Tensor], [g[i] for i in idx])
         # <g, g_p> / ||g_p||^2 in float64 for the projection coefficient, on the device.
         coef = (F.dot(g_t, g_p).double() / (F.dot(g_p, g_p).double() + self.perturb_eps))
         alpha = self.alpha

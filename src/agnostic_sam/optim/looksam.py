@@ -3,7 +3,7 @@ CVPR 2022)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -189,8 +189,8 @@ class LookSAM(SharpnessOptimizer):
         idx = [i for i, p in enumerate(params) if p.grad is not None and g[i] is not None]
         if not idx:
             return
-        g_s = [params[i].grad for i in idx]
-        u = [g[i] for i in idx]  # the buffer of g becomes u, then v
+        g_s = cast(list[Tensor], [params[i].grad for i in idx])  # idx: both gradients present
+        u = cast(list[Tensor], [g[i] for i in idx])  # the buffer of g becomes u, then v
         # the projection coefficient in float64, on the device (no host sync)
         coef = F.dot(g_s, u).double() / (F.dot(u, u).double() + self.perturb_eps)  # type: ignore[arg-type]
         for ui, gs in zip(u, g_s):

@@ -141,5 +141,5 @@ class MomentumSAM(SharpnessOptimizer):
         for i in idx:
             v = moms[i]
             # p += (-rho / (||v|| + eps)) v, in place: no parameter-sized temporary
-            params[i].addcmul_(v, scale[id(groups[i])].to(v.dtype))  # type: ignore[arg-type]
+            params[i].addcmul_(v, scale[id(groups[i])].to(v.dtype))  # type: ignore[arg-type, union-attr]
         return theta

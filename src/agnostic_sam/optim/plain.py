@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -75,6 +75,6 @@ class Plain(SharpnessOptimizer):
             loss = self._run(closure, params, at_theta=True, final=True, keep=keep)
             check: list[Tensor] = []
             norm = self._final_gradients(params, check, foreach, want_norm=True)
-            self.stats = {"loss_train": loss, "grad_norm_train": norm}
+            self.stats = {"loss_train": loss, "grad_norm_train": cast(Tensor, norm)}  # asked for
             self._finish(params, None, check, self._pass_names, foreach)
         return loss

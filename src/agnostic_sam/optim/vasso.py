@@ -3,7 +3,7 @@ Suppression", NeurIPS 2023)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -112,7 +112,8 @@ class VaSSO(SharpnessOptimizer):
             return
         old = {i: self.state.get(params[i], {}).get(_D) for i in idx}  # .get: no empty entry
         with_d = [i for i in idx if old[i] is not None]
-        new, prev = [grads[i] for i in with_d], [old[i] for i in with_d]
+        new = cast(list[Tensor], [grads[i] for i in with_d])  # with_d: those with a gradient
+        prev = [old[i] for i in with_d]
         if new:  # d_new = theta g + (1 - theta) d, written over g
             if foreach:
                 torch._foreach_mul_(new, self.theta)
@@ -121,6 +122,6 @@ class VaSSO(SharpnessOptimizer):
                 for g, d in zip(new, prev):
                     g.mul_(self.theta).add_(d, alpha=1.0 - self.theta)
         ps = [params[i] for i in idx]
-        F.copy_(ps, [grads[i] for i in idx], foreach)  # the parameters hold d (theta is kept)
+        F.copy_(ps, cast(list[Tensor], [grads[i] for i in idx]), foreach)  # now d (theta kept)
         ascend_from_theta(params, theta, groups, idx, F.global_norm(ps, foreach)
                           + self.perturb_eps, foreach)

@@ -3,7 +3,7 @@ Regularization Term", KDD 2023)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -110,7 +110,8 @@ class WSAM(SharpnessOptimizer):
             try:
                 with self._restore_on_error(params, theta, foreach):
                     idx = [i for i, g in enumerate(grads) if g is not None]
-                    F.copy_([params[i] for i in idx], [grads[i] for i in idx], foreach)
+                    present = cast(list[Tensor], [grads[i] for i in idx])  # with a gradient
+                    F.copy_([params[i] for i in idx], present, foreach)
                     ascend_from_theta(params, theta, groups, idx, norm + self.perturb_eps,
                                       foreach)
                     self._final_pass(closure, params, check, foreach)
@@ -132,8 +133,8 @@ class WSAM(SharpnessOptimizer):
         idx = [i for i, p in enumerate(params) if p.grad is not None and g[i] is not None]
         if not idx:
             return
-        g_s = [params[i].grad for i in idx]
-        g_c = [g[i] for i in idx]
+        g_s = cast(list[Tensor], [params[i].grad for i in idx])  # idx: both gradients present
+        g_c = cast(list[Tensor], [g[i] for i in idx])
         if foreach:
             torch._foreach_sub_(g_s, g_c)  # s = g_s - g_c, in g_s's storage
         else:
