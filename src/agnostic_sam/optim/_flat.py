@@ -17,6 +17,7 @@ kernels already fuse per-tensor work; other dtypes keep their reduction as it wa
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -125,7 +126,7 @@ class Layout:
             return True
         return len(params) == len(mine) and all(a is b for a, b in zip(params, mine))
 
-    def accepts(self, tensors: list[Tensor | None]) -> bool:
+    def accepts(self, tensors: Sequence[Tensor | None]) -> bool:
         """The fast path applies to `tensors` (aligned with the parameters): every one present,
         dense, of the parameters' dtype and shape."""
         if not self.fast or len(tensors) != len(self.params):
@@ -213,7 +214,7 @@ def snapshot(layout: Layout, params: list[Tensor]) -> list[Tensor] | None:
     return layout.pack(params)
 
 
-def checked(layout: Layout, params: list[Tensor], grads: list[Tensor | None]) -> list[Any]:
+def checked(layout: Layout, params: list[Tensor], grads: list[Any]) -> list[Any]:
     """`grads` (read from p.grad of `params`) marked `Checked` when the fast path applies."""
     if not (layout.fast and layout.matches(params)
             and all(g is not None and not g.is_sparse for g in grads)):
