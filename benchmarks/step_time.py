@@ -61,6 +61,7 @@ def optimizer_only_times(cfg: BenchConfig, repeats: int) -> dict[str, float]:
     restores, the base SGD step) and its bookkeeping, without any forward or backward pass.
     """
     from agnostic_sam.methods import create_optimizer, get_method
+    from agnostic_sam.methods.step import step_closures
     from agnostic_sam.models import create_model
 
     torch.manual_seed(cfg.seed)
@@ -71,18 +72,28 @@ def optimizer_only_times(cfg: BenchConfig, repeats: int) -> dict[str, float]:
     # ||g|| has norm rho, so values neither blow up nor decay to denormals over the repeats.
     grads = [torch.randn_like(p) / len(params) ** 0.5 for p in params]
     loss = torch.zeros(())
+    per_sample_losses = torch.zeros(cfg.batch_size)
 
-    def closure() -> torch.Tensor:
-        for p, g in zip(params, grads):
-            p.grad = g
-        return loss
+    def closure_of(per_sample: bool):
+        # the record's closure protocol: a mean loss, or per-sample losses (ESAM)
+        def closure(index: torch.Tensor | None = None, backward: bool = True) -> torch.Tensor:
+            if backward:
+                for p, g in zip(params, grads):
+                    p.grad = g
+            if not per_sample:
+                return loss
+            return per_sample_losses if index is None else per_sample_losses[index]
+
+        return closure
 
     def step_of(name: str):
+        info = get_method(name)
         opt = create_optimizer(
             name, params, torch.optim.SGD,
             dict(lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay),
             radii={"rho": cfg.rho, "rho1": cfg.rho1, "rho2": cfg.rho2}, model=model)
-        closures = (closure, closure) if get_method(name).splits_batch else (closure,)
+        closures = step_closures(info, lambda part: closure_of(info.closure == "per-sample"),
+                                 None, parts=(None, None))
         return lambda: opt.step(*closures)
 
     steps = {name: step_of(name) for name in cfg.methods}

@@ -227,3 +227,6 @@ def _register_scheduled(info: MethodInfo) -> None:
 
 for _info in [m for m in METHODS.values() if _schedulable(m)]:
     _register_scheduled(_info)
+
+# The package's own methods (the documentation's tables list these, not a user's plugins).
+BUILT_IN: tuple[str, ...] = tuple(METHODS)

@@ -3,7 +3,8 @@ README show them; tests/test_methods_docs.py keeps them equal to what this print
 
 from __future__ import annotations
 
-from agnostic_sam.methods import get_method, list_methods
+from agnostic_sam.methods import get_method
+from agnostic_sam.methods.builtin import BUILT_IN
 from agnostic_sam.methods.record import MethodInfo, Setting
 
 __all__ = ["methods_page", "methods_table", "readme_table", "settings_table"]
@@ -30,7 +31,7 @@ def methods_table(names: list[str] | None = None) -> str:
     with defaults (the tuned one in bold), state kept across steps, paper."""
     rows = ["| method | passes per step | cost (batches) | settings (defaults; **tuned**) | "
             "state across steps | paper |", "|---|---|---|---|---|---|"]
-    for name in names or list_methods():
+    for name in names or list(BUILT_IN):
         info = get_method(name)
         settings = ", ".join(
             (f"**{s.name}={_default(s)}**" if s.name == info.tune else f"{s.name}={_default(s)}")
@@ -74,11 +75,11 @@ def methods_page() -> str:
         "| method | description | differences, and why |",
         "|---|---|---|",
     ]
-    for name in list_methods():
+    for name in BUILT_IN:
         info = get_method(name)
         parts.append(f"| `{name}` | {_notes(info.description)} | {_notes(info.notes)} |")
     parts.append("")
-    for name in list_methods():
+    for name in BUILT_IN:
         info = get_method(name)
         if info.settings:
             parts += [f"## `{name}` settings\n", settings_table(name)]
@@ -89,7 +90,7 @@ def readme_table() -> str:
     """The README's short table: method, passes, cost, tuned setting."""
     rows = ["| method | passes per step | cost (batches) | `--tune` searches |",
             "|---|---|---|---|"]
-    for name in list_methods():
+    for name in BUILT_IN:
         info = get_method(name)
         rows.append(f"| `{name}` | {len(info.passes)} | {_cost(info)} | {info.tune or '-'} |")
     return "\n".join(rows) + "\n"
