@@ -62,6 +62,9 @@ class ESAM(SharpnessOptimizer):
         Setting("gamma", float, 0.5, "fraction of the batch in the final pass (SDS)", low=0.0,
                 high=1.0, low_open=True),
     )
+    # Reads of host data per step besides the finiteness check: the CPU generator's draws of
+    # which tensors the next step perturbs (they decide requires_grad; no device sync).
+    _host_reads_per_step = 1
     _radius_keys = ("rho",)
     _num_buffers = 1
     _pass_names = ("at theta", "at theta + e on the sharpest samples")
