@@ -207,16 +207,6 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                     bwd_ms[key].append(dt * 1e3)
     del holders
     base_med = statistics.median(base_ms)
-    methods = {}
-    for name, s in samples.items():
-        own = [a - b for a, b in zip(s["step"], s["pass"])]
-        methods[name] = {
-            "pass_ms": statistics.median(s["pass"]),
-            "step_ms": statistics.median(s["step"]),
-            "own_ms": statistics.median(own),
-            "own_over_base": statistics.median(own) / base_med,
-            "own_share": statistics.median([o / t for o, t in zip(own, s["step"])]),
-        }
     return {
         "config": {k: v for k, v in vars(args).items() if k != "out"},
         "param_tensors": sum(1 for _ in model0.parameters()),
@@ -228,7 +218,19 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "backward_ms": {k: statistics.median(v) for k, v in bwd_ms.items()},
         "hook_overhead": {key: statistics.median(v) / statistics.median(bwd_ms["free"])
                           for key, v in bwd_ms.items() if key != "free"},
-        "methods": methods,
+        "methods": {name: summary(s, base_med) for name, s in samples.items()},
+    }
+
+
+def summary(samples: dict[str, list[float]], base_ms: float) -> dict[str, float]:
+    """Medians of one method's steps: pass, step, own = step - pass, own / base step."""
+    own = [a - b for a, b in zip(samples["step"], samples["pass"])]
+    return {
+        "pass_ms": statistics.median(samples["pass"]),
+        "step_ms": statistics.median(samples["step"]),
+        "own_ms": statistics.median(own),
+        "own_over_base": statistics.median(own) / base_ms,
+        "own_share": statistics.median([o / t for o, t in zip(own, samples["step"])]),
     }
 
 
