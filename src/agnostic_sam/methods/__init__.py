@@ -91,6 +91,32 @@ def _add(info: MethodInfo) -> MethodInfo:
     return info
 
 
+def _legacy(name: str, keys: tuple[str, ...], adaptive: bool, buffers: int | None,
+            common: dict[str, Any]) -> Callable[[Builder], Builder]:
+    """The 0.2 registration: radius settings (with the digits grid) and ``adaptive`` from
+    ``radius_keys=``/``adaptive=``, the builder taking ``(params, base, base_kwargs, radii,
+    **options)``."""
+    legacy = tuple(Setting(k, float, _RADIUS_DEFAULTS.get(k, 0.05), f"radius {k}", low=0.0,
+                           grid=(0.05, 0.1, 0.2, 0.4), per_group=True) for k in keys)
+    if adaptive:
+        legacy += (Setting("adaptive", bool, False, "ASAM's scale-invariant radius"),)
+    common = {**common, "follows": keys[1:]}
+
+    def wrap(build: Builder) -> Builder:
+        def adapt(params: Any, base: Any, base_kwargs: Any, values: Mapping[str, Any],
+                  **options: Any) -> torch.optim.Optimizer:
+            radii = {k: values[k] for k in keys}
+            if adaptive:
+                options["adaptive"] = values["adaptive"]
+            return build(params, base, base_kwargs, radii, **options)
+
+        _add(MethodInfo(name, adapt, settings=legacy, tune=keys[0] if keys else None,
+                        buffers=buffers or 0, **common))
+        return build
+
+    return wrap
+
+
 def register_method(
     name: str,
     cls: type[torch.optim.Optimizer] | None = None,
@@ -127,8 +153,8 @@ def register_method(
     fixed = dict(fixed or {})
     common: dict[str, Any]  # MethodInfo's keyword arguments, of several types
     common = dict(description=description, paper=paper, follows=tuple(follows), passes=passes,
-                  closure=closure, state=tuple(state), cost=cost, fixed=fixed, notes=notes, off=off, random=random,
-                  variant_of=variant_of)
+                  closure=closure, state=tuple(state), cost=cost, fixed=fixed, notes=notes,
+                  off=off, random=random, variant_of=variant_of)
     if cls is not None:
         own = tuple(s for s in getattr(cls, "SETTINGS", ()) if s.name not in fixed)
         return _add(MethodInfo(
@@ -137,26 +163,7 @@ def register_method(
             buffers=buffers if buffers is not None else int(getattr(cls, "_num_buffers", 0)),
             **common))
     if radius_keys is not None:  # the 0.2 registration
-        keys = tuple(radius_keys)
-        legacy = tuple(Setting(k, float, _RADIUS_DEFAULTS.get(k, 0.05), f"radius {k}", low=0.0,
-                               grid=(0.05, 0.1, 0.2, 0.4), per_group=True) for k in keys)
-        if adaptive:
-            legacy += (Setting("adaptive", bool, False, "ASAM's scale-invariant radius"),)
-        common["follows"] = keys[1:]
-
-        def wrap(build: Builder) -> Builder:
-            def adapt(params: Any, base: Any, base_kwargs: Any, values: Mapping[str, Any],
-                      **options: Any) -> torch.optim.Optimizer:
-                radii = {k: values[k] for k in keys}
-                if adaptive:
-                    options["adaptive"] = values["adaptive"]
-                return build(params, base, base_kwargs, radii, **options)
-
-            _add(MethodInfo(name, adapt, settings=legacy, tune=keys[0] if keys else None,
-                            buffers=buffers or 0, **common))
-            return build
-
-        return wrap
+        return _legacy(name, tuple(radius_keys), adaptive, buffers, common)
 
     def add(build: Builder) -> Builder:
         _add(MethodInfo(name, build, settings=tuple(settings or ()), tune=tune,
