@@ -94,74 +94,76 @@ def _finite(x: float) -> float | None:
     return float(x) if x is not None and math.isfinite(x) else None
 
 
-def study_report(
-    spec: TableSpec,
-    runs: list[Run],
-    runs_root: str | Path,
-    choices: dict[str, dict[str, Any]],
-    paper: dict[str, Any],
-) -> dict[str, Any]:
-    """The study's panels, rows and tuning grid as a dict (see the module docstring)."""
-    runs_root = Path(runs_root)
-    by_row: dict[str, dict[str, list[Run]]] = {}
-    for run in runs:
-        by_row.setdefault(str(run.row), {}).setdefault(run.method, []).append(run)
-    panels = []
-    machines: set[str] = set()
-    for name, entry in spec.panels.items():
-        versus = dict(entry.get("versus") or {})
-        rows = []
-        for row, methods in by_row.items():
-            first = next(iter(methods.values()))[0].overrides
-            values = {m: _seed_values(methods.get(m, []), runs_root) for m in entry["methods"]}
-            paper_of = {m: paper_value(spec, methods[m][0].overrides, paper)
-                        for m in entry["methods"] if m in methods}
-            cells = []
-            for method in entry["methods"]:
-                members = methods.get(method, [])
-                vals = values[method]
-                summary = summarize(list(vals.values())) if vals else None
-                vs: dict[str, Any] = {}
-                for label, ref in versus.items():
-                    if ref == method or not vals or not values[ref]:
-                        vs[label] = None
-                        continue
-                    try:
-                        d = paired_difference(vals, values[ref], CONFIDENCE)
-                    except ValueError:  # no common seed yet
-                        vs[label] = None
-                        continue
-                    vs[label] = {**d.to_dict(), "verdict": verdict(d)}
-                p = paper_of.get(method)
-                paper_vs = {
-                    label: (p["mean"] - paper_of[ref]["mean"])  # type: ignore[index]
-                    if p and ref != method and paper_of.get(ref) else None
-                    for label, ref in versus.items()
-                }
-                cost = _costs(members, runs_root)
-                machines |= cost.pop("machines")
-                cells.append({
-                    "method": method,
-                    "cell": members[0].cell if members else None,
-                    "radius": _radius_text(members[0]) if members else None,
-                    "mean": _finite(summary.mean) if summary else None,
-                    "std": _finite(summary.std) if summary else None,
-                    "ci": _interval(summary),
-                    "cost_batches": cost["batches"],
-                    "seconds": cost["seconds"],
-                    "n": len(vals),
-                    "expected": len(members),
-                    "seeds": {str(s): v for s, v in sorted(vals.items())},
-                    "vs": vs,
-                    "paper": None if p is None else {**p, "vs": paper_vs},
-                })
-            rows.append({
-                "row": row,
-                "x": first.get(spec.x) if spec.x else None,
-                "group": first.get(spec.group) if spec.group else None,
-                "methods": cells,
-            })
-        panels.append({"name": name, "versus": versus, "rows": rows})
+def _versus(method: str, vals: dict[int, float], values: dict[str, dict[int, float]],
+            versus: dict[str, str]) -> dict[str, Any]:
+    """Paired differences of ``method`` to each reference over the common seeds."""
+    vs: dict[str, Any] = {}
+    for label, ref in versus.items():
+        if ref == method or not vals or not values[ref]:
+            vs[label] = None
+            continue
+        try:
+            d = paired_difference(vals, values[ref], CONFIDENCE)
+        except ValueError:  # no common seed yet
+            vs[label] = None
+            continue
+        vs[label] = {**d.to_dict(), "verdict": verdict(d)}
+    return vs
+
+
+def _cell(method: str, members: list[Run], values: dict[str, dict[int, float]],
+          paper_of: dict[str, Any], versus: dict[str, str], runs_root: Path,
+          machines: set[str]) -> dict[str, Any]:
+    """One method of one row: accuracy, interval, cost, paired differences, the paper's."""
+    vals = values[method]
+    summary = summarize(list(vals.values())) if vals else None
+    p = paper_of.get(method)
+    paper_vs = {
+        label: (p["mean"] - paper_of[ref]["mean"])  # type: ignore[index]
+        if p and ref != method and paper_of.get(ref) else None
+        for label, ref in versus.items()
+    }
+    cost = _costs(members, runs_root)
+    machines |= cost.pop("machines")
+    return {
+        "method": method,
+        "cell": members[0].cell if members else None,
+        "radius": _radius_text(members[0]) if members else None,
+        "mean": _finite(summary.mean) if summary else None,
+        "std": _finite(summary.std) if summary else None,
+        "ci": _interval(summary),
+        "cost_batches": cost["batches"],
+        "seconds": cost["seconds"],
+        "n": len(vals),
+        "expected": len(members),
+        "seeds": {str(s): v for s, v in sorted(vals.items())},
+        "vs": _versus(method, vals, values, versus),
+        "paper": None if p is None else {**p, "vs": paper_vs},
+    }
+
+
+def _panel(spec: TableSpec, entry: dict[str, Any], by_row: dict[str, dict[str, list[Run]]],
+           runs_root: Path, paper: dict[str, Any], machines: set[str]) -> list[dict[str, Any]]:
+    """The rows of one panel: its methods in every row."""
+    versus = dict(entry.get("versus") or {})
+    rows = []
+    for row, methods in by_row.items():
+        first = next(iter(methods.values()))[0].overrides
+        values = {m: _seed_values(methods.get(m, []), runs_root) for m in entry["methods"]}
+        paper_of = {m: paper_value(spec, methods[m][0].overrides, paper)
+                    for m in entry["methods"] if m in methods}
+        cells = [_cell(m, methods.get(m, []), values, paper_of, versus, runs_root, machines)
+                 for m in entry["methods"]]
+        rows.append({
+            "row": row,
+            "x": first.get(spec.x) if spec.x else None,
+            "group": first.get(spec.group) if spec.group else None,
+            "methods": cells,
+        })
+    return rows
+
+
+def _tuning_entries(runs: list[Run], choices: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     tuning: list[dict[str, Any]] = []
     for run in runs:
         if run.tune is None or run.cell in {t["cell"] for t in tuning}:
@@ -174,6 +176,25 @@ def study_report(
             "grid": {f"{r:g}": s.to_dict() for r, s in choice["grid"].items()} if choice else None,
             "chosen": choice["chosen"] if choice else None,
         })
+    return tuning
+
+
+def study_report(
+    spec: TableSpec,
+    runs: list[Run],
+    runs_root: str | Path,
+    choices: dict[str, dict[str, Any]],
+    paper: dict[str, Any],
+) -> dict[str, Any]:
+    """The study's panels, rows and tuning grid as a dict (see the module docstring)."""
+    runs_root = Path(runs_root)
+    by_row: dict[str, dict[str, list[Run]]] = {}
+    for run in runs:
+        by_row.setdefault(str(run.row), {}).setdefault(run.method, []).append(run)
+    machines: set[str] = set()
+    panels = [{"name": name, "versus": dict(entry.get("versus") or {}),
+               "rows": _panel(spec, entry, by_row, runs_root, paper, machines)}
+              for name, entry in spec.panels.items()]
     return {
         "title": spec.title or spec.table,
         "note": spec.note,
@@ -184,7 +205,7 @@ def study_report(
         "paper_table": spec.paper.get("table"),
         "tuning_settings": dict(spec.tuning),
         "panels": panels,
-        "tuning": tuning,
+        "tuning": _tuning_entries(runs, choices),
         "cost": spec.cost,
         "machines": sorted(machines),
     }
@@ -200,6 +221,36 @@ def _vs_text(vs: dict[str, Any] | None) -> tuple[str, str]:
     if vs["n"] < 2 or vs["low"] is None:
         return f"{vs['mean']:+.2f} (n={vs['n']})", vs["verdict"]
     return f"{vs['mean']:+.2f} [{vs['low']:+.2f}, {vs['high']:+.2f}]", vs["verdict"]
+
+
+def _render_tuning(study: dict[str, Any]) -> list[str]:
+    """Markdown lines of the tuning grid: held-out accuracy per candidate, the choice."""
+    lines: list[str] = []
+    t = study["tuning_settings"]
+    candidates = sorted({r for entry in study["tuning"] for r in entry["candidates"]})
+    lines += ["### Radius tuning", "",
+              f"Mean held-out accuracy (a stratified {t.get('val_fraction')} of the "
+              "training set, "
+              + ("its labels as noisy as the training labels (val_noise), " if t.get("val_noise")
+                 else "") +
+              "test set never opened) over the tuning seeds; "
+              f"rho2 = {t.get('rho2_ratio')} rho1 for the "
+              "Agnostic-SAM family; the highest mean wins, ties to the smaller radius "
+              "(`compare.select_radius`).", ""]
+    cols = ["row", "method"] + [f"r={r:g}" for r in candidates] + ["chosen", "tuning seeds"]
+    lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for entry in study["tuning"]:
+        cells = [str(entry["row"]), entry["method"]]
+        for r in candidates:
+            s = (entry["grid"] or {}).get(f"{r:g}")
+            cells.append("n/a" if s is None else (
+                f"{s['mean']:.2f} ± {s['std']:.2f}" if s["std"] is not None
+                else f"{s['mean']:.2f}"))
+        cells.append("pending" if entry["chosen"] is None else f"{entry['chosen']:g}")
+        cells.append("n/a" if entry["seeds"] is None else str(len(entry["seeds"])))
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    return lines
 
 
 def render_study(study: dict[str, Any]) -> list[str]:
@@ -255,28 +306,7 @@ def render_study(study: dict[str, Any]) -> list[str]:
                   "(steps x batch-equivalents per step); seconds: wall time per run on "
                   + "; ".join(study["machines"]) + ".", ""]
     if study["tuning"]:
-        t = study["tuning_settings"]
-        candidates = sorted({r for entry in study["tuning"] for r in entry["candidates"]})
-        lines += ["### Radius tuning", "",
-                  f"Mean held-out accuracy (a stratified {t.get('val_fraction')} of the "
-                  "training set, "
-                  "test set never opened) over the tuning seeds; "
-                  f"rho2 = {t.get('rho2_ratio')} rho1 for the "
-                  "Agnostic-SAM family; the highest mean wins, ties to the smaller radius "
-                  "(`compare.select_radius`).", ""]
-        cols = ["row", "method"] + [f"r={r:g}" for r in candidates] + ["chosen", "tuning seeds"]
-        lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-        for entry in study["tuning"]:
-            cells = [str(entry["row"]), entry["method"]]
-            for r in candidates:
-                s = (entry["grid"] or {}).get(f"{r:g}")
-                cells.append("n/a" if s is None else (
-                    f"{s['mean']:.2f} ± {s['std']:.2f}" if s["std"] is not None
-                    else f"{s['mean']:.2f}"))
-            cells.append("pending" if entry["chosen"] is None else f"{entry['chosen']:g}")
-            cells.append("n/a" if entry["seeds"] is None else str(len(entry["seeds"])))
-            lines.append("| " + " | ".join(cells) + " |")
-        lines.append("")
+        lines += _render_tuning(study)
     return lines
 
 
