@@ -129,7 +129,14 @@ class ESAM(SharpnessOptimizer):
 
     @contextlib.contextmanager
     def _only_kept(self, params: list[Tensor]) -> Iterator[None]:
-        """requires_grad off for the tensors outside S (and back on afterwards)."""
+        """requires_grad off for the tensors outside S (and back on afterwards). Under DDP with
+        a synchronized first pass, DDP's reducer needs every gradient: they are computed, all-
+        reduced and then dropped, the same step at the cost of the authors' saving."""
+        if getattr(self.model, "no_sync", None) is not None and self.perturbation == "synced":
+            yield
+            for i in self._left_out:
+                params[i].grad = None
+            return
         off = [p for i, p in enumerate(params) if i in self._left_out and p.requires_grad]
         try:
             for p in off:
