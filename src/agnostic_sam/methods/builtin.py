@@ -50,6 +50,12 @@ register_method(
                 "orthogonal to it; two passes on B",
     paper="Zhuang et al., Surrogate Gap Guided Sharpness-Aware Minimization, ICLR 2022",
     tune="rho", passes=("B", "B"), state=("gsam_lr0",), off={"rho": 0.0, "alpha": 0.0},
+    notes="g_perp = g - <g, g_p> / (||g_p||^2 + eps) g_p (the authors: cos ||g|| / (||g_p|| + "
+          "eps) with cos = <g, g_p> / (||g|| ||g_p|| + eps), the same up to eps). rho_t follows "
+          "the group's lr / initial_lr with rho_min (the authors pass a scheduler object). "
+          "pytorch_optimizer 4.1 takes the norm of g_p as a float32 sum of squares and restores "
+          "theta by subtracting e: 3e-9 from this one on float64 weights after 20 steps "
+          "(tests/test_method_gsam.py). Under DDP both passes are all-reduced (the step uses g).",
 )
 register_method(
     "looksam", LookSAM,
