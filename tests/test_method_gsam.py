@@ -47,9 +47,9 @@ def test_gsam_equals_pytorch_optimizers_gsam() -> None:
     subtracting e (here a copy): 3e-9 on float64 weights after 20 steps, float32 precision."""
     import torch
     from pytorch_optimizer import GSAM as PeerGSAM
+    from tests._family import batches, loss_of, make_model
 
     from agnostic_sam import GSAM
-    from tests._family import batches, loss_of, make_model
 
     class Constant:  # its ProportionScheduler's protocol, at a fixed radius
         def step(self) -> float:
