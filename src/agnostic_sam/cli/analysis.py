@@ -30,6 +30,12 @@ SPECIAL_ROOTS = (Path("/proc"), Path("/sys"))
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    _register_hessian(subparsers)
+    _register_landscape(subparsers)
+    _register_congruence(subparsers)
+
+
+def _register_hessian(subparsers: argparse._SubParsersAction) -> None:
     h = subparsers.add_parser(
         "hessian", help="top Hessian eigenvalues and trace of a trained model",
         description="Power iteration (top-k eigenvalues, largest magnitude) and Hutchinson trace "
@@ -56,6 +62,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="torch CPU threads (default: torch's)")
     h.set_defaults(func=run_hessian)
 
+
+def _register_landscape(subparsers: argparse._SubParsersAction) -> None:
     ls = subparsers.add_parser(
         "landscape", help="filter-normalized 2-D loss landscapes, several runs side by side",
         description="Loss on a grid theta + a*d1 + b*d2 along two filter-normalized random "
@@ -85,6 +93,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     help="torch CPU threads (default: torch's)")
     ls.set_defaults(func=run_landscape)
 
+
+def _register_congruence(subparsers: argparse._SubParsersAction) -> None:
     c = subparsers.add_parser(
         "congruence", help="plot cos(train grad, val grad) over epochs",
         description="One line per run: the epoch mean of cos(grad L_{B^t}, grad L_{B^v}) that "
