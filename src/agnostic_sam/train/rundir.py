@@ -45,9 +45,9 @@ from agnostic_sam.train.checkpoint import (
 )
 from agnostic_sam.train.config import (
     TrainConfig,
+    budget_factor,
     config_to_dict,
     config_yaml,
-    budget_factor,
     load_config,
     method_settings,
 )
