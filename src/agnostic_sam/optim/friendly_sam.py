@@ -19,7 +19,7 @@ from agnostic_sam.optim import _functional as F
 from agnostic_sam.optim._base import Closure, SharpnessOptimizer
 from agnostic_sam.optim._settings import Setting
 
-__all__ = ["FriendlySAM", "after_base_step", "ascend_from_theta", "keep_state"]
+__all__ = ["AveragedAscent", "FriendlySAM", "after_base_step", "ascend_from_theta", "keep_state"]
 
 _M = "fsam_m"  # the moving average m, per parameter, in the base optimizer's state
 
@@ -70,7 +70,50 @@ def keep_state(opt: SharpnessOptimizer, params: list[Tensor], values: list[Tenso
             opt.state[p][key] = value
 
 
-class FriendlySAM(SharpnessOptimizer):
+class AveragedAscent(SharpnessOptimizer):
+    """The step of the methods that ascend along a direction kept across steps (Friendly-SAM's
+    g - sigma m, VaSSO's d): pass 1 at theta, `_ascend` (the method's direction, turning each
+    kept g into the new state in place), the last pass at theta + e, then the base step; the
+    new state is committed to ``self.state[p][_state_key]`` only if the base optimizer steps."""
+
+    _state_key = ""  # the per-parameter state key of the kept direction
+    _radius_keys = ("rho",)
+    _sync_every_pass = True  # under DDP: its direction / state uses pass 1's gradient
+    _num_buffers = 2
+    _pass_names = ("at theta", "at theta + e")
+
+    def _ascend(self, params: list[Tensor], grads: list[Tensor | None], theta: list[Tensor],
+                groups: list[dict[str, Any]], foreach: bool) -> None:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def step(self, closure: Closure | None = None, *, grad_scaler: Any = None) -> Tensor:  # type: ignore[override]
+        """One step; returns the loss at theta, detached."""
+        name = type(self).__name__
+        if not callable(closure):
+            raise TypeError(f"{name}.step(closure) needs a closure that runs forward and "
+                            "backward on the mini-batch and returns the loss")
+        with self._stepping(grad_scaler):
+            params, groups = self._params()
+            foreach = self._use_foreach(params)
+            if self._present_gradients(params):
+                raise RuntimeError(f"{name} found gradients in p.grad at step entry: call "
+                                   "opt.zero_grad() before, and backward only inside the closure")
+            loss = self._run(closure, params, at_theta=True, final=False)
+            theta = [p.detach().clone() for p in params]
+            grads = self._grads(params, foreach, take=True)
+            grad_norm = self._norm(grads, theta, foreach)
+            check = [grad_norm]
+            with self._restore_on_error(params, theta, foreach):
+                self._ascend(params, grads, theta, groups, foreach)
+                self._final_pass(closure, params, check, foreach)
+            self.stats = {"loss_train": loss, "grad_norm_train": grad_norm}
+            with after_base_step(self, lambda: keep_state(self, params, grads, self._state_key)):
+                self._finish(params, theta, check, self._pass_names, foreach)
+        return loss
+
+
+class FriendlySAM(AveragedAscent):
     r"""Friendly-SAM, wrapping any `torch.optim` optimizer.
 
     Each step runs the closure twice on the same mini-batch B, with g(.) = grad L_B(.) and m the
@@ -102,10 +145,7 @@ class FriendlySAM(SharpnessOptimizer):
         Setting("lmbda", float, 0.9, "decay of the moving average of gradients", low=0.0,
                 high=1.0),
     )
-    _radius_keys = ("rho",)
-    _sync_every_pass = True  # under DDP: its direction / state uses pass 1's gradient
-    _num_buffers = 2
-    _pass_names = ("at theta", "at theta + e")
+    _state_key = _M
 
     def __init__(
         self,
@@ -132,31 +172,6 @@ class FriendlySAM(SharpnessOptimizer):
             check_finite=check_finite, perturb_foreach=perturb_foreach,
             max_grad_norm=max_grad_norm, base_kwargs=base_kwargs,
         )
-
-    @torch.no_grad()
-    def step(self, closure: Closure | None = None, *, grad_scaler: Any = None) -> Tensor:  # type: ignore[override]
-        """One Friendly-SAM step; returns the loss at theta, detached."""
-        if not callable(closure):
-            raise TypeError("FriendlySAM.step(closure) needs a closure that runs forward and "
-                            "backward on the mini-batch and returns the loss")
-        with self._stepping(grad_scaler):
-            params, groups = self._params()
-            foreach = self._use_foreach(params)
-            if self._present_gradients(params):
-                raise RuntimeError("FriendlySAM found gradients in p.grad at step entry: call "
-                                   "opt.zero_grad() before, and backward only inside the closure")
-            loss = self._run(closure, params, at_theta=True, final=False)
-            theta = [p.detach().clone() for p in params]
-            grads = self._grads(params, foreach, take=True)
-            grad_norm = self._norm(grads, theta, foreach)
-            check = [grad_norm]
-            with self._restore_on_error(params, theta, foreach):
-                self._ascend(params, grads, theta, groups, foreach)
-                self._final_pass(closure, params, check, foreach)
-            self.stats = {"loss_train": loss, "grad_norm_train": grad_norm}
-            with after_base_step(self, lambda: keep_state(self, params, grads, _M)):
-                self._finish(params, theta, check, self._pass_names, foreach)
-        return loss
 
     def _ascend(self, params: list[Tensor], grads: list[Tensor | None], theta: list[Tensor],
                 groups: list[dict[str, Any]], foreach: bool) -> None:

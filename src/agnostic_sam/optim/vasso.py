@@ -10,16 +10,15 @@ from torch import Tensor, nn
 
 from agnostic_sam.amp import LossScaler
 from agnostic_sam.optim import _functional as F
-from agnostic_sam.optim._base import Closure, SharpnessOptimizer
 from agnostic_sam.optim._settings import Setting
-from agnostic_sam.optim.friendly_sam import after_base_step, ascend_from_theta, keep_state
+from agnostic_sam.optim.friendly_sam import AveragedAscent, ascend_from_theta
 
 __all__ = ["VaSSO"]
 
 _D = "vasso_d"  # the averaged ascent direction d, per parameter, in the base optimizer's state
 
 
-class VaSSO(SharpnessOptimizer):
+class VaSSO(AveragedAscent):
     r"""Variance-suppressed sharpness-aware optimization, wrapping any `torch.optim` optimizer.
 
     Each step runs the closure twice on the same mini-batch B, with g(.) = grad L_B(.) and d an
@@ -49,10 +48,7 @@ class VaSSO(SharpnessOptimizer):
         Setting("theta", float, 0.9, "weight of the new gradient in the averaged direction d "
                 "(1: SAM)", low=0.0, high=1.0),
     )
-    _radius_keys = ("rho",)
-    _sync_every_pass = True  # under DDP: its direction / state uses pass 1's gradient
-    _num_buffers = 2
-    _pass_names = ("at theta", "at theta + e")
+    _state_key = _D
 
     def __init__(
         self,
@@ -77,31 +73,6 @@ class VaSSO(SharpnessOptimizer):
             check_finite=check_finite, perturb_foreach=perturb_foreach,
             max_grad_norm=max_grad_norm, base_kwargs=base_kwargs,
         )
-
-    @torch.no_grad()
-    def step(self, closure: Closure | None = None, *, grad_scaler: Any = None) -> Tensor:  # type: ignore[override]
-        """One VaSSO step; returns the loss at theta, detached."""
-        if not callable(closure):
-            raise TypeError("VaSSO.step(closure) needs a closure that runs forward and backward "
-                            "on the mini-batch and returns the loss")
-        with self._stepping(grad_scaler):
-            params, groups = self._params()
-            foreach = self._use_foreach(params)
-            if self._present_gradients(params):
-                raise RuntimeError("VaSSO found gradients in p.grad at step entry: call "
-                                   "opt.zero_grad() before, and backward only inside the closure")
-            loss = self._run(closure, params, at_theta=True, final=False)
-            theta = [p.detach().clone() for p in params]
-            grads = self._grads(params, foreach, take=True)
-            grad_norm = self._norm(grads, theta, foreach)
-            check = [grad_norm]
-            with self._restore_on_error(params, theta, foreach):
-                self._ascend(params, grads, theta, groups, foreach)
-                self._final_pass(closure, params, check, foreach)
-            self.stats = {"loss_train": loss, "grad_norm_train": grad_norm}
-            with after_base_step(self, lambda: keep_state(self, params, grads, _D)):
-                self._finish(params, theta, check, self._pass_names, foreach)
-        return loss
 
     def _ascend(self, params: list[Tensor], grads: list[Tensor | None], theta: list[Tensor],
                 groups: list[dict[str, Any]], foreach: bool) -> None:
