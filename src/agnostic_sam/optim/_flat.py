@@ -97,7 +97,8 @@ class Layout:
         for row, i in enumerate(self.order):
             position[i] = row
         self.position = position
-        self.gather = torch.tensor(position, dtype=torch.long)
+        self.gather = torch.tensor(position, dtype=torch.long)  # parameter order from packed
+        self.ungather = torch.tensor(self.order, dtype=torch.long)  # packed order from parameter
         # Blocks of equal numel: (offset into flat, rows, numel).
         self.blocks: list[tuple[int, int, int]] = []
         offset = 0

@@ -128,6 +128,26 @@ class StepPieces:
         for grads, key, sign, norm in terms:
             self._perturb(params, grads, theta, groups, key, sign, norm, foreach)
 
+    def _perturb_keeping(
+        self,
+        params: list[Tensor],
+        theta: list[Tensor],
+        grads: list[Tensor | None],
+        groups: list[dict[str, Any]],
+        key: str,
+        norm: Tensor,
+        foreach: bool,
+    ) -> list[Tensor | None]:
+        """`_perturb_from_theta` with sign +1 (the parameters at theta), returning the gradients
+        as they were: `grads` itself on the fast path (it reads them), a copy made before the
+        list path consumes them otherwise. Same bits either way."""
+        terms = [(grads, key, 1.0, norm + self.perturb_eps)]
+        if _flat.from_theta(self._layout(), params, theta, groups, terms, self.adaptive):
+            return grads
+        kept = [g.clone() if g is not None else None for g in grads]
+        self._perturb(params, grads, theta, groups, key, 1.0, norm, foreach)
+        return kept
+
     @contextlib.contextmanager
     def _restore_on_error(
         self, params: list[Tensor], theta: list[Tensor], foreach: bool

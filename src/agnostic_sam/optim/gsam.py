@@ -101,16 +101,16 @@ class GSAM(SharpnessOptimizer):
                 raise RuntimeError("GSAM found gradients in p.grad at step entry: call "
                                    "opt.zero_grad() before, and backward only inside the closure")
             loss = self._run(closure, params, at_theta=True, final=False)
-            theta = [p.detach().clone() for p in params]
+            theta = self._snapshot(params, foreach)
             grads = self._grads(params, foreach, take=True)
             norm = self._norm(grads, theta, foreach)
-            self._g = [g.clone() if g is not None else None for g in grads]
             radii = {id(g): self._rho_t(g) for g in self.param_groups}
             for group in self.param_groups:  # the ascent reads the group's radius of this step
                 group["_gsam_rho_t"] = radii[id(group)]
             check = [norm]
             try:
-                self._perturb(params, grads, theta, groups, "_gsam_rho_t", 1.0, norm, foreach)
+                self._g = self._perturb_keeping(params, theta, grads, groups, "_gsam_rho_t",
+                                                norm, foreach)
                 with self._restore_on_error(params, theta, foreach):
                     self._final_pass(closure, params, check, foreach)
             finally:
@@ -126,14 +126,22 @@ class GSAM(SharpnessOptimizer):
         g = self._g
         if g is None:
             return
+        alpha, eps = self.alpha, self.perturb_eps
+        layout = self._layout()
+        g_p = [p.grad for p in params]
+        if layout.accepts(g) and layout.accepts(g_p):  # every gradient present: flat buffers
+            fp, ft = layout.flat_of(g_p, 0), layout.flat_of(g, 1)  # type: ignore[arg-type]
+            # <g, g_p> / ||g_p||^2 in float64 for the projection coefficient, on the device.
+            coef = torch.dot(ft, fp).double() / (torch.dot(fp, fp).double() + eps)
+            fp.mul_((1.0 + alpha * coef).to(fp.dtype)).add_(ft, alpha=-alpha)
+            torch._foreach_copy_(g_p, list(layout.slot(0)))  # type: ignore[arg-type]
+            return
         idx = [i for i, p in enumerate(params) if p.grad is not None and g[i] is not None]
         if not idx:
             return
-        g_p = cast(list[Tensor], [params[i].grad for i in idx])  # idx: both gradients present
-        g_t = cast(list[Tensor], [g[i] for i in idx])
-        # <g, g_p> / ||g_p||^2 in float64 for the projection coefficient, on the device.
-        coef = (F.dot(g_t, g_p).double() / (F.dot(g_p, g_p).double() + self.perturb_eps))
-        alpha = self.alpha
-        for gp, gt in zip(g_p, g_t):
-            # d = (1 + alpha coef) g_p - alpha g
-            gp.mul_((1.0 + alpha * coef).to(gp.dtype)).add_(gt, alpha=-alpha)
+        gp_ = cast(list[Tensor], [g_p[i] for i in idx])  # idx: both gradients present
+        gt_ = cast(list[Tensor], [g[i] for i in idx])
+        coef = F.dot(gt_, gp_).double() / (F.dot(gp_, gp_).double() + eps)
+        factor = 1.0 + alpha * coef
+        for gp, gt in zip(gp_, gt_):  # d = (1 + alpha coef) g_p - alpha g
+            gp.mul_(factor.to(gp.dtype)).add_(gt, alpha=-alpha)

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from agnostic_sam.amp import LossScaler
+from agnostic_sam.optim import _flat
 from agnostic_sam.optim._base import Closure, SharpnessOptimizer
 from agnostic_sam.optim._settings import Setting
 
@@ -151,7 +152,7 @@ class RWP(SharpnessOptimizer):
             self._g = grads
             try:
                 with self._restore_on_error(params, theta, foreach):
-                    self._add_noise(params, grads, groups)
+                    self._add_noise(params, grads, groups, theta)
                     self._final_pass(closure, params, check, foreach)
             finally:
                 self._g = None
@@ -160,12 +161,14 @@ class RWP(SharpnessOptimizer):
         return loss
 
     def _add_noise(self, params: list[Tensor], grads: list[Tensor | None],
-                   groups: list[dict[str, Any]]) -> None:
+                   groups: list[dict[str, Any]], theta: list[Tensor]) -> None:
         """params += z, z = sigma ||W_i|| randn(p.shape), in the documented order."""
         present = [i for i, g in enumerate(grads) if g is not None]
         if not present:
             return
         gen = self._gen(params[present[0]].device)
+        if self._add_noise_flat(params, grads, groups, theta, gen):
+            return
         for i in present:
             p = params[i]
             z = torch.randn(p.shape, generator=gen, dtype=p.dtype, device=gen.device)
@@ -178,6 +181,12 @@ class RWP(SharpnessOptimizer):
         if g is None:
             return
         lmbda = self.lmbda
+        final = [p.grad for p in params]
+        if isinstance(g, _flat.Checked) and all(d is not None for d in final):
+            # every gradient present: the loop's two operations, each as one multi-tensor op
+            torch._foreach_mul_(final, lmbda)  # type: ignore[arg-type]
+            torch._foreach_add_(final, g, alpha=1.0 - lmbda)  # type: ignore[arg-type]
+            return
         for p, gt in zip(params, g):
             if gt is None:
                 if p.grad is not None:
@@ -186,3 +195,40 @@ class RWP(SharpnessOptimizer):
                 p.grad = gt.mul_(1.0 - lmbda)
             else:
                 p.grad.mul_(lmbda).add_(gt, alpha=1.0 - lmbda)
+
+    def _add_noise_flat(self, params: list[Tensor], grads: list[Tensor | None],
+                        groups: list[dict[str, Any]], theta: list[Tensor],
+                        gen: torch.Generator) -> bool:
+        """`_add_noise` on the flat buffers of `_flat` when they apply (every gradient present,
+        theta packed: CPU float32/float64), else False (nothing drawn). The same draws in the
+        same order (each into its slot of a flat buffer) and the same bits: a 1-D tensor's scale
+        sigma ||W|| is the row norm of its packed block times sigma, a tensor of 2+ dimensions
+        keeps its per-row scale (and is multiplied by exactly 1 with the others), and the
+        parameters are at theta (p + z = theta + z, one copy back)."""
+        layout = self._layout()
+        if not (isinstance(grads, _flat.Checked) and grads.layout is layout
+                and isinstance(theta, _flat.Packed) and theta.of(layout)
+                and groups is layout.groups and gen.device == layout.device):
+            return False
+        z = layout.slot(0)
+        for p, view in zip(params, z):
+            torch.randn(p.shape, generator=gen, dtype=p.dtype, out=view)
+        wide = [i for i, p in enumerate(params) if p.dim() >= 2]
+        for i in wide:  # sigma ||W_i|| per output row
+            z[i].mul_(row_norms(params[i]).mul_(groups[i]["sigma"]))
+        norms = layout.norms(theta.flat)  # ||W|| of every tensor, in parameter order
+        if layout.single_group:
+            scale = norms.mul_(groups[0]["sigma"])
+        else:
+            scale = norms.mul_(torch.tensor([g["sigma"] for g in groups], dtype=norms.dtype))
+        if wide:
+            scale[wide] = 1.0  # scaled per row above
+        scale = scale.index_select(0, layout.ungather)  # packed order
+        row = 0
+        for o, rows, size in layout.blocks:
+            z.flat[o:o + rows * size].view(rows, size).mul_(scale[row:row + rows].unsqueeze(1))
+            row += rows
+        total = layout.slot(1)
+        torch.add(theta.flat, z.flat, out=total.flat)
+        torch._foreach_copy_(params, list(total.views))
+        return True
