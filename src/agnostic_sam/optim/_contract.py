@@ -185,7 +185,7 @@ def run_load_state_dict_hooks(
 # loop on the CPU for float32/float64 parameters (tests/test_base_foreach.py checks every one,
 # with every option that changes the arithmetic). torch picks the loop on the CPU by default; the
 # multi-tensor form runs the same per-tensor kernels, looped in C++: half the time of the base step
-# with 242 small tensors. Half precision (momentum, moments) is not always the same bits: left alone.
+# with 242 small tensors. In half precision (momentum, moments) the bits may differ: left alone.
 FOREACH_SAME_BITS = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.RMSprop,
                      torch.optim.Adagrad)
 _FOREACH_DTYPES = (torch.float32, torch.float64)
