@@ -26,8 +26,9 @@ from agnostic_sam.reproduce import (
     steps_per_epoch,
     unique_runs,
 )
+from agnostic_sam.reproduce import spec as spec_module
 from agnostic_sam.reproduce import tables as plan_module
-from agnostic_sam.reproduce.tables import parse_spec
+from agnostic_sam.reproduce.spec import parse_spec
 
 # Cells per table: rows x columns of the paper (Table 2 counts SAM once; Figure 1: 2 data sets x
 # 3 architectures x {SAM, non-overlap, on-the-fly}).
@@ -192,7 +193,7 @@ def test_dry_run_lists_every_cell(capsys):
 # ---- error inputs ----------------------------------------------------------------------------
 
 def test_bad_config_files_are_rejected(tmp_path):
-    good = (plan_module.CONFIG_DIR / "table3.yaml").read_text()
+    good = (spec_module.CONFIG_DIR / "table3.yaml").read_text()
     cases = {
         "typo_key": good.replace("methods:", "methodz:"),
         "bad_field": good.replace("epochs: 100", "epoch: 100"),
@@ -414,7 +415,7 @@ def test_tuned_radius_flow_on_a_tiny_study(tmp_path, monkeypatch):
         "paper": {"table": "table4", "cell": "cifar10/resnet32/noise{noise_rate}/{optimizer}"},
         "grid": {"noise_rate": [0.2], "seed": [0, 1, 2]},
     }))
-    monkeypatch.setattr(plan_module, "CONFIG_DIR", config_dir)
+    monkeypatch.setattr(spec_module, "CONFIG_DIR", config_dir)
 
     # count every opening of the digits test split, per phase
     opened: list[str] = []
@@ -478,7 +479,7 @@ def test_digits_steps_per_epoch_match_the_data_module():
 
 def test_study_paper_context_is_the_mean_of_matching_cells():
     from agnostic_sam.reproduce import spec_of
-    from agnostic_sam.reproduce.tables import paper_value
+    from agnostic_sam.reproduce.spec import paper_value
 
     paper = paper_numbers()
     t2 = paper["tables"]["table2"]["cells"]

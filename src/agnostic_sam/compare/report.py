@@ -152,6 +152,37 @@ def markdown(
         f"seeds {', '.join(map(str, cc.seeds))}. "
         "Accuracies in percent, mean ± sample std over seeds.",
         "",
+    ]
+    lines += _summary_table(cc, summaries, metric)
+    machines = sorted({m for e in summaries.values() for m in e.get("machines", [])})
+    budget = ("every method the same epochs" if t.budget == "epochs" else
+              f"every method the forward + backward work of {t.budget_reference} in "
+              f"{t.epochs} epochs")
+    lines += [
+        "",
+        f"Budget: {budget}. Work per run: the forward + backward passes the trainer counted, in "
+        f"batches; seconds per run on {'; '.join(machines) or 'n/a'}.",
+        "",
+        f"## Paired differences of final {metric} accuracy (same seeds, 95% Student-t CI)",
+        "",
+    ]
+    lines += [f"- {p['statement']}" for p in paired] or [
+        "- (nothing to pair: needs sgd or sam and at least one other optimizer)"
+    ]
+    if tuning is not None:
+        lines += _tuning_table(cc, tuning)
+    root = Path(cast(str, cc.train.out))  # load_compare_config sets it
+    lines += ["", "## Runs", ""]
+    for name, e in summaries.items():
+        links = ", ".join(f"[{Path(r).name}]({_relative(r, root)})" for r in e["runs"])
+        lines.append(f"- {name}: {links}")
+    return "\n".join(lines) + "\n"
+
+
+def _summary_table(cc: CompareConfig, summaries: Mapping[str, dict], metric: str) -> list[str]:
+    """One row per optimizer: accuracies over the seeds, seconds and work per run, the 95%
+    interval of the final accuracy and, with ``cc.hessian``, the top Hessian eigenvalue."""
+    lines = [
         f"| optimizer | radius | final {metric} acc | best {metric} acc | n | seconds/run | "
         f"final acc 95% CI | work/run (batches) |"
         + (" top Hessian eigenvalue |" if cc.hessian else ""),
@@ -170,43 +201,27 @@ def markdown(
         if cc.hessian:
             row += f" {format_mean_std(e['top_eigenvalue'], digits=3)} |"
         lines.append(row)
-    machines = sorted({m for e in summaries.values() for m in e.get("machines", [])})
-    budget = ("every method the same epochs" if t.budget == "epochs" else
-              f"every method the forward + backward work of {t.budget_reference} in "
-              f"{t.epochs} epochs")
-    lines += [
+    return lines
+
+
+def _tuning_table(cc: CompareConfig, tuning: dict) -> list[str]:
+    """The radius tuning section: mean held-out accuracy per candidate radius, and the choice."""
+    cands = tuning["candidates"]
+    lines = [
         "",
-        f"Budget: {budget}. Work per run: the forward + backward passes the trainer counted, in "
-        f"batches; seconds per run on {'; '.join(machines) or 'n/a'}.",
+        f"## Radius tuning on a held-out {tuning['val_fraction']:g} of the training set "
+        "(test set unused)",
         "",
-        f"## Paired differences of final {metric} accuracy (same seeds, 95% Student-t CI)",
+        f"Mean final validation accuracy per candidate radius (Agnostic-SAM: rho1 = r, rho2 = "
+        f"{cc.rho2_ratio:g} r); the best mean wins, ties go to the smaller radius.",
         "",
+        "| optimizer | " + " | ".join(f"r={r:g}" for r in cands) + " | chosen |",
+        "|---|" + "---|" * (len(cands) + 1),
     ]
-    lines += [f"- {p['statement']}" for p in paired] or [
-        "- (nothing to pair: needs sgd or sam and at least one other optimizer)"
-    ]
-    if tuning is not None:
-        cands = tuning["candidates"]
-        lines += [
-            "",
-            f"## Radius tuning on a held-out {tuning['val_fraction']:g} of the training set "
-            "(test set unused)",
-            "",
-            f"Mean final validation accuracy per candidate radius (Agnostic-SAM: rho1 = r, rho2 = "
-            f"{cc.rho2_ratio:g} r); the best mean wins, ties go to the smaller radius.",
-            "",
-            "| optimizer | " + " | ".join(f"r={r:g}" for r in cands) + " | chosen |",
-            "|---|" + "---|" * (len(cands) + 1),
-        ]
-        for name, grid in tuning["grid"].items():
-            cells = " | ".join(format_mean_std(grid[r]) if grid[r].n else "diverged" for r in cands)
-            lines.append(f"| {name} | {cells} | {tuning['chosen'][name]:g} |")
-    root = Path(cast(str, cc.train.out))  # load_compare_config sets it
-    lines += ["", "## Runs", ""]
-    for name, e in summaries.items():
-        links = ", ".join(f"[{Path(r).name}]({_relative(r, root)})" for r in e["runs"])
-        lines.append(f"- {name}: {links}")
-    return "\n".join(lines) + "\n"
+    for name, grid in tuning["grid"].items():
+        cells = " | ".join(format_mean_std(grid[r]) if grid[r].n else "diverged" for r in cands)
+        lines.append(f"| {name} | {cells} | {tuning['chosen'][name]:g} |")
+    return lines
 
 
 def _relative(run_dir: str, root: Path) -> str:

@@ -8,22 +8,12 @@ the paper's numbers in ``paper_numbers.json``. ``reproduce("table4-digits")`` an
 fixed and held-out-tuned radii, and report paired differences to SGD and SAM with verdicts.
 """
 
+from agnostic_sam.reproduce.listing import TRAIN_SIZES, format_plan, steps_per_epoch
 from agnostic_sam.reproduce.report import build_report, paper_numbers, render_markdown, write_report
 from agnostic_sam.reproduce.runner import check_data, reproduce, run_state
+from agnostic_sam.reproduce.spec import STUDIES, TABLES, load_specs, spec_of
 from agnostic_sam.reproduce.study import figure_series, verdict
-from agnostic_sam.reproduce.tables import (
-    STUDIES,
-    TABLES,
-    TRAIN_SIZES,
-    Run,
-    format_plan,
-    load_specs,
-    plan,
-    smoke_overrides,
-    spec_of,
-    steps_per_epoch,
-    unique_runs,
-)
+from agnostic_sam.reproduce.tables import Run, plan, smoke_overrides, unique_runs
 from agnostic_sam.reproduce.tuning import choose, resolve, tune_plan
 
 __all__ = [

@@ -28,8 +28,9 @@ from typing import Any
 
 from agnostic_sam.compare.report import report_write, unusable
 from agnostic_sam.errors import UsageError
+from agnostic_sam.reproduce.spec import TABLES, TableSpec
 from agnostic_sam.reproduce.study import render_study, study_report
-from agnostic_sam.reproduce.tables import TABLES, Run, TableSpec
+from agnostic_sam.reproduce.tables import Run
 from agnostic_sam.stats import summarize
 from agnostic_sam.train.checkpoint import atomic_write_text
 from agnostic_sam.train.rundir import RunDir, strict_json

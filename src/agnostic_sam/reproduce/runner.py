@@ -18,16 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from agnostic_sam.errors import UsageError
+from agnostic_sam.reproduce.listing import format_plan
 from agnostic_sam.reproduce.report import build_report, write_report
-from agnostic_sam.reproduce.tables import (
-    SMOKE_WEIGHTS,
-    STUDIES,
-    Run,
-    format_plan,
-    plan,
-    spec_of,
-    unique_runs,
-)
+from agnostic_sam.reproduce.spec import STUDIES, TableSpec, spec_of
+from agnostic_sam.reproduce.tables import SMOKE_WEIGHTS, Run, plan, unique_runs
 from agnostic_sam.reproduce.tuning import choose, resolve, tune_plan
 
 __all__ = ["run_state", "check_data", "reproduce"]
@@ -218,50 +212,64 @@ def reproduce(
     same command again when its jobs have ended (finished runs are skipped). Returns the
     report dict.
     """
-    from agnostic_sam.launch import LauncherConfig
-
-    if not isinstance(jobs, int) or jobs < 1:
-        raise UsageError(f"--jobs must be an integer >= 1, got {jobs!r}")
-    lc = launcher or (LauncherConfig(kind="local", jobs=jobs) if jobs > 1 else LauncherConfig())
+    lc = _launcher_config(launcher, jobs, out)
     out = Path(out)
-    if lc.kind == "slurm" and lc.folder is None:
-        lc = dataclasses.replace(lc, folder=str(out / "submitit"))
     runs_root = out / "runs"
-    runs = plan(table, seeds=seeds, smoke=smoke)
-    for run in runs:  # the device is part of a run's identity (rundir.IDENTITY_FIELDS)
-        run.overrides["device"] = device
-    spec = spec_of(table) if table in STUDIES else None
-    tune_runs = tune_plan(runs, spec, seeds=tune_seeds) if spec is not None else []
-    resolve(runs, choose(tune_runs, runs_root), spec)
+    runs, spec, tune_runs = _planned(table, seeds=seeds, tune_seeds=tune_seeds, smoke=smoke,
+                                     device=device, runs_root=runs_root)
     common: dict[str, Any] = dict(out=out, data_dir=data_dir, download=download, device=device,
                   progress=progress, launcher=lc, threads=threads, log_to=log_to or [], log=log)
     if dry_run:
-        log(format_plan(runs, tune_runs))
-        if lc.kind != "inline":  # what the launcher would start: the first phase's runs
-            first = unique_runs(tune_runs) if tune_runs else unique_runs(runs)
-            _train_runs(first, runs, label="", dry_run=True, **common)
+        _log_plan(runs, tune_runs, lc, common, log)
         return None
     timings: dict[str, float] = {}
     failed: list[str] = []
     if not report_only and not _train_phases(runs, tune_runs, spec, runs_root, timings, failed,
                                              common, log):
         return None
-    choices = choose(tune_runs, runs_root)
-    report = build_report(runs, runs_root, spec=spec, choices=choices)
-    report["smoke"] = smoke
-    report["timings"] = timings
-    report["failed"] = failed
+    report = build_report(runs, runs_root, spec=spec, choices=choose(tune_runs, runs_root))
+    report.update(smoke=smoke, timings=timings, failed=failed)
     md, js = write_report(report, out)
     log(f"wrote {md} and {js}")
     if spec is not None:
-        figure = _draw_figure(report["tables"][spec.table], out / "figure.png")
-        if figure is not None:
-            log(f"wrote {figure}")
-        if spec.cost:
-            frontier = _draw_frontier(report["tables"][spec.table], out / "frontier.png")
-            if frontier is not None:
-                log(f"wrote {frontier}")
+        _draw_study_figures(report["tables"][spec.table], spec, out, log)
     return report
+
+
+def _launcher_config(launcher: Any, jobs: int, out: str | Path) -> Any:
+    """``launcher``, or from ``jobs`` alone: inline for 1, that many local workers above; a
+    SLURM launcher without a folder keeps its submitit files under ``out``."""
+    from agnostic_sam.launch import LauncherConfig
+
+    if not isinstance(jobs, int) or jobs < 1:
+        raise UsageError(f"--jobs must be an integer >= 1, got {jobs!r}")
+    lc = launcher or (LauncherConfig(kind="local", jobs=jobs) if jobs > 1 else LauncherConfig())
+    if lc.kind == "slurm" and lc.folder is None:
+        lc = dataclasses.replace(lc, folder=str(Path(out) / "submitit"))
+    return lc
+
+
+def _planned(table: str, *, seeds: list[int] | None, tune_seeds: list[int] | None, smoke: bool,
+             device: str, runs_root: Path) -> tuple[list[Run], TableSpec | None, list[Run]]:
+    """The table's runs on ``device``, the study's spec (None for a paper table) and its tuning
+    runs; the tuned final runs get the radii chosen by the tuning runs already finished."""
+    runs = plan(table, seeds=seeds, smoke=smoke)
+    for run in runs:  # the device is part of a run's identity (rundir.IDENTITY_FIELDS)
+        run.overrides["device"] = device
+    spec = spec_of(table) if table in STUDIES else None
+    tune_runs = tune_plan(runs, spec, seeds=tune_seeds) if spec is not None else []
+    resolve(runs, choose(tune_runs, runs_root), spec)
+    return runs, spec, tune_runs
+
+
+def _log_plan(runs: list[Run], tune_runs: list[Run], lc: Any, common: dict[str, Any],
+              log: Callable[[str], None]) -> None:
+    """--dry-run: the listing, and with a launcher other than inline what it would start (the
+    first phase's runs)."""
+    log(format_plan(runs, tune_runs))
+    if lc.kind != "inline":
+        first = unique_runs(tune_runs) if tune_runs else unique_runs(runs)
+        _train_runs(first, runs, label="", dry_run=True, **common)
 
 
 def _train_phases(runs: list[Run], tune_runs: list[Run], spec: Any, runs_root: Path,
@@ -293,6 +301,18 @@ def _train_phases(runs: list[Run], tune_runs: list[Run], spec: Any, runs_root: P
     return phase(unique_runs(runs), "", "final_seconds",
                  "runs submitted; when they have finished, build the report with the "
                  "same command and --report-only")
+
+
+def _draw_study_figures(study: dict[str, Any], spec: TableSpec, out: Path,
+                        log: Callable[[str], None]) -> None:
+    """figure.png and, for a study with ``cost``, frontier.png; each logged when drawn."""
+    figure = _draw_figure(study, out / "figure.png")
+    if figure is not None:
+        log(f"wrote {figure}")
+    if spec.cost:
+        frontier = _draw_frontier(study, out / "frontier.png")
+        if frontier is not None:
+            log(f"wrote {frontier}")
 
 
 def _draw_frontier(study: dict[str, Any], path: Path) -> Path | None:

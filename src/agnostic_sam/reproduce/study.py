@@ -22,7 +22,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from agnostic_sam.reproduce.tables import Run, TableSpec, paper_value
+from agnostic_sam.reproduce.spec import TableSpec, paper_value
+from agnostic_sam.reproduce.tables import Run
 from agnostic_sam.stats import PairedDifference, paired_difference, summarize, t_quantile
 
 __all__ = ["verdict", "study_report", "render_study", "figure_series", "frontier_series"]

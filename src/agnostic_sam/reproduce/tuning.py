@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from agnostic_sam.errors import UsageError
-from agnostic_sam.reproduce.tables import Run, TableSpec
+from agnostic_sam.reproduce.spec import TableSpec
+from agnostic_sam.reproduce.tables import Run
 from agnostic_sam.stats import summarize
 
 __all__ = ["radius_overrides", "tune_plan", "choose", "resolve"]
