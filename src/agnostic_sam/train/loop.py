@@ -2,10 +2,10 @@
 
 One run: take the run directory's lock, check what is there (start, or restore a checkpoint),
 build data -> model -> method -> schedule (`build.py`), then epochs of (steps, evaluation,
-checkpoint, metrics line) and finally result.json. Every method has the same step shape: the
-registry's record says whether it takes one closure (plain, SAM) or two (B^t, B^v); the loss
-comes back in the optimizer's `stats`, and accuracy is counted in the passes the optimizer runs
-at theta (`opt.at_theta`).
+checkpoint, metrics line) and finally result.json; what a checkpoint holds and restores is in
+`state.py`. Every method has the same step shape: the registry's record says whether it takes
+one closure (plain, SAM) or two (B^t, B^v); the loss comes back in the optimizer's `stats`, and
+accuracy is counted in the passes the optimizer runs at theta (`opt.at_theta`).
 
 A run whose training loss goes non-finite, or whose fp16 steps are (nearly) all skipped in an
 epoch, fails: `TrainingDiverged` (exit status 3) with the last good checkpoint kept and
@@ -23,7 +23,6 @@ import dataclasses
 import math
 import time
 from collections.abc import Callable, Sized
-from dataclasses import dataclass, field
 from typing import Any, cast
 
 import torch
@@ -34,7 +33,7 @@ from agnostic_sam.methods.step import step_closures
 from agnostic_sam.optim import split_batch
 from agnostic_sam.train.batches import batches, epoch_index
 from agnostic_sam.train.build import RunParts, build_run, check_distributed, resolve_device
-from agnostic_sam.train.checkpoint import capture_rng, restore_rng
+from agnostic_sam.train.checkpoint import capture_rng
 from agnostic_sam.train.config import (
     TrainConfig,
     config_to_dict,
@@ -58,6 +57,7 @@ from agnostic_sam.train.distributed import (
 from agnostic_sam.train.evaluate import evaluate
 from agnostic_sam.train.records import format_row, git_commit, machine_info, progress
 from agnostic_sam.train.rundir import RunDir
+from agnostic_sam.train.state import RunState, checkpoint_state, restore_state
 
 __all__ = ["train", "load_trained", "resolve_device"]
 
@@ -66,20 +66,6 @@ __all__ = ["train", "load_trained", "resolve_device"]
 # by their loss only, since the scale may still be calibrating.
 SKIP_MIN_STEPS = 10
 SKIP_FRACTION = 0.9
-
-
-@dataclass
-class RunState:
-    """Where the run stands: what a checkpoint restores and the next epoch continues."""
-
-    epoch: int = 0  # epochs completed
-    step: int = 0  # optimizer steps taken
-    elapsed: float = 0.0  # seconds of training before this process started
-    metrics: list[dict[str, Any]] = field(default_factory=list)
-    started: float = field(default_factory=time.perf_counter)
-
-    def seconds(self) -> float:
-        return self.elapsed + time.perf_counter() - self.started
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
@@ -105,7 +91,7 @@ def _train(cfg: TrainConfig, info: DistInfo, rundir: RunDir) -> dict[str, Any]:
     """The run on one process (rank `info.rank` of `info.world_size`)."""
     ckpt = _restore_or_start(cfg, info, rundir)  # every check that can refuse, before writing
     parts = build_run(cfg, info)
-    state = _restore(parts, ckpt)
+    state = restore_state(parts, ckpt)
     if info.is_main:
         rundir.write_config(cfg)
         # Rewritten from the checkpoint: a kill between checkpoint and metrics loses no line.
@@ -155,27 +141,6 @@ def _restore_or_start(cfg: TrainConfig, info: DistInfo, rundir: RunDir) -> dict[
                          f"process has {torch.get_num_threads()} (--threads or OMP_NUM_THREADS); "
                          f"resume with --threads {threads}")
     return ckpt
-
-
-def _restore(parts: RunParts, ckpt: dict[str, Any] | None) -> RunState:
-    """A fresh state, or the checkpoint's: weights, optimizer, schedule, scaler, RNG streams."""
-    if ckpt is None:
-        return RunState()
-    parts.model.load_state_dict(ckpt["model"])
-    parts.opt.load_state_dict(ckpt["optimizer"])
-    parts.scheduler.load_state_dict(ckpt["scheduler"])
-    if parts.loss_scaler is not None:
-        scaler = ckpt.get("loss_scaler")
-        if scaler is None and ckpt.get("grad_scaler") is not None:  # fp16 SGD before 0.2
-            old = ckpt["grad_scaler"]
-            scaler = {"scale": old["scale"], "growth_tracker": old["_growth_tracker"],
-                      **{k: old[k] for k in ("growth_factor", "backoff_factor", "growth_interval")}}
-        if scaler is not None:
-            parts.loss_scaler.load_state_dict(scaler)
-    restore_rng((ckpt.get("rng_ranks") or [ckpt["rng"]])[parts.info.rank],
-                {"split": parts.split_gen})
-    return RunState(epoch=int(ckpt["epoch"]), step=int(ckpt["step"]),
-                    elapsed=float(ckpt.get("elapsed", 0.0)), metrics=list(ckpt["metrics"]))
 
 
 def _closure(parts: RunParts, x: Tensor, y: Tensor,
@@ -338,22 +303,7 @@ def _record(parts: RunParts, state: RunState, rundir: RunDir, row: dict[str, Any
     rng_ranks = gather_to_main(rng) if info.distributed else None
     if not info.is_main:
         return
-    rundir.save_checkpoint({
-        "model": parts.model.state_dict(),
-        "optimizer": parts.opt.state_dict(),
-        "scheduler": parts.scheduler.state_dict(),
-        "loss_scaler": parts.loss_scaler.state_dict() if parts.loss_scaler is not None else None,
-        "epoch": state.epoch,
-        "step": state.step,
-        "rng": rng,
-        "rng_ranks": rng_ranks,  # every rank's streams (None for one process)
-        "world_size": info.world_size,
-        "threads": torch.get_num_threads(),  # a resume must use as many (see _restore_or_start)
-        "config": config_to_dict(parts.cfg),
-        "metrics": state.metrics,
-        "model_meta": parts.model_meta,
-        "elapsed": state.seconds(),
-    })
+    rundir.save_checkpoint(checkpoint_state(parts, state, rng, rng_ranks))
     rundir.write_metrics(state.metrics)
     if parts.cfg.progress:
         from tqdm.auto import tqdm

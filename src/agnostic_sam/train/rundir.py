@@ -12,11 +12,10 @@ A run directory holds::
                      good epoch)
     .lock            the advisory lock of the process writing the run (its PID inside)
 
-Run identity: two configs describe the same run when they agree on every field that changes
-the numbers (`IDENTITY_FIELDS`: all but where it is written, how it is shown and how many
-threads compute it). `run_id` names a run by a hash of the identity fields that differ from
-`TrainConfig`'s defaults, computed on the resolved config: spelling out a default gives the same
-id, and a field added later with a default leaves every existing id unchanged.
+Run identity (`identity.py`): two configs describe the same run when they agree on every field
+that changes the numbers (`IDENTITY_FIELDS`); `run_id` names a run by a hash of the identity
+fields that differ from `TrainConfig`'s defaults. Both are re-exported here, with the strict
+JSON helpers and path checks of `runfiles.py`, so callers import them from this module.
 
 Every file is written atomically (see `checkpoint.py`) and every JSON file strictly: no NaN or
 Infinity (non-finite numbers become ``null``), so any strict JSON parser reads them.
@@ -26,9 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
-import hashlib
-import json
 import math
 import os
 from collections.abc import Iterator
@@ -36,20 +32,21 @@ from pathlib import Path
 from typing import Any
 
 from agnostic_sam.errors import UsageError
-from agnostic_sam.methods import SHORTHANDS, get_method
 from agnostic_sam.train.checkpoint import (
     CHECKPOINT_NAME,
     atomic_write_text,
     load_checkpoint,
     save_checkpoint,
 )
-from agnostic_sam.train.config import (
-    TrainConfig,
-    budget_factor,
-    config_to_dict,
-    config_yaml,
-    load_config,
-    method_settings,
+from agnostic_sam.train.config import TrainConfig, config_yaml, load_config
+from agnostic_sam.train.identity import IDENTITY_FIELDS, run_id, run_identity
+from agnostic_sam.train.runfiles import (
+    check_path_names,
+    json_kind,
+    json_safe,
+    read_strict,
+    strict_json,
+    write_error,
 )
 
 __all__ = [
@@ -73,142 +70,6 @@ METRICS_NAME = "metrics.jsonl"
 RESULT_NAME = "result.json"
 LOCK_NAME = ".lock"
 RUN_FILES = (CONFIG_NAME, CHECKPOINT_NAME, METRICS_NAME, RESULT_NAME)
-
-# Fields that do not change the numbers a run produces: where it is written, whether it resumes,
-# how it is shown or logged, how many CPU threads compute it.
-_NOT_IDENTITY = {"data_dir", "download", "threads", "out", "resume", "progress", "log"}
-IDENTITY_FIELDS = tuple(
-    f.name for f in dataclasses.fields(TrainConfig) if f.name not in _NOT_IDENTITY
-)
-
-
-# Values the radius fields had by default before they meant "the method's default" (0.2): a run
-# that left one unset is identified by the value it trained with, or by this when its method has
-# no such setting, so every 0.2 run keeps its identity and id.
-_SHORTHAND_IDENTITY = {"rho": 0.05, "rho1": 0.1, "rho2": 0.05}
-
-
-def run_identity(cfg: TrainConfig) -> dict[str, Any]:
-    """The fields of ``cfg`` that define which run it is (see the module docstring), with the
-    method's settings canonical: an unset radius is the value the method used, and
-    ``method_args`` holds exactly the settings (other than the shorthand fields) that differ
-    from the method's defaults."""
-    values = config_to_dict(cfg)
-    identity = {key: values[key] for key in IDENTITY_FIELDS}
-    try:
-        info = get_method(cfg.optimizer)
-        settings = method_settings(cfg)
-    except ValueError:  # not a run any command will train; compared as written
-        return identity
-    if identity.get("budget") == "passes" and budget_factor(cfg) == 1.0:
-        # the same steps as under an epochs budget (the reference itself, or a method of its
-        # cost): the same run, trained once and shared by both budgets
-        identity["budget"] = "epochs"
-    if identity.get("budget") == "epochs":  # the reference only matters for a passes budget
-        identity["budget_reference"] = TrainConfig.budget_reference
-    for key, legacy in _SHORTHAND_IDENTITY.items():
-        if identity[key] is None:
-            identity[key] = settings.get(key, legacy)
-    identity["method_args"] = {
-        k: v for k, v in settings.items()
-        if k not in SHORTHANDS and v != info.setting(k).default
-    }
-    return identity
-
-
-def run_id(cfg: TrainConfig) -> str:
-    """``<dataset>-<model>-<optimizer>-seed<k>-<hash>``, the hash over the identity fields that
-    differ from the defaults."""
-    defaults = run_identity(TrainConfig())
-    changed = {k: v for k, v in run_identity(cfg).items() if v != defaults[k]}
-    digest = hashlib.sha256(json.dumps(changed, sort_keys=True).encode()).hexdigest()[:10]
-    return f"{cfg.dataset}-{cfg.model}-{cfg.optimizer}-seed{cfg.seed}-{digest}"
-
-
-def json_safe(value: Any) -> Any:
-    """``value`` with every non-finite float replaced by None (containers walked)."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    return value
-
-
-def strict_json(value: Any, **kwargs: Any) -> str:
-    """JSON text of ``value`` that strict parsers accept (non-finite numbers as null)."""
-    return json.dumps(json_safe(value), allow_nan=False, **kwargs)
-
-
-def _kind(value: Any) -> str:
-    return "null" if value is None else f"a JSON {type(value).__name__}"
-
-
-def _refuse_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not strict JSON")
-
-
-def _read_strict(path: Path, read: Any, *, parse: bool = True, where: int | None = None) -> Any:
-    """``read()`` (text), parsed as strict JSON unless ``parse`` is false; UsageError naming
-    ``path`` (and line ``where``) for a folder, unreadable bytes or anything but strict JSON."""
-    at = f"{path}" if where is None else f"{path}: line {where}"
-    try:
-        text = read()
-        return json.loads(text, parse_constant=_refuse_constant) if parse else text
-    except IsADirectoryError:
-        raise UsageError(f"{path} is a folder, not a file; remove it") from None
-    except UnicodeDecodeError:
-        raise UsageError(f"{path} is not UTF-8 text; it is damaged: delete it") from None
-    except json.JSONDecodeError as exc:
-        raise UsageError(f"{at} is not JSON ({exc.msg}); it is damaged: delete it") from None
-    except ValueError as exc:
-        raise UsageError(f"{at} is not strict JSON ({exc}); delete it") from None
-    except OSError as exc:
-        raise UsageError(f"{path} is unreadable ({exc.strerror or exc})") from None
-
-
-def _write_error(path: Path, exc: OSError) -> UsageError:
-    reason = exc.strerror or str(exc)
-    if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
-        return UsageError(f"cannot write {path}: {reason}; the previous checkpoint is intact, "
-                          "free some space and continue with --resume")
-    return UsageError(f"cannot write {path}: {reason}")
-
-
-def _limit(name: str, default: int) -> int:
-    try:
-        return int(os.pathconf("/", name))
-    except (OSError, ValueError):
-        return default
-
-
-# Longest file name and path (bytes) the file system takes; beyond them every call fails with
-# ENAMETOOLONG, so a path is refused before anything is created.
-NAME_MAX = _limit("PC_NAME_MAX", 255)
-PATH_MAX = _limit("PC_PATH_MAX", 4096)
-
-
-def check_path_names(flag: str, path: str | Path) -> None:
-    """UsageError (one line) for a path no file system takes or no user means: a name longer than
-    NAME_MAX, a path longer than PATH_MAX, a dangling symbolic link or a loop of them on it."""
-    text = os.fspath(path)
-    for part in Path(text).parts:
-        if len(os.fsencode(part)) > NAME_MAX:
-            raise UsageError(f"{flag}: the name {part[:24]}... is {len(os.fsencode(part))} bytes "
-                             f"long, the file system takes at most {NAME_MAX}")
-    if len(os.fsencode(os.path.abspath(text))) >= PATH_MAX:
-        raise UsageError(f"{flag}: the path is longer than the file system takes ({PATH_MAX} "
-                         "bytes); choose a shorter one")
-    for link in (p for p in (Path(text), *Path(text).parents) if p.is_symlink()):
-        try:
-            link.resolve(strict=True)
-        except FileNotFoundError:
-            raise UsageError(f"{flag} {text}: {link} is a dangling symbolic link (to "
-                             f"{os.readlink(link)}); create its target or remove it") from None
-        except (OSError, RuntimeError):  # ELOOP; Python < 3.13 raises RuntimeError
-            raise UsageError(f"{flag} {text}: {link} is a loop of symbolic links; "
-                             "remove it") from None
 
 
 class RunDir:
@@ -388,9 +249,9 @@ class RunDir:
         strict JSON object (a folder, null, a list, a NaN literal, unreadable bytes)."""
         if not self.result_path.exists() and not self.result_path.is_symlink():
             return None
-        result = _read_strict(self.result_path, self.result_path.read_text)
+        result = read_strict(self.result_path, self.result_path.read_text)
         if not isinstance(result, dict):
-            raise UsageError(f"{self.result_path} holds {_kind(result)}, not a JSON object; "
+            raise UsageError(f"{self.result_path} holds {json_kind(result)}, not a JSON object; "
                              "delete it (the run is then resumed or trained again)")
         return result
 
@@ -414,13 +275,13 @@ class RunDir:
         """One dict per finished epoch ([] before the first), each line strict JSON."""
         if not self.metrics_path.exists() and not self.metrics_path.is_symlink():
             return []
-        text = _read_strict(self.metrics_path, self.metrics_path.read_text, parse=False)
+        text = read_strict(self.metrics_path, self.metrics_path.read_text, parse=False)
         rows = []
         for number, line in enumerate(text.splitlines(), start=1):
             if line.strip():
-                row = _read_strict(self.metrics_path, lambda line=line: line, where=number)
+                row = read_strict(self.metrics_path, lambda line=line: line, where=number)
                 if not isinstance(row, dict):
-                    raise UsageError(f"{self.metrics_path}: line {number} holds {_kind(row)}, "
+                    raise UsageError(f"{self.metrics_path}: line {number} holds {json_kind(row)}, "
                                      "not a JSON object")
                 rows.append(row)
         return rows
@@ -432,7 +293,7 @@ class RunDir:
         try:
             write()
         except OSError as exc:
-            raise _write_error(path, exc) from None
+            raise write_error(path, exc) from None
 
     def write_config(self, cfg: TrainConfig) -> None:
         """config.yaml: the run's resolved config. `resume` is how this process started, not a
