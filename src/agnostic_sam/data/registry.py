@@ -134,6 +134,56 @@ def _check_positive(name: str, value: int | None) -> None:
         raise UsageError(f"{name} must be a positive integer, got {value!r}")
 
 
+def _checked_spec(name: str, noise_rate: float, val_fraction: float, train_fraction: float,
+                  extra: dict[str, int | None]) -> DatasetSpec:
+    """The registry entry of ``name``, after checking ``build_data``'s options against it (one
+    line naming the bad value: an unknown name, a rate out of range, an option it does not use)."""
+    if name not in DATASETS:
+        raise UsageError(f"unknown dataset {name!r}; choose one of: {', '.join(list_datasets())}")
+    spec = DATASETS[name]
+    if not 0.0 <= float(noise_rate) < 1.0:
+        raise ValueError(f"noise_rate must be in [0, 1), got {noise_rate!r}")
+    if not 0.0 <= float(val_fraction) < 1.0:
+        raise UsageError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
+    if not 0.0 < float(train_fraction) <= 1.0:
+        raise UsageError(f"train_fraction must be in (0, 1], got {train_fraction!r}")
+    for key, value in extra.items():
+        _check_positive(key, value)
+        if key != "image_size" and value is not None and key not in spec.options:
+            raise UsageError(f"option {key}={value} is not used by dataset {name!r}")
+    return spec
+
+
+def _evaluation_part(source: Source, clean: torch.Tensor, *, val_fraction: float,
+                     val_noise: bool, noise_rate: float,
+                     seed: int) -> tuple[torch.Tensor | None, torch.Tensor, Dataset]:
+    """``(keep, clean, test)``: the indices of the training split left for training (None: all)
+    and their clean labels, and the evaluation set: the held-out part when ``val_fraction > 0``
+    (its labels noisy under ``val_noise``), else the real test split."""
+    if val_noise and not val_fraction > 0:
+        raise UsageError("val_noise needs a held-out part: set val_fraction > 0")
+    if not val_fraction > 0:
+        return None, clean, make_view(source.load_test(), None, source.eval_transform, None)
+    keep, held = stratified_holdout(clean, val_fraction, seed=HOLDOUT_SEED)
+    held_labels = clean[held]
+    if val_noise:
+        held_labels, _ = symmetric_label_noise(held_labels, noise_rate, source.num_classes,
+                                               seed=seed + HELD_NOISE_OFFSET)
+    test = make_view(source.train, held, source.eval_transform, held_labels)
+    return keep, clean[keep], test
+
+
+def _train_subset(keep: torch.Tensor | None, clean: torch.Tensor, train_fraction: float,
+                  seed: int) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """A class-stratified ``train_fraction`` of the training part (drawn with ``seed``): its
+    indices into the training split and their clean labels; the part as it is at 1."""
+    if not train_fraction < 1.0:
+        return keep, clean
+    base = keep if keep is not None else torch.arange(clean.numel())
+    subset, _ = stratified_holdout(clean, 1.0 - train_fraction, seed=seed)
+    return base[subset], clean[subset]
+
+
 def build_data(
     name: str,
     *,
@@ -172,45 +222,18 @@ def build_data(
         num_classes, in_channels, train_size, test_size: shape of the ``synthetic`` data set;
             other data sets reject them.
     """
-    if name not in DATASETS:
-        raise UsageError(f"unknown dataset {name!r}; choose one of: {', '.join(list_datasets())}")
-    spec = DATASETS[name]
-    if not 0.0 <= float(noise_rate) < 1.0:
-        raise ValueError(f"noise_rate must be in [0, 1), got {noise_rate!r}")
-    if not 0.0 <= float(val_fraction) < 1.0:
-        raise UsageError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
-    if not 0.0 < float(train_fraction) <= 1.0:
-        raise UsageError(f"train_fraction must be in (0, 1], got {train_fraction!r}")
     extra = {"num_classes": num_classes, "in_channels": in_channels,
              "train_size": train_size, "test_size": test_size, "image_size": image_size}
-    for key, value in extra.items():
-        _check_positive(key, value)
-        if key != "image_size" and value is not None and key not in spec.options:
-            raise UsageError(f"option {key}={value} is not used by dataset {name!r}")
+    spec = _checked_spec(name, noise_rate, val_fraction, train_fraction, extra)
     root = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
     request = DataRequest(root, bool(download), int(seed), image_size, num_classes,
                           in_channels, train_size, test_size)
     source = spec.builder(request)
     clean = torch.as_tensor(source.train_targets, dtype=torch.long)
 
-    if val_noise and not val_fraction > 0:
-        raise UsageError("val_noise needs a held-out part: set val_fraction > 0")
-    if val_fraction > 0:
-        keep, held = stratified_holdout(clean, val_fraction, seed=HOLDOUT_SEED)
-        held_labels = clean[held]
-        if val_noise:
-            held_labels, _ = symmetric_label_noise(held_labels, noise_rate, source.num_classes,
-                                                   seed=seed + HELD_NOISE_OFFSET)
-        test = make_view(source.train, held, source.eval_transform, held_labels)
-        clean = clean[keep]
-    else:
-        keep = None
-        test = make_view(source.load_test(), None, source.eval_transform, None)
-
-    if train_fraction < 1.0:
-        base = keep if keep is not None else torch.arange(clean.numel())
-        subset, _ = stratified_holdout(clean, 1.0 - train_fraction, seed=seed)
-        keep, clean = base[subset], clean[subset]
+    keep, clean, test = _evaluation_part(source, clean, val_fraction=val_fraction,
+                                         val_noise=val_noise, noise_rate=noise_rate, seed=seed)
+    keep, clean = _train_subset(keep, clean, train_fraction, seed)
 
     noisy, realized = symmetric_label_noise(clean, noise_rate, source.num_classes, seed=seed)
     train = make_view(source.train, keep, source.train_transform, noisy)

@@ -73,6 +73,76 @@ def _wrap_training_step(step: Any) -> Any:
     return training_step
 
 
+def _check_hooks(module: SharpnessAwareMixin) -> None:
+    """The LightningModule's hooks: training_step and configure_gradient_clipping mixed in,
+    optimizer_step the mixin's, automatic optimization."""
+    import lightning.pytorch as pl
+
+    cls = type(module)
+    # training_step and configure_gradient_clipping: the LightningModule's, mixed in
+    if not getattr(cls.training_step, "_sharpness_wrapped", False):  # type: ignore[attr-defined]
+        raise TypeError(f"{cls.__name__} must define training_step for SharpnessAwareMixin")
+    if cls.optimizer_step is not SharpnessAwareMixin.optimizer_step:
+        raise TypeError(
+            f"{cls.__name__} overrides optimizer_step (or lists LightningModule before "
+            "SharpnessAwareMixin): put SharpnessAwareMixin first and do not override "
+            "optimizer_step"
+        )
+    if cls.configure_gradient_clipping is not pl.LightningModule.configure_gradient_clipping:  # type: ignore[attr-defined]  # noqa: E501
+        raise TypeError(
+            f"{cls.__name__} overrides configure_gradient_clipping, which a sharpness-aware "
+            "step cannot call: use Trainer(gradient_clip_val=...) or the optimizer's "
+            "max_grad_norm="
+        )
+    if not module.automatic_optimization:  # type: ignore[attr-defined]
+        raise TypeError(
+            "SharpnessAwareMixin runs the step in automatic optimization: remove "
+            "automatic_optimization = False (the mixin builds the closures)"
+        )
+
+
+def _check_trainer(trainer: Any) -> None:
+    """The Trainer's strategy (single device or DDP without unused parameters), its precision
+    plugin, and its clipping algorithm ("norm" only)."""
+    from lightning.pytorch.plugins.precision import (
+        DoublePrecision,
+        HalfPrecision,
+        MixedPrecision,
+        Precision,
+    )
+    from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+
+    strategy = trainer.strategy
+    if (not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy))
+            or strategy.handles_gradient_accumulation):
+        raise RuntimeError(
+            f"SharpnessAwareMixin supports the single-device and DDP strategies, got "
+            f"{type(strategy).__name__}: use strategy='ddp' (or 'auto' on one device)"
+        )
+    if (isinstance(strategy, DDPStrategy)
+            and strategy._ddp_kwargs.get("find_unused_parameters", False)):
+        raise RuntimeError(
+            "SharpnessAwareMixin cannot run with DDP find_unused_parameters=True (Lightning's "
+            "own backward is skipped, which that reducer mode does not allow): use "
+            "strategy='ddp'"
+        )
+    plugin = trainer.precision_plugin
+    if type(plugin) not in (Precision, MixedPrecision, HalfPrecision, DoublePrecision):
+        raise RuntimeError(
+            "SharpnessAwareMixin does not support the precision plugin "
+            f"{type(plugin).__name__}: "
+            "use precision='32-true', 'bf16-mixed', '16-mixed', 'bf16-true' or '16-true'"
+        )
+    clip = trainer.gradient_clip_val
+    algorithm = getattr(trainer.gradient_clip_algorithm, "value",
+                        trainer.gradient_clip_algorithm)
+    if clip is not None and clip > 0 and algorithm not in (None, "norm"):
+        raise ValueError(
+            "gradient_clip_algorithm='value' cannot be applied to the final gradient of a "
+            "sharpness-aware step: use gradient_clip_algorithm='norm'"
+        )
+
+
 class SharpnessAwareMixin:
     """Mixin for a `LightningModule` (put it first among the bases) whose `configure_optimizers`
     returns an `AgnosticSAM`, `SAM` or `Plain` optimizer. `training_step` stays as it is: it is
@@ -129,67 +199,10 @@ class SharpnessAwareMixin:
     # ---- checks: everything that would make the step differ from the plain loop ------------
 
     def _sharpness_check(self) -> None:
-        import lightning.pytorch as pl
-        from lightning.pytorch.plugins.precision import (
-            DoublePrecision,
-            HalfPrecision,
-            MixedPrecision,
-            Precision,
-        )
-
-        cls = type(self)
-        # training_step and configure_gradient_clipping: the LightningModule's, mixed in
-        if not getattr(cls.training_step, "_sharpness_wrapped", False):  # type: ignore[attr-defined]
-            raise TypeError(f"{cls.__name__} must define training_step for SharpnessAwareMixin")
-        if cls.optimizer_step is not SharpnessAwareMixin.optimizer_step:
-            raise TypeError(
-                f"{cls.__name__} overrides optimizer_step (or lists LightningModule before "
-                "SharpnessAwareMixin): put SharpnessAwareMixin first and do not override "
-                "optimizer_step"
-            )
-        if cls.configure_gradient_clipping is not pl.LightningModule.configure_gradient_clipping:  # type: ignore[attr-defined]  # noqa: E501
-            raise TypeError(
-                f"{cls.__name__} overrides configure_gradient_clipping, which a sharpness-aware "
-                "step cannot call: use Trainer(gradient_clip_val=...) or the optimizer's "
-                "max_grad_norm="
-            )
-        if not self.automatic_optimization:  # type: ignore[attr-defined]
-            raise TypeError(
-                "SharpnessAwareMixin runs the step in automatic optimization: remove "
-                "automatic_optimization = False (the mixin builds the closures)"
-            )
-        trainer = self.trainer  # type: ignore[attr-defined]
-        from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
-
-        strategy = trainer.strategy
-        if (not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy))
-                or strategy.handles_gradient_accumulation):
-            raise RuntimeError(
-                f"SharpnessAwareMixin supports the single-device and DDP strategies, got "
-                f"{type(strategy).__name__}: use strategy='ddp' (or 'auto' on one device)"
-            )
-        if (isinstance(strategy, DDPStrategy)
-                and strategy._ddp_kwargs.get("find_unused_parameters", False)):
-            raise RuntimeError(
-                "SharpnessAwareMixin cannot run with DDP find_unused_parameters=True (Lightning's "
-                "own backward is skipped, which that reducer mode does not allow): use "
-                "strategy='ddp'"
-            )
-        plugin = trainer.precision_plugin
-        if type(plugin) not in (Precision, MixedPrecision, HalfPrecision, DoublePrecision):
-            raise RuntimeError(
-                "SharpnessAwareMixin does not support the precision plugin "
-                f"{type(plugin).__name__}: "
-                "use precision='32-true', 'bf16-mixed', '16-mixed', 'bf16-true' or '16-true'"
-            )
-        clip = trainer.gradient_clip_val
-        algorithm = getattr(trainer.gradient_clip_algorithm, "value",
-                            trainer.gradient_clip_algorithm)
-        if clip is not None and clip > 0 and algorithm not in (None, "norm"):
-            raise ValueError(
-                "gradient_clip_algorithm='value' cannot be applied to the final gradient of a "
-                "sharpness-aware step: use gradient_clip_algorithm='norm'"
-            )
+        """Refuse (one line naming what to change) a module or trainer the step cannot run
+        exactly for: the module's own hooks first, then the trainer's settings."""
+        _check_hooks(self)
+        _check_trainer(self.trainer)  # type: ignore[attr-defined]
 
     def backward(self, loss: Tensor, *args: Any, **kwargs: Any) -> None:
         """Lightning's backward hook: skipped for the placeholder loss of a recording call."""
