@@ -272,11 +272,14 @@ print(json.dumps({"code": code, "modules": sorted(m.split(".")[0] for m in sys.m
 """
 
 
-@pytest.mark.parametrize("argv, light", [(["--help"], ("torch",)), (["train", "--help"], ())],
-                         ids=["help", "train-help"])
+@pytest.mark.parametrize("argv, light", [(["--help"], ("torch",)),
+                                         (["train", "--help"], ("torch",)),
+                                         (["compare", "--help"], ())],
+                         ids=["help", "train-help", "compare-help"])
 def test_help_imports_no_heavy_package(argv: list[str], light: tuple[str, ...]) -> None:
-    # `agnostic-sam --help` loads no torch (under a second); `train --help` needs the method
-    # registry, hence torch, but nothing of the data, analysis or statistics extras.
+    # `agnostic-sam --help` and `train --help` load no torch (under a second: the method list is
+    # `agnostic-sam methods`); `compare --help` needs the method registry, hence torch, but
+    # nothing of the data, analysis or statistics extras.
     env = {k: v for k, v in os.environ.items() if k != "AGNOSTIC_SAM_PLUGINS"}
     done = subprocess.run([sys.executable, "-c", _HELP, *argv], capture_output=True, text=True,
                           check=True, env=env)

@@ -105,10 +105,12 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     argv = sys.argv[1:] if argv is None else list(argv)
     command = _command_of(argv)
-    if command is not None or _plugins_declared():
+    # `train --help` lists no method (`agnostic-sam methods` does): it needs no registry.
+    light = command is None or (command == "train" and ("-h" in argv or "--help" in argv))
+    if not light or _plugins_declared():
         try:
             # Plugins register methods the parser lists: a broken one is one line, even for
-            # --help. (With no command and no plugin declared, --help needs no registry.)
+            # --help. (With no plugin declared, --help and train --help need no registry.)
             from agnostic_sam.methods import load_plugins
 
             load_plugins()

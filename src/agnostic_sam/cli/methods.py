@@ -20,11 +20,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from agnostic_sam.errors import UsageError
-    from agnostic_sam.methods import get_method
+    from agnostic_sam.methods import get_method, list_methods
     from agnostic_sam.methods.docs import methods_table, settings_table
 
     if args.name is None:
-        print(methods_table(), end="")
+        print(methods_table(list_methods()), end="")  # plugins' too (the docs: built-in)
         return 0
     try:
         info = get_method(args.name)

@@ -13,9 +13,7 @@ import dataclasses
 from typing import Any
 
 from agnostic_sam.errors import UsageError
-from agnostic_sam.methods import get_method, list_methods
 from agnostic_sam.train.config import LOGGERS, TrainConfig, load_config
-from agnostic_sam.train.rundir import RunDir
 from agnostic_sam.yamlio import parse_yaml
 
 __all__ = ["register", "run", "add_train_arguments", "config_from_args", "overrides_from_args"]
@@ -64,9 +62,10 @@ def _data_arguments(g: _Group, d: TrainConfig) -> None:
 
 def _optimizer_arguments(g: _Group, d: TrainConfig) -> None:
     """The method, the base optimizer, the budget and the schedule."""
-    methods = "; ".join(f"{n}: {get_method(n).description}" for n in list_methods())
+    # No list here: the registry imports torch, which `train --help` does not need.
     g.add_argument("--optimizer", default=S, metavar="METHOD",
-                   help=f"the training method (default {d.optimizer}). {methods}")
+                   help=f"the training method (default {d.optimizer}); `agnostic-sam methods` "
+                   "lists every one with its settings")
     g.add_argument("--base-optimizer", default=S, choices=("sgd", "adamw"),
                    help=f"the optimizer that takes the step (default {d.base_optimizer})")
     g.add_argument("--epochs", type=int, default=S, help=f"default {d.epochs}")
@@ -142,6 +141,8 @@ def _run_arguments(g: _Group, d: TrainConfig) -> None:
 
 def _saved_config(out: str | None) -> dict[str, Any] | None:
     """A run directory's saved config (config.yaml, else the checkpoint's copy) as a mapping."""
+    from agnostic_sam.train.rundir import RunDir
+
     saved = RunDir(out).saved_config() if out else None
     return dataclasses.asdict(saved) if saved is not None else None
 

@@ -3,17 +3,16 @@
     from agnostic_sam.train import load_config, train
     result = train(load_config("configs/demo.yaml", {"epochs": 5}))
 
-The loop (which imports the data, model and optimizer packages) loads on first use, so reading
-a config or a run directory stays light.
+The loop (which imports the data, model and optimizer packages), the checkpoints and the run
+directory load on first use, so reading a config stays light.
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
-from agnostic_sam.train.checkpoint import load_checkpoint, save_checkpoint
 from agnostic_sam.train.config import TrainConfig, load_config, save_config, validate_config
-from agnostic_sam.train.rundir import RunDir, run_id, run_identity
 
 __all__ = [
     "RunDir",
@@ -30,12 +29,17 @@ __all__ = [
     "validate_config",
 ]
 
-_LOOP_NAMES = ("train", "load_trained", "resolve_device")
+# name -> its module, imported on first use (the checkpoints and the run directory import torch;
+# the config alone does not, so `agnostic-sam train --help` stays light)
+_LAZY = {
+    "train": "loop", "load_trained": "loop", "resolve_device": "loop",
+    "load_checkpoint": "checkpoint", "save_checkpoint": "checkpoint",
+    "RunDir": "rundir", "run_id": "rundir", "run_identity": "rundir",
+}
 
 
 def __getattr__(name: str) -> Any:
-    if name in _LOOP_NAMES:
-        from agnostic_sam.train import loop
-
-        return getattr(loop, name)
+    if name in _LAZY:
+        module = importlib.import_module(f"agnostic_sam.train.{_LAZY[name]}")
+        return getattr(module, name)
     raise AttributeError(f"module 'agnostic_sam.train' has no attribute {name!r}")

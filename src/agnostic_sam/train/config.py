@@ -20,8 +20,6 @@ from typing import Any
 import yaml
 
 from agnostic_sam.errors import UsageError
-from agnostic_sam.methods import BASE_OPTIMIZERS, SHORTHANDS, get_method
-from agnostic_sam.optim import PERTURBATIONS, split_sizes
 from agnostic_sam.yamlio import read_yaml
 
 __all__ = [
@@ -176,17 +174,25 @@ def _check_range(cfg: TrainConfig, key: str, low: float, high: float, *,
         raise UsageError(f"{key} must be in {lo}{low:g}, {high:g}{hi}, got {value}")
 
 
+def _registry() -> Any:
+    """The method registry, imported when first needed: it imports torch, which reading a
+    config (and `agnostic-sam train --help`) does not need."""
+    import agnostic_sam.methods
+
+    return agnostic_sam.methods
+
+
 def validate_config(cfg: TrainConfig) -> TrainConfig:
     """Raise UsageError (one line, naming the key and value) for values no run can use."""
     try:
-        method = get_method(cfg.optimizer)
+        method = _registry().get_method(cfg.optimizer)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     _check_choices(cfg)
     _check_numbers(cfg)
     try:
         method_settings(cfg)
-        get_method(cfg.budget_reference)
+        _registry().get_method(cfg.budget_reference)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     _check_sizes(cfg, method.splits_batch)
@@ -194,10 +200,13 @@ def validate_config(cfg: TrainConfig) -> TrainConfig:
 
 
 def _check_choices(cfg: TrainConfig) -> None:
+    from agnostic_sam.optim import PERTURBATIONS
+
+    base_optimizers = tuple(_registry().BASE_OPTIMIZERS)
     for key, value, choices in (("split", cfg.split, SPLITS), ("amp mode", cfg.amp, AMP_MODES),
                                 ("budget", cfg.budget, BUDGETS),
                                 ("perturbation", cfg.perturbation, PERTURBATIONS),
-                                ("base optimizer", cfg.base_optimizer, tuple(BASE_OPTIMIZERS))):
+                                ("base optimizer", cfg.base_optimizer, base_optimizers)):
         if value not in choices:
             raise UsageError(f"unknown {key} '{value}'; choose from {', '.join(choices)}")
     unknown = [name for name in cfg.log if name not in LOGGERS]
@@ -254,6 +263,8 @@ def _check_sizes(cfg: TrainConfig, splits_batch: bool) -> None:
                     f"{key} applies to the synthetic data set only, not {cfg.dataset!r}"
                 )
     if splits_batch:
+        from agnostic_sam.optim import split_sizes
+
         try:
             n_t, n_v = split_sizes(cfg.batch_size, cfg.split_ratio)
         except ValueError as exc:
@@ -271,13 +282,14 @@ def method_settings(cfg: TrainConfig) -> dict[str, Any]:
     """Every setting of ``cfg.optimizer``'s method: the record's defaults < the shorthand fields
     it has (rho, rho1, rho2, adaptive; None keeps the default) < ``method_args``. ValueError
     naming the allowed settings for an unknown name or a bad value."""
-    info = get_method(cfg.optimizer)
+    info = _registry().get_method(cfg.optimizer)
+    shorthands = _registry().SHORTHANDS
     values: dict[str, Any] = {}
-    for key in SHORTHANDS:
+    for key in shorthands:
         if key in info.setting_names and getattr(cfg, key) is not None:
             values[key] = getattr(cfg, key)
     for key, value in cfg.method_args.items():
-        if key in SHORTHANDS and key in values and value != values[key] and (
+        if key in shorthands and key in values and value != values[key] and (
                 key != "adaptive" or cfg.adaptive):
             raise ValueError(f"{key} is set twice: {values[key]!r} as --{key} and {value!r} in "
                              "method_args; set one of them")
@@ -291,6 +303,7 @@ def budget_factor(cfg: TrainConfig) -> float:
     batch-equivalents at ``split_ratio``; the reference at its default settings)."""
     if cfg.budget == "epochs" or cfg.budget_reference == cfg.optimizer:
         return 1.0
+    get_method = _registry().get_method
     own = get_method(cfg.optimizer).batch_equivalents(cfg.split_ratio, method_settings(cfg))
     ref = get_method(cfg.budget_reference).batch_equivalents(cfg.split_ratio)
     return ref / own
@@ -310,7 +323,8 @@ def planned_epochs(cfg: TrainConfig, steps_per_epoch: int) -> int:
 def settings_text(cfg: TrainConfig) -> str:
     """The method's shown settings (its tuned setting and followers, and any set in
     method_args) for reports: ``"rho1=0.1, rho2=0.05"``; ``"-"`` for none."""
-    return get_method(cfg.optimizer).settings_text(method_settings(cfg), extra=cfg.method_args)
+    info = _registry().get_method(cfg.optimizer)
+    return info.settings_text(method_settings(cfg), extra=cfg.method_args)
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
