@@ -16,9 +16,9 @@ method, medians over every measured step:
 and the hook overhead: one backward pass through a model whose parameters an optimizer holds,
 over the same backward through an identical model no optimizer holds (ratio of medians).
 
-``--baseline REV`` also times the package as it was at git revision REV, in the same
-interleaved rounds (rows "name (baseline)"): REV's ``src/agnostic_sam`` is exported to a
-temporary directory as the package ``agnostic_sam_baseline`` and imported beside this one.
+``--baseline REV`` (repeatable) also times the package as it was at git revision REV, in the
+same interleaved rounds (rows "name (REV)"): REV's ``src/agnostic_sam`` is exported to a
+temporary directory as the package ``agnostic_sam_b<k>`` and imported beside this one.
 
     OMP_NUM_THREADS=1 python benchmarks/own_time.py --threads 1 [--rounds 15 --steps 5]
         [--out benchmarks/results/cpu_own_time]
@@ -111,11 +111,13 @@ def build(name: str, model0: nn.Module, x: torch.Tensor, y: torch.Tensor,
     return (lambda: opt.step(*closures)), timer
 
 
-def base_step(model0: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Any:
+def base_step(model0: nn.Module, x: torch.Tensor, y: torch.Tensor, foreach: bool | None) -> Any:
     """The base optimizer's own step + zero_grad, timed right after a forward + backward pass
-    (untimed), in the state a training step finds it (caches as a backward pass leaves them)."""
+    (untimed), in the state a training step finds it (caches as a backward pass leaves them).
+    ``foreach=None``: torch's default (on the CPU its per-tensor loop); True: its multi-tensor
+    step, which the package's wrappers take on the CPU where it gives the same bits."""
     model = copy.deepcopy(model0)
-    opt = torch.optim.SGD(model.parameters(), **BASE_KWARGS)
+    opt = torch.optim.SGD(model.parameters(), foreach=foreach, **BASE_KWARGS)
 
     def run() -> float:
         F.cross_entropy(model(x), y).backward()
@@ -140,24 +142,24 @@ def backward_timer(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Any:
     return run
 
 
-def baseline_package(rev: str) -> str:
-    """Export `rev`'s src/agnostic_sam as the importable package agnostic_sam_baseline."""
+def baseline_package(rev: str, name: str) -> str:
+    """Export `rev`'s src/agnostic_sam as the importable package `name`."""
     root = Path(__file__).resolve().parents[1]
     tar = subprocess.run(["git", "archive", rev, "src/agnostic_sam"], cwd=root,
                          capture_output=True, check=True).stdout
     where = Path(tempfile.mkdtemp(prefix="own_time_baseline_"))
     with tarfile.open(fileobj=io.BytesIO(tar)) as archive:
         archive.extractall(where, filter="data")
-    package = where / "agnostic_sam_baseline"
+    package = where / name
     (where / "src" / "agnostic_sam").rename(package)
     for path in package.rglob("*.py"):
-        text = re.sub(r"\bagnostic_sam\b(?!\.py)", "agnostic_sam_baseline", path.read_text())
+        text = re.sub(r"\bagnostic_sam\b(?!\.py)", name, path.read_text())
         # The module optim/agnostic_sam.py keeps its name.
-        text = text.replace("optim.agnostic_sam_baseline", "optim.agnostic_sam")
-        text = text.replace("optim import agnostic_sam_baseline", "optim import agnostic_sam")
+        text = text.replace(f"optim.{name}", "optim.agnostic_sam")
+        text = text.replace(f"optim import {name}", "optim import agnostic_sam")
         path.write_text(text)
     sys.path.insert(0, str(where))
-    return "agnostic_sam_baseline"
+    return name
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
@@ -172,19 +174,21 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     held = copy.deepcopy(model0)
     holders = [create_optimizer("sam", held.parameters(), torch.optim.SGD, dict(BASE_KWARGS))]
     models = {"held": held, "free": copy.deepcopy(model0)}
-    if args.baseline:
-        old = importlib.import_module(baseline_package(args.baseline) + ".methods")
+    for k, rev in enumerate(args.baseline):
+        old = importlib.import_module(baseline_package(rev, f"agnostic_sam_b{k}") + ".methods")
         for name in names:
             if name in old.list_methods():
-                steps[f"{name} (baseline)"] = build(name, model0, x, y, old)
-        models["held (baseline)"] = copy.deepcopy(model0)
-        holders.append(old.create_optimizer("sam", models["held (baseline)"].parameters(),
+                steps[f"{name} ({rev})"] = build(name, model0, x, y, old)
+        models[f"held ({rev})"] = copy.deepcopy(model0)
+        holders.append(old.create_optimizer("sam", models[f"held ({rev})"].parameters(),
                                             torch.optim.SGD, dict(BASE_KWARGS),
                                             radii={"rho": 0.05}))
-    base = base_step(model0, x, y)
+    base = base_step(model0, x, y, None)
+    base_foreach = base_step(model0, x, y, True)
     bwd = {key: backward_timer(m, x, y) for key, m in models.items()}
     samples: dict[str, dict[str, list[float]]] = {n: {"step": [], "pass": []} for n in steps}
     base_ms: list[float] = []
+    base_foreach_ms: list[float] = []
     bwd_ms: dict[str, list[float]] = {key: [] for key in bwd}
     for r in range(args.rounds + 1):  # round 0 warms every path up
         for name, (step, timer) in steps.items():
@@ -197,9 +201,10 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                     samples[name]["step"].append(total * 1e3)
                     samples[name]["pass"].append(timer.spent * 1e3)
         for _ in range(args.steps):
-            dt = base()
+            dt, dt_foreach = base(), base_foreach()
             if r:
                 base_ms.append(dt * 1e3)
+                base_foreach_ms.append(dt_foreach * 1e3)
         for _ in range(args.steps * 4):
             for key in list(bwd) if r % 2 else list(bwd)[::-1]:
                 dt = bwd[key]()
@@ -215,6 +220,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "machine": platform.processor() or platform.machine(),
         "load": ", ".join(f"{v:.1f}" for v in os.getloadavg()),
         "base_step_ms": base_med,
+        "base_step_foreach_ms": statistics.median(base_foreach_ms),
         "backward_ms": {k: statistics.median(v) for k, v in bwd_ms.items()},
         "hook_overhead": {key: statistics.median(v) / statistics.median(bwd_ms["free"])
                           for key, v in bwd_ms.items() if key != "free"},
@@ -244,18 +250,24 @@ def markdown(result: dict[str, Any], command: str) -> str:
         f"`{command}`; torch {result['torch']}; medians of {c['rounds']} interleaved rounds x "
         f"{c['steps']} steps; {c.get('clock', 'cpu')} time; load average {result['load']}.",
         "",
-        f"Base step (SGD momentum, step + zero_grad): {result['base_step_ms']:.2f} ms. "
+        f"Base step (SGD momentum, step + zero_grad): {result['base_step_ms']:.2f} ms with "
+        "torch's default (on the CPU a per-tensor loop); "
+        f"{result['base_step_foreach_ms']:.2f} ms multi-tensor (foreach=True, which the wrappers "
+        "take on the CPU where it is the same bits). "
         "Backward pass, parameters held by an optimizer / not: "
         + "; ".join(f"{key} {result['backward_ms'][key]:.2f} / "
                     f"{result['backward_ms']['free']:.2f} ms = {ratio:.3f}"
                     for key, ratio in result["hook_overhead"].items()) + ".",
         "",
-        "| method | pass ms | step ms | own ms | own / base step | own share of step |",
-        "|---|---|---|---|---|---|",
+        "| method | pass ms | step ms | own ms | own / base step | own / multi-tensor base step "
+        "| own share of step |",
+        "|---|---|---|---|---|---|---|",
     ]
+    foreach_ms = result["base_step_foreach_ms"]
     for name, m in result["methods"].items():
         rows.append(f"| {name} | {m['pass_ms']:.2f} | {m['step_ms']:.2f} | {m['own_ms']:.2f} | "
-                    f"{m['own_over_base']:.2f} | {100 * m['own_share']:.1f}% |")
+                    f"{m['own_over_base']:.2f} | {m['own_ms'] / foreach_ms:.2f} | "
+                    f"{100 * m['own_share']:.1f}% |")
     return "\n".join(rows) + "\n"
 
 
@@ -269,8 +281,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=5, help="steps per method per round")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--methods", default="", help="comma-separated (default: the whole registry)")
-    ap.add_argument("--baseline", default="", metavar="REV",
-                    help="also time the package at git revision REV in the same rounds")
+    ap.add_argument("--baseline", action="append", default=[], metavar="REV",
+                    help="also time the package at git revision REV in the same rounds "
+                    "(repeatable)")
     ap.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
                     help="cpu: this thread's CPU time (robust on a shared machine); wall")
     ap.add_argument("--out", default="", help="write OUT.json and OUT.md")

@@ -293,6 +293,17 @@ def test_smoke_one_table_then_skip_and_resume(tmp_path, monkeypatch):
     assert [line for line in logs if "] resume" in line and first.name in line]
     assert (first / "result.json").exists()
 
+    # --report-only names each run that has not finished and where it stands
+    (first / "result.json").unlink()
+    logs.clear()
+    reproduce("table3", out=tmp_path, smoke=True, device="cpu", progress=False,
+              report_only=True, log=logs.append)
+    total = len({r.run_id for r in plan("table3", smoke=True)})
+    assert logs[0] == (f"1 of {total} runs are missing (not finished); the report covers the "
+                       "finished ones")
+    assert logs[1] == f"  partial (stopped; the next launch resumes it): {first}"
+    assert not [line for line in logs if "] resume" in line]
+
 
 @pytest.mark.slow
 @pytest.mark.parametrize("table", TABLES)

@@ -183,12 +183,14 @@ def _is_tuning_run(run: Path) -> bool:
     return (yaml.safe_load((run / "config.yaml").read_text()).get("val_fraction") or 0) > 0
 
 
-def test_reproduce_digits_smoke_arrays_equal_inline(tmp_path, capsys):
-    """`reproduce table2-digits --smoke` with --launcher slurm --wait: its tuning phase and its
-    final phase each become a job array, and the report equals the inline one. To keep it short
-    the slurm folder starts from the inline runs less two tuning and two final runs: those four
-    are trained on SLURM and must come out bit-identical."""
-    common = ["reproduce", "table2-digits", "--smoke", "--seeds", "0", "--tune-seeds", "0",
+@pytest.mark.parametrize("study", ["table2-digits", "family-digits"])
+def test_reproduce_digits_smoke_arrays_equal_inline(tmp_path, capsys, study):
+    """`reproduce <study> --smoke` with --launcher slurm --wait: its tuning phase and its final
+    phase each become a job array (the final runs need the tuned settings), and the report
+    equals the inline one. To keep it short the slurm folder starts from the inline runs less
+    two tuning and two final runs: those four are trained on SLURM and must come out
+    bit-identical. family-digits is the family study (every method, both budgets)."""
+    common = ["reproduce", study, "--smoke", "--seeds", "0", "--tune-seeds", "0",
               "--threads", "1", "--no-progress"]
     assert main([*common, "--launcher", "inline", "--out", str(tmp_path / "inline")]) == 0
     shutil.copytree(tmp_path / "inline" / "runs", tmp_path / "slurm" / "runs")
@@ -217,7 +219,7 @@ def test_reproduce_digits_smoke_arrays_equal_inline(tmp_path, capsys):
     reports = [json.loads((tmp_path / kind / "report.json").read_text())["tables"]
                for kind in ("inline", "slurm")]
     assert timeless(reports[0]) == timeless(reports[1])
-    assert reports[0]["table2-digits"]["panels"] and reports[0]["table2-digits"]["tuning"]
+    assert reports[0][study]["panels"] and reports[0][study]["tuning"]
 
 
 # ----------------------------------------------------------------------------- interruptions

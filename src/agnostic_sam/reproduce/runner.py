@@ -224,8 +224,9 @@ def reproduce(
         return None
     timings: dict[str, float] = {}
     failed: list[str] = []
-    if not report_only and not _train_phases(runs, tune_runs, spec, runs_root, timings, failed,
-                                             common, log):
+    if report_only:
+        _log_missing(runs, tune_runs, common, log)
+    elif not _train_phases(runs, tune_runs, spec, runs_root, timings, failed, common, log):
         return None
     report = build_report(runs, runs_root, spec=spec, choices=choose(tune_runs, runs_root))
     report.update(smoke=smoke, timings=timings, failed=failed)
@@ -270,6 +271,30 @@ def _log_plan(runs: list[Run], tune_runs: list[Run], lc: Any, common: dict[str, 
     if lc.kind != "inline":
         first = unique_runs(tune_runs) if tune_runs else unique_runs(runs)
         _train_runs(first, runs, label="", dry_run=True, **common)
+
+
+def _log_missing(runs: list[Run], tune_runs: list[Run], common: dict[str, Any],
+                 log: Callable[[str], None]) -> None:
+    """--report-only: each run of the table not ended yet, with where it stands (with the slurm
+    launcher its job and the job's state: queued, running, cancelled, failed (TIMEOUT), ...),
+    and the final runs whose tuning has not finished; the report covers the finished ones."""
+    from agnostic_sam.launch import unfinished
+    from agnostic_sam.train import load_config
+
+    out: Path = common["out"]
+    todo = unique_runs(tune_runs) + unique_runs([r for r in runs if not r.pending])
+    cfgs = [load_config(None, {**_effective(run, out), "out": str(out / "runs" / run.run_id),
+                               "device": common["device"]}) for run in todo]
+    lines = unfinished(cfgs, common["launcher"])
+    pending = len({r.cell for r in runs if r.pending})
+    if lines or pending:
+        log(f"{len(lines)} of {len(todo)} runs are missing (not finished); the report covers "
+            "the finished ones")
+        for line in lines:
+            log(f"  {line}")
+    if pending:
+        log(f"  {pending} cells wait for their tuning runs (their final runs are not planned "
+            "yet)")
 
 
 def _train_phases(runs: list[Run], tune_runs: list[Run], spec: Any, runs_root: Path,
