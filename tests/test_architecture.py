@@ -274,8 +274,9 @@ print(json.dumps({"code": code, "modules": sorted(m.split(".")[0] for m in sys.m
 
 @pytest.mark.parametrize("argv, light", [(["--help"], ("torch",)),
                                          (["train", "--help"], ("torch",)),
-                                         (["compare", "--help"], ())],
-                         ids=["help", "train-help", "compare-help"])
+                                         (["compare", "--help"], ()),
+                                         (["reproduce", "--help"], ())],
+                         ids=["help", "train-help", "compare-help", "reproduce-help"])
 def test_help_imports_no_heavy_package(argv: list[str], light: tuple[str, ...]) -> None:
     # `agnostic-sam --help` and `train --help` load no torch (under a second: the method list is
     # `agnostic-sam methods`); `compare --help` needs the method registry, hence torch, but

@@ -23,7 +23,6 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
-from scipy.stats import t as student_t
 
 __all__ = [
     "Summary",
@@ -100,6 +99,8 @@ def t_quantile(p: float, df: int) -> float:
         raise ValueError(f"quantile level must be in (0, 1), got {p}")
     if df < 1:
         raise ValueError(f"degrees of freedom must be >= 1, got {df}")
+    from scipy.stats import t as student_t  # on first use: `reproduce --help` stays light
+
     return float(student_t.ppf(p, df))
 
 
