@@ -1,7 +1,7 @@
 """Every registered method's flat fast path (`optim/_flat.py`: CPU float32/float64, every gradient
 present) against its per-tensor list path, the arithmetic the methods had before the fast path
 (issue 21): the same weights and optimizer state bit for bit, except where the fast path only
-changes the order of a reduction (GSAM's and LookSAM's dot products over one flat buffer), which
+changes the order of a reduction (GSAM's dot products over one flat buffer), which
 agree within 1e-12 in float64.
 
 The list path is forced by making no dtype eligible for the flat buffers (`_flat._DTYPES`), on a
@@ -20,7 +20,7 @@ from agnostic_sam.methods import create_optimizer, get_method, list_methods
 from agnostic_sam.methods.step import step_closures
 
 # Methods whose fast path sums a dot product in another order than the list path.
-REORDERED = {"gsam", "looksam"}
+REORDERED = {"gsam"}
 STEPS = 6
 
 
@@ -90,9 +90,9 @@ def test_fast_path_gives_the_list_paths_result(name: str, dtype: torch.dtype,
     fast_w, fast_b = _run(name, dtype, True, monkeypatch)
     list_w, list_b = _run(name, dtype, False, monkeypatch)
     if get_method(name).name in REORDERED:
-        if dtype == torch.float64:
-            assert _max_diff(fast_w, list_w) < 1e-12
-            assert _max_diff(fast_b, list_b) < 1e-12
+        tol = 1e-12 if dtype == torch.float64 else 1e-5
+        assert _max_diff(fast_w, list_w) < tol
+        assert _max_diff(fast_b, list_b) < tol
         return
     assert all(torch.equal(a, b) for a, b in zip(fast_w, list_w))
     assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(fast_b, list_b))
