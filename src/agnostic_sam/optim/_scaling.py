@@ -9,6 +9,7 @@ optimizer unscales the intermediate passes itself, the scaler the final one).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -87,9 +88,11 @@ def final_gradients(
     # from the unscaled p.grad here, so the norm check and clipping act on what is stepped with.
     opt._transform_final(params, foreach)
     if want_norm or opt.check_finite or opt._scaled:
-        final = [p.grad for p in params if p.grad is not None]
-        if len(final) == len(params):  # every parameter has one: mark it for the fast path
-            final = _flat.checked(opt._layout(), params, final)
+        # one read of p.grad each (a getter, not free); marked for the fast path when every
+        # parameter has one, else the present ones
+        final = _flat.checked(opt._layout(), params, [p.grad for p in params])
+        if not isinstance(final, _flat.Checked):
+            final = [g for g in final if g is not None]
         norm = opt._global_norm(final, foreach) if final else opt._zero_like_norm(params)
         if opt.check_finite or opt._scaled:
             check.append(norm)
@@ -112,15 +115,17 @@ def step_or_skip(
         opt.stats["skipped"] = torch.zeros((), device=device)
         opt.base_optimizer.step()
         return
-    # 1.0 where a pass's gradient norm is inf/NaN. Under DDP with local perturbations the
-    # ranks still agree: a non-finite ascent gradient on one rank makes its perturbed
-    # weights, hence its final gradient, non-finite, and the all-reduce spreads that.
-    bad = (~torch.isfinite(torch.stack(check))).to(torch.float32)
-    if opt._scaled:
+    # Under DDP with local perturbations the ranks agree on a non-finite pass: a non-finite
+    # ascent gradient on one rank makes its perturbed weights, hence its final gradient,
+    # non-finite, and the all-reduce spreads that.
+    norms = torch.stack(check)
+    if opt._scaled:  # 1.0 where a pass's gradient norm is inf/NaN, on the device
+        bad = (~torch.isfinite(norms)).to(torch.float32)
         step_unless_overflow(opt.base_optimizer, opt.loss_scaler, bad, opt.stats)
         return
     opt.stats["skipped"] = torch.zeros((), device=device)
-    _checks.check_finite_passes(bad.tolist(), pass_names)  # the one sync
+    flags = [0.0 if math.isfinite(v) else 1.0 for v in norms.tolist()]  # the one sync
+    _checks.check_finite_passes(flags, pass_names)
     opt.base_optimizer.step()
 
 
