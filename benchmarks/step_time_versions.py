@@ -55,7 +55,7 @@ def main() -> None:
     ap.add_argument("--rev", default="6e5f142")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    old = importlib.import_module(own_time.baseline_package(args.rev) + ".methods")
+    old = importlib.import_module(own_time.baseline_package(args.rev, "agnostic_sam_b0") + ".methods")
     torch.manual_seed(0)
     model0 = create_model("resnet18", num_classes=10, in_channels=3, image_size=32).train()
     x, y = torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,))

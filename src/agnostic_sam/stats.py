@@ -23,7 +23,6 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
-
 __all__ = [
     "Summary",
     "PairedDifference",
