@@ -209,7 +209,8 @@ def plot_protocol(
     fig = Figure(figsize=(5.2 * len(panels), 3.8 * len(groups)), layout="constrained")
     axes = fig.subplots(len(groups), len(panels), squeeze=False, sharey="row")
     colours: dict[str, Any] = {}
-    palette = iter(["C0", "C1", "C2", "C3", "C4", "C5", "C6", "C7", "C8", "C9"])
+    bases = {m.removesuffix("-tuned") for g in groups for p in series[g].values() for m in p}
+    palette = iter(_palette(len(bases)))
     xs_all = sorted({float(pt[0]) for g in groups for p in series[g].values()
                      for s in p.values() for pt in s})
     for i, group in enumerate(groups):
@@ -235,8 +236,24 @@ def plot_protocol(
             if j == 0:
                 ax.set_ylabel(ylabel)
             ax.legend(fontsize="small", loc="lower left")
-    fig.suptitle(title)
+    fig.suptitle(_wrapped(title, fig))
     return _save(fig, path)
+
+
+def _palette(n: int) -> list[Any]:
+    """``n`` distinct colours: matplotlib's ten default ones, or tab20's twenty beyond ten."""
+    if n <= 10:
+        return [f"C{i}" for i in range(10)]
+    from matplotlib import colormaps
+
+    return [colormaps["tab20"](i % 20) for i in range(n)]
+
+
+def _wrapped(title: str, fig: Any) -> str:
+    """``title`` broken into lines that fit the figure's width (about 11 characters an inch)."""
+    import textwrap
+
+    return textwrap.fill(title, width=max(30, int(fig.get_figwidth() * 11)))
 
 
 def plot_frontier(
@@ -260,10 +277,12 @@ def plot_frontier(
     nrows = -(-len(rows) // cols)
     fig = Figure(figsize=(6.0 * cols, 4.4 * nrows), layout="constrained")
     axes = fig.subplots(nrows, cols, squeeze=False)
+    names = list(dict.fromkeys(m for row in rows for m in series[row]))
+    colours = dict(zip(names, _palette(len(names))))  # a method keeps its colour in every panel
     for k, row in enumerate(rows):
         ax = axes[k // cols][k % cols]
         for j, (method, (work, mean, low, high)) in enumerate(series[row].items()):
-            colour = f"C{j % 10}"
+            colour = colours[method]
             ax.errorbar([work], [mean], yerr=[[mean - low], [high - mean]], marker="o", ms=5,
                         capsize=3, color=colour, lw=1.2)
             # staggered labels: methods of one cost share an x
@@ -275,5 +294,5 @@ def plot_frontier(
         ax.grid(alpha=0.3)
     for k in range(len(rows), nrows * cols):
         axes[k // cols][k % cols].set_visible(False)
-    fig.suptitle(title)
+    fig.suptitle(_wrapped(title, fig))
     return _save(fig, path)
