@@ -285,7 +285,10 @@ def _log_missing(runs: list[Run], tune_runs: list[Run], common: dict[str, Any],
     todo = unique_runs(tune_runs) + unique_runs([r for r in runs if not r.pending])
     cfgs = [load_config(None, {**_effective(run, out), "out": str(out / "runs" / run.run_id),
                                "device": common["device"]}) for run in todo]
-    lines = unfinished(cfgs, common["launcher"])
+    try:
+        lines = unfinished(cfgs, common["launcher"])
+    except UsageError:  # a damaged run: the report names every one of them, in one line
+        return
     pending = len({r.cell for r in runs if r.pending})
     if lines or pending:
         log(f"{len(lines)} of {len(todo)} runs are missing (not finished); the report covers "
