@@ -50,9 +50,10 @@ TIMEOUT = 180  # s: a test's wait for a job on 2 busy cores
 # compare on digits with one thread a run and one CPU a task (the node has 2)
 COMPARE = ["compare", "--optimizers", "sgd", "--model", "mlp", "--threads", "1", "--no-progress"]
 SLURM = ["--launcher", "slurm", "--cpus-per-run", "1"]
-# 10-30 s of training a run: an interrupted task's process lives on for up to ~7 s after
-# SIGTERM (SLURM's kill) and must not finish the run meanwhile
-LONG = ["--epochs", "40", "--batch-size", "32"]
+# 15 s (a quiet Intel Xeon) to about a minute (2 busy cores) of training a run: an interrupted
+# task's process lives on for up to ~7 s after SIGTERM (SLURM's kill) and must not finish the
+# run meanwhile (40 epochs, 6 s here once the base step took its multi-tensor form, did)
+LONG = ["--epochs", "100", "--batch-size", "32"]
 
 
 def _sh(*args: str) -> str:
