@@ -96,3 +96,42 @@ def test_fast_path_gives_the_list_paths_result(name: str, dtype: torch.dtype,
         return
     assert all(torch.equal(a, b) for a, b in zip(fast_w, list_w))
     assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(fast_b, list_b))
+
+
+def test_packing_by_blocks_and_by_foreach_copy_give_the_same_step(monkeypatch) -> None:
+    """Tensors of one size but different shapes (a (8, 4) weight and a (32,) bias) share a block
+    that no torch.stack can fill: that layout packs with a foreach copy, and SAM's weights are the
+    list path's, bit for bit, either way."""
+
+    def weights(model, fast, classes):
+        with monkeypatch.context() as patch:
+            if not fast:
+                patch.setattr("agnostic_sam.optim._flat._DTYPES", ())
+            opt = create_optimizer("sam", model.parameters(), torch.optim.SGD,
+                                   {"lr": 0.1, "momentum": 0.9}, model=model)
+            gen = torch.Generator().manual_seed(3)
+            for _ in range(4):
+                x = torch.randn(8, 4, generator=gen)
+                y = torch.randint(0, classes, (8,), generator=gen)
+
+                def closure(x=x, y=y):
+                    loss = F.cross_entropy(model(x), y)
+                    opt.backward(loss)
+                    return loss
+
+                opt.step(closure)
+            return opt._layout(), [p.detach().clone() for p in model.parameters()]
+
+    for mixed in (True, False):
+        torch.manual_seed(0)
+        make = (lambda: nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 32))) if mixed else \
+            (lambda: nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 8)))
+        torch.manual_seed(0)
+        a = make()
+        torch.manual_seed(0)
+        b = make()
+        classes = 32 if mixed else 8
+        layout, fast = weights(a, True, classes)
+        assert (layout.stack_plan is None) is mixed
+        _, slow = weights(b, False, classes)
+        assert all(torch.equal(x, y) for x, y in zip(fast, slow))

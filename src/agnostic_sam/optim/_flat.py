@@ -44,6 +44,7 @@ class Packed(list):  # type: ignore[type-arg]
     flat: Tensor
     layout: Layout
     views: tuple[Tensor, ...]
+    blocks: tuple[Tensor, ...]  # per block of the layout's stack plan: its rows, shaped
 
     def of(self, layout: Layout) -> bool:
         """Packed by `layout`, and every element still the view it was (none replaced)."""
@@ -112,6 +113,17 @@ class Layout:
             offset += (end - start) * sizes[start]
             start = end
         self.shapes = [p.shape for p in self.params]
+        # Per block: the parameter indices of its rows and their common shape, so that a list is
+        # packed with one torch.stack per block (2-3x faster than a foreach copy of 242 small
+        # tensors); None when a block mixes shapes of one numel (then the foreach copy).
+        plan: list[tuple[list[int], Any]] = []
+        row = 0
+        for _, rows, _ in self.blocks:
+            idx = self.order[row:row + rows]
+            row += rows
+            plan.append((idx, self.shapes[idx[0]]))
+        same = all(self.shapes[i] == shape for idx, shape in plan for i in idx)
+        self.stack_plan: list[tuple[list[int], Any]] | None = plan if same else None
         # Row (packed order) -> index of its group among the distinct groups (per-group radii).
         distinct: dict[int, int] = {}
         for g in self.groups:
@@ -149,7 +161,21 @@ class Layout:
         views = torch._C._nn.unflatten_dense_tensors(flat, ordered)
         out = Packed(views[r] for r in self.position)
         out.flat, out.layout, out.views = flat, self, tuple(out)
+        out.blocks = tuple(
+            flat[o:o + rows * size].view(rows, *shape)
+            for (o, rows, size), (_, shape) in zip(self.blocks, self.stack_plan or ()))
         return out
+
+    def fill(self, out: Packed, tensors: list[Tensor]) -> None:
+        """Copy `tensors` (aligned with the parameters, of their shapes) into buffer `out`: one
+        torch.stack per block of equal shape, else one foreach copy; the same values either
+        way (a copy)."""
+        if self.stack_plan is None:
+            torch._foreach_copy_(list(out.views), tensors)
+            return
+        with torch.no_grad():  # the parameters themselves may be packed (theta)
+            for (idx, _), block in zip(self.stack_plan, out.blocks):
+                torch.stack([tensors[i] for i in idx], out=block)
 
     def begin(self) -> None:
         """A new step: every buffer of the pool is free again."""
@@ -164,7 +190,7 @@ class Layout:
         else:
             out = self._buffer()
             self.pool.append(out)
-        torch._foreach_copy_(list(out.views), tensors)
+        self.fill(out, tensors)
         return out
 
     def slot(self, slot: int) -> Packed:
@@ -191,7 +217,7 @@ class Layout:
         if isinstance(tensors, Packed) and tensors.of(self):
             return tensors.flat
         buffer = self.slot(slot)
-        torch._foreach_copy_(list(buffer.views), tensors)
+        self.fill(buffer, tensors)
         return buffer.flat
 
     def norms(self, flat: Tensor) -> Tensor:
