@@ -265,6 +265,13 @@ def _ddp_worker(rank: int, port: int, out: str) -> None:
         torch.save({"state": model.net.state_dict(),
                     "type": str(trainer.accelerator.distributed_type),
                     "steps": trainer.state.global_step}, out)
+    # Leave the group before the interpreter exits: gloo's threads torn down at exit abort the
+    # process now and then ("terminate called without an active exception", SIGABRT).
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 @pytest.mark.slow  # spawns 2 processes
