@@ -17,7 +17,7 @@ kernels already fuse per-tensor work; other dtypes keep their reduction as it wa
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -342,19 +342,21 @@ def from_theta(layout: Layout, params: list[Tensor], theta: list[Tensor],
 
 
 def ascend(layout: Layout, params: list[Tensor], theta: list[Tensor], grads: list[Any],
-           groups: list[dict[str, Any]], key: str, adaptive: bool,
-           eps: float) -> tuple[Tensor, Tensor] | None:
+           groups: list[dict[str, Any]], key: str, eps: float,
+           weights: Callable[[Tensor], Tensor] | None = None) -> tuple[Tensor, Tensor] | None:
     """`SharpnessOptimizer._ascend_from_theta` from one flat copy of `grads`: (||T g||, ||g||)
-    and params <- theta + rho T^2 g / (||T g|| + eps); None (nothing done) when the fast path
-    does not apply."""
+    and params <- theta + rho T^2 g / (||T g|| + eps), with T = ``weights(theta's flat
+    buffer)`` (Adaptive-SAM: theta itself; Kwon et al.'s ASAM: |theta| + eta) or 1 when None;
+    None (nothing done) when the fast path does not apply."""
     if not (isinstance(theta, Packed) and theta.of(layout) and groups is layout.groups
             and layout.matches(params) and isinstance(grads, Checked) and grads.layout is layout):
         return None
     g = layout.flat_of(grads, 0)
     plain = torch.linalg.vector_norm(layout.norms(g))
-    norm = torch.linalg.vector_norm(layout.norms(theta.flat * g)) if adaptive else plain
-    if adaptive:
-        g.mul_(theta.flat).mul_(theta.flat)
+    t = weights(theta.flat) if weights is not None else None
+    norm = torch.linalg.vector_norm(layout.norms(t * g)) if t is not None else plain
+    if t is not None:
+        g.mul_(t).mul_(t)
     denom = norm + eps
     layout.scale_by_group(g, [(1.0 * group[key]) / denom for group in layout.group_list])
     total = layout.slot(1)

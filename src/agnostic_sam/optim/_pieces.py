@@ -102,8 +102,8 @@ class StepPieces:
         """`_norm`, `_plain_norm`, then `_perturb_from_theta` with sign +1, the parameters at
         theta: (||T g||, ||g||). One flat copy of the gradients serves all three on the fast
         path (same bits)."""
-        fast = _flat.ascend(self._layout(), params, theta, grads, groups, key, self.adaptive,
-                            self.perturb_eps)
+        fast = _flat.ascend(self._layout(), params, theta, grads, groups, key, self.perturb_eps,
+                            (lambda flat: flat) if self.adaptive else None)
         if fast is not None:
             return fast
         norm = self._norm(grads, theta, foreach)

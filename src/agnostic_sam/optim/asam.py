@@ -99,7 +99,8 @@ class KwonASAM(SAM):
         theta = self._snapshot(params, foreach)  # restored bit for bit
         grads = self._grads(params, foreach, take=True)
         flags = self._weight_flags(params)
-        fast = self._ascend_flat(params, theta, grads, groups, flags)
+        fast = _flat.ascend(self._layout(), params, theta, grads, groups, "rho",
+                            self.perturb_eps, lambda flat: self._t_flat(flat, params, flags))
         if fast is not None:
             return theta, [fast[0]], fast[1]
         present = [(i, g) for i, g in enumerate(grads) if g is not None]
@@ -126,18 +127,10 @@ class KwonASAM(SAM):
             params[i].add_(g.mul_(groups[i]["rho"] / (norm + self.perturb_eps)))
         return theta, [norm], grad_norm
 
-    def _ascend_flat(
-        self, params: list[Tensor], theta: list[Tensor], grads: list[Tensor | None],
-        groups: list[dict[str, Any]], flags: list[bool],
-    ) -> tuple[Tensor, Tensor] | None:
-        """`_ascend`'s arithmetic on the flat buffers of `_flat` when they apply (every gradient
-        present, theta packed; CPU float32/float64), else None. Same bits: T is 1 exactly where
-        the loop multiplies by nothing (g * 1 = g), the row norms of a packed block are the
-        per-tensor norms, and the parameters are at theta (theta + e = p + e)."""
+    def _t_flat(self, theta: Tensor, params: list[Tensor], flags: list[bool]) -> Tensor:
+        """T on the flat buffers (`_flat.ascend`): |theta| + eta for weights, 1 for the others
+        (g * 1 = g exactly: the bits of the loop, which multiplies those by nothing)."""
         layout = self._layout()
-        if not (isinstance(theta, _flat.Packed) and theta.of(layout) and groups is layout.groups
-                and isinstance(grads, _flat.Checked) and grads.layout is layout):
-            return None
         if self._not_weight is None or self._not_weight[0] is not layout:
             mask = torch.empty(layout.total, dtype=torch.bool)
             offset = 0
@@ -146,16 +139,6 @@ class KwonASAM(SAM):
                 mask[offset:offset + n] = not flags[i]
                 offset += n
             self._not_weight = (layout, mask)
-        g = layout.flat_of(grads, 0)
         t = layout.slot(2).flat
-        torch.abs(theta.flat, out=t)
-        t.add_(self.eta).masked_fill_(self._not_weight[1], 1.0)  # T = |w| + eta, 1 for biases
-        total = layout.slot(1)
-        grad_norm = torch.linalg.vector_norm(layout.norms(g))  # ||g||, for the stats
-        norm = torch.linalg.vector_norm(layout.norms(torch.mul(g, t, out=total.flat)))  # ||T g||
-        g.mul_(t).mul_(t)
-        eps = self.perturb_eps
-        layout.scale_by_group(g, [group["rho"] / (norm + eps) for group in layout.group_list])
-        torch.add(theta.flat, g, out=total.flat)
-        torch._foreach_copy_(params, list(total.views))
-        return norm, grad_norm
+        torch.abs(theta, out=t)
+        return t.add_(self.eta).masked_fill_(self._not_weight[1], 1.0)

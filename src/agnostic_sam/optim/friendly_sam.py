@@ -100,7 +100,7 @@ class AveragedAscent(SharpnessOptimizer):
                 raise RuntimeError(f"{name} found gradients in p.grad at step entry: call "
                                    "opt.zero_grad() before, and backward only inside the closure")
             loss = self._run(closure, params, at_theta=True, final=False)
-            theta = [p.detach().clone() for p in params]
+            theta = self._snapshot(params, foreach)
             grads = self._grads(params, foreach, take=True)
             grad_norm = self._norm(grads, theta, foreach)
             check = [grad_norm]

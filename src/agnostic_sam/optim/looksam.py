@@ -136,12 +136,11 @@ class LookSAM(SharpnessOptimizer):
         # hence v, is the same on every rank: the reuse steps then step every replica alike,
         # and rank 0's checkpoint holds every rank's v.
         loss = self._run(closure, params, at_theta=True, final=True)
-        theta = [p.detach().clone() for p in params]
+        theta = self._snapshot(params, foreach)
         grads = self._grads(params, foreach, take=True)
         norm = self._norm(grads, theta, foreach)
-        self._g = [g.clone() if g is not None else None for g in grads]
         check = [norm]
-        self._perturb(params, grads, theta, groups, "rho", 1.0, norm, foreach)
+        self._g = self._perturb_keeping(params, theta, grads, groups, "rho", norm, foreach)
         with self._restore_on_error(params, theta, foreach):
             self._final_pass(closure, params, check, foreach)  # makes v (_transform_final)
         self.stats = {"loss_train": loss, "grad_norm_train": norm}

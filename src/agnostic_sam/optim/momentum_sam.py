@@ -135,7 +135,7 @@ class MomentumSAM(SharpnessOptimizer):
         idx = [i for i, v in enumerate(moms) if v is not None]
         if not idx:
             return None
-        theta = [p.detach().clone() for p in params]
+        theta = self._snapshot(params, foreach)
         denom = F.global_norm([moms[i] for i in idx], foreach) + self.perturb_eps  # type: ignore[misc]
         scale = {id(g): (-g["rho"] / denom) for g in self.param_groups}  # 0-d, on the device
         for i in idx:

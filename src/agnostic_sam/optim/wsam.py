@@ -102,7 +102,7 @@ class WSAM(SharpnessOptimizer):
                 raise RuntimeError("WSAM found gradients in p.grad at step entry: call "
                                    "opt.zero_grad() before, and backward only inside the closure")
             loss = self._run(closure, params, at_theta=True, final=False)
-            theta = [p.detach().clone() for p in params]
+            theta = self._snapshot(params, foreach)
             grads = self._grads(params, foreach, take=True)
             norm = self._norm(grads, theta, foreach)
             check = [norm]
